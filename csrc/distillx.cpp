@@ -1,0 +1,56 @@
+// distillx._C: every operator schema in one place, plus build information for `distillx info`.
+// Kernels register per device in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef DISTILLX_CPU_CAPABILITY
+#define DISTILLX_CPU_CAPABILITY "default"
+#endif
+
+TORCH_LIBRARY(distillx, m) {
+  // Per-row divergence of logits (N, C). row_weight (N,) scales each row (0 drops it). Returns the
+  // weighted row losses (float32; float64 for float64 input) and, when compute_grad, the weighted
+  // gradient w.r.t. student (N, C) in the student's dtype (else an empty tensor).
+  // divergence: 0 forward KL, 1 reverse KL, 2 generalised JSD with beta.
+  m.def(
+      "logit_divergence(Tensor student, Tensor teacher, Tensor? row_weight, float temperature, int divergence, "
+      "float beta, bool compute_grad) -> (Tensor, Tensor)");
+  // The same divergence on logits = hidden @ weight.T + bias, computed in row chunks so no (N, C)
+  // tensor exists. Returns the total (sum of weighted row losses), the row losses and, when
+  // compute_grad, the gradients of the total for student_hidden, student_weight and student_bias
+  // (empty tensors otherwise or when there is no bias). chunk_size <= 0 picks one.
+  m.def(
+      "linear_divergence(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, "
+      "Tensor teacher_weight, Tensor? teacher_bias, Tensor? row_weight, float temperature, int divergence, "
+      "float beta, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+  info["cpu_capability"] = DISTILLX_CPU_CAPABILITY;
+#ifdef DISTILLX_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "distillx compiled core: registers the distillx::* operators";
+  m.def("build_info", &build_info, "Versions and backends this extension was built with");
+}

@@ -1,0 +1,180 @@
+// One row of the logit divergence on the CPU: statistics, loss and gradient in two sweeps over a
+// row held in a per-thread scratch buffer (so memory traffic is one read of each input and one write
+// of the gradient). Vectorised with at::vec; accumulation in float (double for double inputs).
+//
+//   p = softmax(t/T), q = softmax(s/T), lp = log p, lq = log q
+//   forward KL  T²·Σ p(lp−lq)                      ∂/∂s = T·(q − p)
+//   reverse KL  T²·Σ q(lq−lp)                      ∂/∂s = T·q·(lq − lp − KL(q‖p))
+//   JSD_β       T²·[β Σ p(lp−lm) + (1−β) Σ q(lq−lm)], m = βp+(1−β)q
+//                                                  ∂/∂s = T·(1−β)·q·(lq − lm − KL(q‖m))
+// Terms whose probability is 0 are 0 (0·log 0 = 0), so −inf logits are allowed wherever the other
+// side's probability is 0 as well. A row whose student or teacher logits are all −inf has no
+// distribution and contributes 0 (loss and gradient).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "distillx/checks.h"
+
+namespace distillx {
+namespace cpu {
+
+template <typename acc_t>
+struct DivergenceParams {
+  int64_t divergence;
+  acc_t inv_temperature;  // 1/T
+  acc_t temperature;      // T
+  acc_t beta;
+};
+
+// Scratch layout per thread: four rows of `padded` elements (a, b, ea, eb), padded to a whole
+// number of vectors with −inf so every sweep runs on full vectors and padding contributes 0.
+template <typename acc_t>
+inline int64_t padded_cols(int64_t C) {
+  constexpr int64_t V = at::vec::Vectorized<acc_t>::size();
+  return (C + V - 1) / V * V;
+}
+
+// Horizontal reductions through memory: works for every Vectorized<T> specialisation.
+template <typename Vec>
+inline typename Vec::value_type hsum(const Vec& v) {
+  typename Vec::value_type lanes[Vec::size()];
+  v.store(lanes);
+  typename Vec::value_type acc = 0;
+  for (int k = 0; k < Vec::size(); ++k) acc += lanes[k];
+  return acc;
+}
+
+template <typename Vec>
+inline typename Vec::value_type hmax(const Vec& v) {
+  typename Vec::value_type lanes[Vec::size()];
+  v.store(lanes);
+  typename Vec::value_type acc = lanes[0];
+  for (int k = 1; k < Vec::size(); ++k) acc = (lanes[k] > acc || std::isnan(lanes[k])) ? lanes[k] : acc;
+  return acc;
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t load_scaled(const scalar_t* src, acc_t* dst, int64_t C, int64_t padded, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  for (int64_t j = 0; j < C; ++j) dst[j] = static_cast<acc_t>(src[j]) * scale;
+  for (int64_t j = C; j < padded; ++j) dst[j] = -std::numeric_limits<acc_t>::infinity();
+  Vec vmax(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < padded; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(dst + j));
+  return hmax(vmax);
+}
+
+// e = exp(x − m); returns Σ e.
+template <typename acc_t>
+inline acc_t exp_sum(const acc_t* x, acc_t* e, int64_t padded, acc_t m) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vm(m);
+  Vec acc(0);
+  for (int64_t j = 0; j < padded; j += Vec::size()) {
+    Vec v = Vec::loadu(x + j) - vm;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      v = v.exp_u20();
+    } else {
+      v = v.exp();
+    }
+    v.store(e + j);
+    acc = acc + v;
+  }
+  return hsum(acc);
+}
+
+// w·(a − b) where w > 0, else 0.
+template <typename Vec>
+inline Vec guarded(const Vec& w, const Vec& a, const Vec& b) {
+  return Vec::blendv(Vec(0), w * (a - b), w > Vec(0));
+}
+
+// Computes one row. `grad` may alias `s_row` (the row is read into scratch before it is written).
+// Returns the weighted row loss w·T²·D; writes w·∂(T²·D)/∂s into grad when grad != nullptr.
+template <typename scalar_t, typename acc_t>
+inline acc_t divergence_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* grad, int64_t C,
+                            acc_t weight, const DivergenceParams<acc_t>& prm, acc_t* scratch) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t P = padded_cols<acc_t>(C);
+  auto zero_grad = [&] {
+    if (grad != nullptr) std::fill(grad, grad + C, static_cast<scalar_t>(0));
+  };
+  if (weight == acc_t(0)) {  // dropped row: never read its values (they may be garbage or NaN)
+    zero_grad();
+    return acc_t(0);
+  }
+  acc_t* a = scratch;
+  acc_t* b = scratch + P;
+  acc_t* ea = scratch + 2 * P;
+  acc_t* eb = scratch + 3 * P;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t ms = load_scaled(s_row, a, C, P, prm.inv_temperature);
+  const acc_t mt = load_scaled(t_row, b, C, P, prm.inv_temperature);
+  if (ms == ninf || mt == ninf) {
+    zero_grad();
+    return acc_t(0);
+  }
+  const acc_t zs = exp_sum(a, ea, P, ms);
+  const acc_t zt = exp_sum(b, eb, P, mt);
+  const Vec lse_s(ms + std::log(zs)), lse_t(mt + std::log(zt));
+  const Vec rzs(acc_t(1) / zs), rzt(acc_t(1) / zt);
+  const acc_t T = prm.temperature;
+  const acc_t beta = prm.beta;
+  // ∂/∂s carries T²·(1/T) = T from the chain rule through s/T.
+  const Vec gscale(weight * T);
+
+  acc_t total;  // T²-free divergence of the row
+  if (prm.divergence == kForwardKL) {
+    Vec loss(0);
+    for (int64_t j = 0; j < P; j += Vec::size()) {
+      const Vec p = Vec::loadu(eb + j) * rzt, q = Vec::loadu(ea + j) * rzs;
+      const Vec lp = Vec::loadu(b + j) - lse_t, lq = Vec::loadu(a + j) - lse_s;
+      loss = loss + guarded(p, lp, lq);
+      // The forward-KL gradient needs no row total: store it in the same sweep.
+      if (grad != nullptr) ((q - p) * gscale).store(ea + j);
+    }
+    total = hsum(loss);
+  } else {
+    // ref = lp (reverse KL) or lm = log(βp+(1−β)q) (JSD). The gradient needs the row total
+    // KL(q‖ref) first, so r = lq − ref and q are kept in scratch for a second, in-cache sweep.
+    const bool jsd = prm.divergence == kJSD;
+    const bool p_term = jsd && beta != acc_t(0);
+    const bool q_term = !jsd || beta != acc_t(1);  // β = 1 leaves no q-side term (and m may be 0)
+    const Vec vb(beta), vb1(acc_t(1) - beta);
+    Vec ploss(0), qloss(0);
+    for (int64_t j = 0; j < P; j += Vec::size()) {
+      const Vec p = Vec::loadu(eb + j) * rzt, q = Vec::loadu(ea + j) * rzs;
+      const Vec lp = Vec::loadu(b + j) - lse_t, lq = Vec::loadu(a + j) - lse_s;
+      const Vec ref = jsd ? (vb * p + vb1 * q).log() : lp;
+      if (p_term) ploss = ploss + guarded(p, lp, ref);
+      if (q_term) qloss = qloss + guarded(q, lq, ref);
+      (lq - ref).store(a + j);
+      q.store(ea + j);
+    }
+    const acc_t inner = q_term ? hsum(qloss) : acc_t(0);
+    const acc_t qcoef = jsd ? acc_t(1) - beta : acc_t(1);
+    total = qcoef * inner + (p_term ? beta * hsum(ploss) : acc_t(0));
+    if (grad != nullptr) {
+      const Vec vinner(inner), gq = gscale * Vec(q_term ? qcoef : acc_t(0));
+      for (int64_t j = 0; j < P; j += Vec::size()) {
+        (guarded(Vec::loadu(ea + j), Vec::loadu(a + j), vinner) * gq).store(ea + j);
+      }
+    }
+  }
+  if (grad != nullptr) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::copy(ea, ea + C, grad);
+    } else {
+      for (int64_t j = 0; j < C; ++j) grad[j] = static_cast<scalar_t>(ea[j]);
+    }
+  }
+  return weight * T * T * total;
+}
+
+}  // namespace cpu
+}  // namespace distillx

@@ -1,0 +1,88 @@
+// Fused linear divergence, host side and device-agnostic: rows are processed in chunks so that only
+// two (chunk, C) logit buffers ever exist. Per chunk: logits = hidden·Wᵀ + b for both sides (ATen
+// GEMMs), the device's row kernel computes loss and overwrites the student logits with
+// ∂loss/∂logits, and GEMMs fold that into the hidden/weight/bias gradients.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "distillx/checks.h"
+
+namespace distillx {
+
+// RowKernel(student_logits (n,C) contiguous, teacher_logits (n,C) same dtype, weight (n,) acc dtype,
+//           loss_out (n,) acc dtype, compute_grad) fills loss_out and, if compute_grad, overwrites
+//           student_logits with the gradient.
+template <typename RowKernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_linear_divergence(
+    const at::Tensor& hs, const at::Tensor& ws, const std::optional<at::Tensor>& bs, const at::Tensor& ht,
+    const at::Tensor& wt, const std::optional<at::Tensor>& bt, const std::optional<at::Tensor>& row_weight,
+    int64_t chunk_size, bool compute_grad, RowKernel&& row_kernel) {
+  check_matrix(hs, "student_hidden");
+  check_matrix(ws, "student_weight");
+  check_matrix(ht, "teacher_hidden");
+  check_matrix(wt, "teacher_weight");
+  const int64_t N = hs.size(0), C = ws.size(0);
+  TORCH_CHECK(ws.size(1) == hs.size(1), "distillx: student_weight must have shape (C, ", hs.size(1), "), got ", ws.sizes());
+  TORCH_CHECK(wt.size(1) == ht.size(1), "distillx: teacher_weight must have shape (C, ", ht.size(1), "), got ", wt.sizes());
+  TORCH_CHECK(ht.size(0) == N, "distillx: teacher_hidden must have ", N, " rows like student_hidden, got ", ht.size(0));
+  TORCH_CHECK(wt.size(0) == C, "distillx: teacher_weight must have ", C, " rows (classes) like student_weight, got ", wt.size(0));
+  TORCH_CHECK(ws.scalar_type() == hs.scalar_type(), "distillx: student_weight dtype ", ws.scalar_type(),
+              " must match student_hidden dtype ", hs.scalar_type());
+  TORCH_CHECK(wt.scalar_type() == ht.scalar_type(), "distillx: teacher_weight dtype ", wt.scalar_type(),
+              " must match teacher_hidden dtype ", ht.scalar_type());
+  for (const auto* t : {&ws, &ht, &wt}) check_same_device(*t, hs, "every input", "student_hidden");
+  if (bs) TORCH_CHECK(bs->dim() == 1 && bs->size(0) == C && bs->scalar_type() == hs.scalar_type(),
+                      "distillx: student_bias must be (", C, ",) of dtype ", hs.scalar_type());
+  if (bt) TORCH_CHECK(bt->dim() == 1 && bt->size(0) == C && bt->scalar_type() == ht.scalar_type(),
+                      "distillx: teacher_bias must be (", C, ",) of dtype ", ht.scalar_type());
+  check_row_weight(row_weight, hs, N);
+
+  const auto dtype = hs.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = hs.options();
+  if (chunk_size <= 0) chunk_size = std::max<int64_t>(1, (int64_t{1} << 23) / std::max<int64_t>(C, 1));
+  chunk_size = std::max<int64_t>(1, std::min(chunk_size, N));
+
+  at::Tensor loss = at::zeros({N}, opts.dtype(acc));
+  at::Tensor weight = row_weight ? row_weight->to(acc).contiguous() : at::ones({N}, opts.dtype(acc));
+  at::Tensor g_hs, g_ws, g_bs;
+  if (compute_grad) {
+    g_hs = at::empty_like(hs, at::MemoryFormat::Contiguous);
+    // Weight/bias gradients sum over every chunk: accumulate in float32 (float64 for double).
+    g_ws = at::zeros({C, hs.size(1)}, opts.dtype(acc));
+    if (bs) g_bs = at::zeros({C}, opts.dtype(acc));
+  }
+  at::Tensor ls_buf = at::empty({chunk_size, C}, opts);
+  at::Tensor lt_buf = at::empty({chunk_size, C}, ht.options());
+  at::Tensor lt_cast = ht.scalar_type() == dtype ? at::Tensor() : at::empty({chunk_size, C}, opts);
+  const at::Tensor ws_t = ws.t(), wt_t = wt.t();
+  for (int64_t start = 0; start < N; start += chunk_size) {
+    const int64_t n = std::min(chunk_size, N - start);
+    at::Tensor h_s = hs.narrow(0, start, n), h_t = ht.narrow(0, start, n);
+    at::Tensor ls = ls_buf.narrow(0, 0, n), lt = lt_buf.narrow(0, 0, n);
+    if (bs) at::addmm_out(ls, *bs, h_s, ws_t); else at::mm_out(ls, h_s, ws_t);
+    if (bt) at::addmm_out(lt, *bt, h_t, wt_t); else at::mm_out(lt, h_t, wt_t);
+    at::Tensor lt_k = lt;
+    if (lt_cast.defined()) lt_k = lt_cast.narrow(0, 0, n).copy_(lt);
+    row_kernel(ls, lt_k, weight.narrow(0, start, n), loss.narrow(0, start, n), compute_grad);
+    if (!compute_grad) continue;
+    at::Tensor g_rows = g_hs.narrow(0, start, n);
+    at::mm_out(g_rows, ls, ws);
+    if (dtype == acc) {
+      g_ws.addmm_(ls.t(), h_s);
+    } else {
+      g_ws.add_(at::mm(ls.t(), h_s));
+    }
+    if (bs) g_bs.add_(ls.sum(0, /*keepdim=*/false, acc));
+  }
+  at::Tensor total = loss.sum();
+  if (!compute_grad) return {total, loss, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+  return {total, loss, g_hs, g_ws.to(dtype), bs ? g_bs.to(dtype) : at::empty({0}, opts)};
+}
+
+}  // namespace distillx

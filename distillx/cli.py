@@ -1,0 +1,31 @@
+"""The ``distillx`` command: ``info``, ``plugins``, ``demo``, ``bench``.
+
+Each subcommand lives in its own module and owns its arguments; this file only dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help); each module exposes main(argv) -> int
+COMMANDS = {
+    "info": ("distillx.info", "torch version, compiled backends and the backend serving each op"),
+    "plugins": ("distillx.plugin.manager", "list registered methods, transfers, kernels and augmentations"),
+    "demo": ("distillx.demo", "train teacher and students on the bundled digits data and compare them"),
+    "bench": ("distillx.bench", "time eager PyTorch, torch.compile and distillx side by side"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="distillx", description="Knowledge distillation toolkit for PyTorch")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command (see distillx COMMAND --help)")
+    ns = parser.parse_args(argv[:1] if argv else argv)
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
