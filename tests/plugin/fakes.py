@@ -1,0 +1,105 @@
+"""Sources of the fake plugin modules the tests install with the ``install_fake`` fixture."""
+
+GOOD = '''
+from distillx.methods import Method
+from distillx.plugin import hookimpl
+
+
+class FakeMSE(Method):
+    name = "fake_mse"
+
+    def loss(self, student, teacher, batch=None):
+        return ((student["logits"] - teacher["logits"]) ** 2).mean()
+
+
+@hookimpl
+def distillx_register_methods(registry):
+    registry.add(FakeMSE.name, FakeMSE)
+
+
+@hookimpl
+def distillx_register_kernels(registry):
+    registry.add("fake_kernel", lambda x, z: x @ z.T)
+'''
+
+# A plugin object (not a module) named by "module:attr".
+OBJECT = '''
+from distillx.plugin import hookimpl
+
+
+class Plugin:
+    @hookimpl
+    def distillx_register_weight_transfers(self, registry):
+        registry.add("fake_copy", lambda teacher, student, **options: None)
+
+
+plugin = Plugin()
+'''
+
+IMPORT_ERROR = "import not_a_real_module_xyz\n"
+
+# Adds a method, then fails: the method must be withdrawn. {hook} picks the hook that raises.
+RAISING = '''
+from distillx.methods import Method
+from distillx.plugin import hookimpl
+
+
+class HalfAdded(Method):
+    name = "half_added"
+
+
+@hookimpl
+def distillx_register_methods(registry):
+    registry.add(HalfAdded.name, HalfAdded)
+    if "{hook}" == "methods":
+        raise RuntimeError("boom in register")
+
+
+@hookimpl
+def distillx_register_augmentations(registry):
+    registry.add("half_flip", lambda batch: batch)
+    if "{hook}" == "augmentations":
+        raise RuntimeError("boom in register")
+'''
+
+DUPLICATE_KD = '''
+from distillx.methods import KD
+from distillx.plugin import hookimpl
+
+
+@hookimpl
+def distillx_register_methods(registry):
+    registry.add("kd", KD)
+'''
+
+OVERRIDE_KD = '''
+from distillx.methods import KD
+from distillx.plugin import hookimpl
+
+
+class MyKD(KD):
+    """A replacement for the built-in kd."""
+
+
+@hookimpl
+def distillx_register_methods(registry):
+    registry.add("kd", MyKD, override=True)
+'''
+
+MISSPELT_HOOK = '''
+from distillx.plugin import hookimpl
+
+
+@hookimpl
+def distillx_register_method(registry):  # missing "s"
+    pass
+'''
+
+WRONG_ARGUMENT = '''
+from distillx.plugin import hookimpl
+
+
+@hookimpl
+def distillx_register_methods(methods):  # the argument is called "registry"
+    pass
+'''
