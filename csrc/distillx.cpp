@@ -3,6 +3,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifdef DISTILLX_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
+
 #ifndef DISTILLX_CPU_CAPABILITY
 #define DISTILLX_CPU_CAPABILITY "default"
 #endif

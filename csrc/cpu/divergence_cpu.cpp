@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_di
   check_divergence(divergence, temperature, beta);
   return chunked_linear_divergence(
       student_hidden.contiguous(), student_weight.contiguous(), student_bias, teacher_hidden.contiguous(),
-      teacher_weight.contiguous(), teacher_bias, row_weight, chunk_size, compute_grad,
+      teacher_weight.contiguous(), teacher_bias, row_weight, chunk_size, compute_grad, ChunkPolicy{int64_t{64} << 20, true},
       [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, bool grad) {
         divergence_rows_cpu(ls, lt, w, loss, grad ? ls : at::Tensor(), temperature, divergence, beta);
       });

@@ -32,7 +32,6 @@ def _logit_divergence_fake(student, teacher, row_weight, temperature, divergence
 def _logit_setup(ctx, inputs, output):
     student, teacher, row_weight, temperature, divergence, beta, compute_grad = inputs
     ctx.compute_grad = compute_grad
-    ctx.consumed = False
     ctx.set_materialize_grads(False)
     if compute_grad:
         ctx.save_for_backward(output[1])
@@ -53,16 +52,17 @@ def _logit_backward(ctx, grad_rows, _grad_of_grad):
         return grad, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     scale = grad_rows.unsqueeze(1).to(grad.dtype)
-    if type(grad) is not torch.Tensor:
-        # Traced (torch.compile / AOT): stay functional and let the compiler fuse the product.
-        return grad * scale, None, None, None, None, None, None
-    # Eager: the saved gradient is ours alone, so scale it in place instead of allocating and
-    # page-faulting another (N, C) tensor. A second backward would see a scaled tensor: refuse it.
-    if ctx.consumed:
-        raise RuntimeError("distillx: backward through logit_divergence ran twice (retain_graph=True); "
-                           "its gradient is produced once. Recompute the loss for a second backward.")
-    ctx.consumed = True
-    return grad.mul_(scale), None, None, None, None, None, None
+    if _graph_is_freed_after_this_backward() and type(grad) is torch.Tensor:
+        # The saved gradient is ours alone and dies with the graph: scale it in place rather than
+        # allocate (and page-fault) another (N, C) tensor; that keeps peak memory at one gradient.
+        return grad.mul_(scale), None, None, None, None, None, None
+    # retain_graph/create_graph (e.g. gradcheck), or traced by torch.compile: stay functional.
+    return grad * scale, None, None, None, None, None, None
+
+
+def _graph_is_freed_after_this_backward() -> bool:
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
 
 
 torch.library.register_autograd("distillx::logit_divergence", _logit_backward, setup_context=_logit_setup)

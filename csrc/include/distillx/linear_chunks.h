@@ -17,11 +17,19 @@ namespace distillx {
 // RowKernel(student_logits (n,C) contiguous, teacher_logits (n,C) same dtype, weight (n,) acc dtype,
 //           loss_out (n,) acc dtype, compute_grad) fills loss_out and, if compute_grad, overwrites
 //           student_logits with the gradient.
+// Device policy: how many bytes the two logit chunks may take when chunk_size is not given, and
+// whether the weight gradient accumulates across chunks in float32 (exact, costs C·H·4 bytes) or in
+// the input dtype (GEMMs still accumulate in float32 inside each chunk; the GPU memory bound needs it).
+struct ChunkPolicy {
+  int64_t chunk_bytes;
+  bool float32_weight_grad;
+};
+
 template <typename RowKernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_linear_divergence(
     const at::Tensor& hs, const at::Tensor& ws, const std::optional<at::Tensor>& bs, const at::Tensor& ht,
     const at::Tensor& wt, const std::optional<at::Tensor>& bt, const std::optional<at::Tensor>& row_weight,
-    int64_t chunk_size, bool compute_grad, RowKernel&& row_kernel) {
+    int64_t chunk_size, bool compute_grad, ChunkPolicy policy, RowKernel&& row_kernel) {
   check_matrix(hs, "student_hidden");
   check_matrix(ws, "student_weight");
   check_matrix(ht, "teacher_hidden");
@@ -45,7 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
   const auto dtype = hs.scalar_type();
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = hs.options();
-  if (chunk_size <= 0) chunk_size = std::max<int64_t>(1, (int64_t{1} << 23) / std::max<int64_t>(C, 1));
+  if (chunk_size <= 0) {
+    const int64_t row_bytes = 2 * std::max<int64_t>(C, 1) * static_cast<int64_t>(hs.element_size());
+    chunk_size = std::max<int64_t>(1, policy.chunk_bytes / row_bytes);
+  }
   chunk_size = std::max<int64_t>(1, std::min(chunk_size, N));
 
   at::Tensor loss = at::zeros({N}, opts.dtype(acc));
@@ -53,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
   at::Tensor g_hs, g_ws, g_bs;
   if (compute_grad) {
     g_hs = at::empty_like(hs, at::MemoryFormat::Contiguous);
-    // Weight/bias gradients sum over every chunk: accumulate in float32 (float64 for double).
-    g_ws = at::zeros({C, hs.size(1)}, opts.dtype(acc));
+    const auto wacc = policy.float32_weight_grad ? acc : dtype;
+    g_ws = at::zeros({C, hs.size(1)}, opts.dtype(wacc));
     if (bs) g_bs = at::zeros({C}, opts.dtype(acc));
   }
   at::Tensor ls_buf = at::empty({chunk_size, C}, opts);
@@ -73,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
     if (!compute_grad) continue;
     at::Tensor g_rows = g_hs.narrow(0, start, n);
     at::mm_out(g_rows, ls, ws);
-    if (dtype == acc) {
+    if (g_ws.scalar_type() == dtype) {
       g_ws.addmm_(ls.t(), h_s);
     } else {
       g_ws.add_(at::mm(ls.t(), h_s));
