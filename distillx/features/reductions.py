@@ -1,0 +1,132 @@
+"""Capture-time reductions: applied inside the forward hook, so only the reduced tensor is kept.
+
+Each reduction is a function ``f(feature, **options)`` of the captured tensor. Shapes use ``B`` for
+the batch (always dim 0), ``C`` for channels (``channel_dim``, default 1) and ``S`` for the
+remaining ("spatial") dims: ``(B, C, H, W)`` maps, ``(B, C, L)`` sequences; transformer tokens
+``(B, L, D)`` are handled by passing ``channel_dim=-1``.
+
+These are the pure-PyTorch versions; float16/bfloat16 inputs are reduced in float32 and the result
+is cast back to the input dtype. They are differentiable, so a student-side capture keeps its graph.
+"""
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from types import MappingProxyType
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+ChannelStats = namedtuple("ChannelStats", ["mean", "var"])
+ChannelStats.__doc__ = "Per-channel statistics from :func:`channel_stats`: ``mean`` and ``var``, each of shape (C,)."
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+Size = Union[int, Sequence[int]]
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def _check(feature, reduction: str, min_dim: int, channel_dim: Optional[int] = None) -> None:
+    if not isinstance(feature, torch.Tensor):
+        raise TypeError(f"reduction {reduction!r} needs a tensor, got {type(feature).__name__}")
+    if not feature.is_floating_point():
+        raise TypeError(f"reduction {reduction!r} needs a floating-point tensor, got {feature.dtype}")
+    if feature.dim() < min_dim:
+        raise ValueError(f"reduction {reduction!r} needs a tensor with at least {min_dim} dims "
+                         f"(batch first), got shape {tuple(feature.shape)}")
+    if channel_dim is not None:
+        if not -feature.dim() <= channel_dim < feature.dim():
+            raise ValueError(f"reduction {reduction!r}: channel_dim={channel_dim} is out of range for shape "
+                             f"{tuple(feature.shape)}")
+        if channel_dim % feature.dim() == 0:
+            raise ValueError(f"reduction {reduction!r}: channel_dim must not be the batch dim 0")
+
+
+def attention_map(feature: torch.Tensor, p: float = 2.0, channel_dim: int = 1, size: Optional[Size] = None,
+                  eps: float = 1e-12) -> torch.Tensor:
+    """Spatial attention map of Attention Transfer (Zagoruyko & Komodakis, ICLR 2017).
+
+    ``a = mean_c |F[b, c, s]|^p`` for every sample ``b`` and spatial position ``s``, optionally
+    average-pooled to ``size`` (adaptive pooling of the map, not of ``F``), flattened to
+    ``(B, prod(S))`` and L2-normalised per sample: ``a_b / max(‖a_b‖₂, eps)``.
+
+    ``(B, C, H, W) -> (B, H·W)``; with ``channel_dim=-1``, tokens ``(B, L, D) -> (B, L)``.
+    Config: ``{"reduction": "attention_map", "reduction_kwargs": {"p": 2}}``.
+    """
+    _check(feature, "attention_map", 3, channel_dim)
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 and math.isfinite(p)):
+        raise ValueError(f"attention_map: p must be a finite number > 0, got {p!r}")
+    x = _upcast(feature).abs()
+    a = (x * x if p == 2 else x.pow(p)).mean(dim=channel_dim)  # (B, *S)
+    if size is not None:
+        a = _adaptive_avg_pool(a.unsqueeze(1), size, "attention_map").squeeze(1)
+    return F.normalize(a.flatten(1), p=2.0, dim=1, eps=eps).to(feature.dtype)
+
+
+def _adaptive_avg_pool(x: torch.Tensor, size: Size, reduction: str) -> torch.Tensor:
+    pools = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+    spatial = x.dim() - 2
+    if spatial not in pools:
+        raise ValueError(f"reduction {reduction!r}: adaptive pooling needs 1 to 3 spatial dims after (B, C), "
+                         f"got shape {tuple(x.shape)}")
+    return pools[spatial](x, size)
+
+
+def adaptive_pool(feature: torch.Tensor, output_size: Size = 1, channel_dim: int = 1,
+                  flatten: bool = False) -> torch.Tensor:
+    """Adaptive average pooling of the spatial dims to ``output_size``.
+
+    ``y[b, c, i] = mean of F[b, c, s]`` over the adaptive window ``s ∈ W_i`` (as
+    ``torch.nn.functional.adaptive_avg_pool{1,2,3}d``; 1 to 3 spatial dims). The channel dim is
+    moved to dim 1 first, so tokens ``(B, L, D)`` with ``channel_dim=-1`` pool over ``L``
+    into ``(B, D, output_size)``. ``flatten=True`` returns ``(B, C·prod(output_size))``.
+
+    ``(B, C, H, W), output_size=1 -> (B, C, 1, 1)`` (global average pooling).
+    Config: ``{"reduction": "adaptive_pool", "reduction_kwargs": {"output_size": [4, 4]}}``.
+    """
+    _check(feature, "adaptive_pool", 3, channel_dim)
+    x = feature.movedim(channel_dim, 1) if channel_dim % feature.dim() != 1 else feature
+    y = _adaptive_avg_pool(x, output_size, "adaptive_pool")
+    return y.flatten(1) if flatten else y
+
+
+def channel_stats(feature: torch.Tensor, channel_dim: int = 1, unbiased: bool = False) -> ChannelStats:
+    """Per-channel mean and variance over the batch and every other dim.
+
+    ``mean_c = (1/n) Σ F[..c..]`` and ``var_c = (1/(n − δ)) Σ (F[..c..] − mean_c)²`` over the
+    ``n = numel / C`` elements of channel ``c``; ``δ = 1`` if ``unbiased`` else 0 (BatchNorm's
+    normalisation uses δ = 0). Returns ``ChannelStats(mean, var)``, a named tuple of two (C,) tensors.
+
+    Config: ``{"reduction": "channel_stats"}``.
+    """
+    _check(feature, "channel_stats", 2, channel_dim)
+    x = _upcast(feature)
+    dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+    var, mean = torch.var_mean(x, dim=dims, correction=1 if unbiased else 0)
+    return ChannelStats(mean.to(feature.dtype), var.to(feature.dtype))
+
+
+def l2_normalize(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Row L2 normalisation of the flattened per-sample feature.
+
+    ``x_b = vec(F[b])``, returns ``x_b / max(‖x_b‖₂, eps)``: ``(B, ...) -> (B, prod(...))``.
+    Config: ``{"reduction": "l2_normalize"}``.
+    """
+    _check(feature, "l2_normalize", 1)
+    x = _upcast(feature).reshape(feature.shape[0], -1)
+    return F.normalize(x, p=2.0, dim=1, eps=eps).to(feature.dtype)
+
+
+REDUCTIONS = MappingProxyType({
+    "attention_map": attention_map,
+    "adaptive_pool": adaptive_pool,
+    "channel_stats": channel_stats,
+    "l2_normalize": l2_normalize,
+})
+"""Built-in capture-time reductions by name (read-only). A :class:`~distillx.features.FeatureSpec`
+also accepts any callable ``f(feature, **options)`` as its reduction."""
+
+__all__ = ["REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize"]

@@ -1,0 +1,134 @@
+"""Capture-time reductions against hand-written formulas, and their use inside hooks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distillx.features import (REDUCTIONS, ChannelStats, FeatureExtractor, FeatureSpec, adaptive_pool,
+                               attention_map, channel_stats, l2_normalize)
+
+from .models import ConvNet
+
+
+@pytest.fixture
+def fmap():
+    torch.manual_seed(0)
+    return torch.randn(3, 5, 4, 6, dtype=torch.float64)
+
+
+def _attention_by_hand(f, p):
+    B, C, H, W = f.shape
+    out = torch.empty(B, H * W, dtype=f.dtype)
+    for b in range(B):
+        a = torch.zeros(H, W, dtype=f.dtype)
+        for c in range(C):
+            a += f[b, c].abs() ** p
+        a = (a / C).reshape(-1)
+        out[b] = a / a.pow(2).sum().sqrt()
+    return out
+
+
+@pytest.mark.parametrize("p", [2, 1, 3.5])
+def test_attention_map_formula(fmap, p):
+    a = attention_map(fmap, p=p)
+    torch.testing.assert_close(a, _attention_by_hand(fmap, p))
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(3, dtype=fmap.dtype))
+
+
+def test_attention_map_on_tokens_and_with_pooling(fmap):
+    tokens = fmap.flatten(2).transpose(1, 2)  # (B, L=H*W, D=C)
+    torch.testing.assert_close(attention_map(tokens, channel_dim=-1), _attention_by_hand(fmap, 2))
+    pooled = attention_map(fmap, size=(2, 3))
+    energy = fmap.pow(2).mean(1)  # (B, 4, 6) -> 2x2 windows -> (B, 2, 3)
+    windows = energy.reshape(3, 2, 2, 3, 2).mean(dim=(2, 4)).reshape(3, -1)
+    torch.testing.assert_close(pooled, windows / windows.norm(dim=1, keepdim=True))
+    with pytest.raises(ValueError, match="p must be a finite number > 0"):
+        attention_map(fmap, p=0)
+    with pytest.raises(ValueError, match="at least 3 dims"):
+        attention_map(fmap[:, :, 0, 0])
+    with pytest.raises(ValueError, match="channel_dim must not be the batch dim"):
+        attention_map(fmap, channel_dim=0)
+
+
+def test_adaptive_pool_formula(fmap):
+    y = adaptive_pool(fmap, output_size=(2, 3))
+    by_hand = fmap.reshape(3, 5, 2, 2, 3, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(y, by_hand)
+    torch.testing.assert_close(adaptive_pool(fmap), fmap.mean(dim=(2, 3), keepdim=True))
+    torch.testing.assert_close(adaptive_pool(fmap, flatten=True), fmap.mean(dim=(2, 3)))
+    tokens = torch.randn(2, 6, 4)  # (B, L, D): pool the 6 tokens into 2 groups of 3, channels first
+    torch.testing.assert_close(adaptive_pool(tokens, output_size=2, channel_dim=-1),
+                               tokens.reshape(2, 2, 3, 4).mean(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_channel_stats_formula(fmap, unbiased):
+    stats = channel_stats(fmap, unbiased=unbiased)
+    assert isinstance(stats, ChannelStats) and stats.mean.shape == stats.var.shape == (5,)
+    for c in range(5):
+        values = fmap[:, c].reshape(-1)
+        n = values.numel()
+        mean = values.sum() / n
+        var = ((values - mean) ** 2).sum() / (n - 1 if unbiased else n)
+        torch.testing.assert_close(stats.mean[c], mean)
+        torch.testing.assert_close(stats.var[c], var)
+    mean, var = channel_stats(fmap.permute(0, 2, 3, 1), channel_dim=-1, unbiased=unbiased)  # unpacks as a tuple
+    torch.testing.assert_close(mean, stats.mean)
+    torch.testing.assert_close(var, stats.var)
+
+
+def test_l2_normalize_formula(fmap):
+    y = l2_normalize(fmap)
+    flat = fmap.reshape(3, -1)
+    torch.testing.assert_close(y, flat / (flat ** 2).sum(1, keepdim=True).sqrt())
+    zero = l2_normalize(torch.zeros(2, 3))
+    assert torch.equal(zero, torch.zeros(2, 3))  # eps keeps all-zero rows finite
+
+
+def test_low_precision_inputs_keep_their_dtype_and_match_float32(fmap):
+    x = fmap.to(torch.bfloat16)
+    ref = x.float()
+    for name, fn in REDUCTIONS.items():
+        got, want = fn(x), fn(ref)
+        got, want = (got, want) if isinstance(got, torch.Tensor) else (got.var, want.var)
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def test_reductions_registry_is_read_only():
+    assert set(REDUCTIONS) == {"attention_map", "adaptive_pool", "channel_stats", "l2_normalize"}
+    with pytest.raises(TypeError):
+        REDUCTIONS["mine"] = l2_normalize
+
+
+def test_hook_stores_only_the_reduced_feature():
+    torch.manual_seed(0)
+    net = ConvNet()
+    x = torch.randn(2, 3, 8, 8)
+    specs = {"raw": "layer1",
+             "at": FeatureSpec("layer1", reduction="attention_map", reduction_kwargs={"p": 2}),
+             "pool": FeatureSpec("layer1", reduction="adaptive_pool", reduction_kwargs={"output_size": 2}),
+             "stats": FeatureSpec("layer1", reduction="channel_stats"),
+             "norm": FeatureSpec("layer1", reduction="l2_normalize"),
+             "custom": FeatureSpec("layer1", reduction=lambda f, k: f[:, :k].sum(1), reduction_kwargs={"k": 2})}
+    with FeatureExtractor(net, specs) as ex:
+        net(x)
+    f = ex["raw"]
+    assert f.shape == (2, 6, 8, 8)
+    assert ex["at"].shape == (2, 64)
+    torch.testing.assert_close(ex["at"], attention_map(f, p=2))
+    assert ex["pool"].shape == (2, 6, 2, 2)
+    torch.testing.assert_close(ex["pool"], f.reshape(2, 6, 2, 4, 2, 4).mean(dim=(3, 5)))
+    torch.testing.assert_close(ex["stats"].mean, f.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(ex["stats"].var, f.var(dim=(0, 2, 3), unbiased=False))
+    torch.testing.assert_close(ex["norm"], nn.functional.normalize(f.flatten(1), dim=1))
+    torch.testing.assert_close(ex["custom"], f[:, 0] + f[:, 1])
+
+
+def test_reduction_errors_inside_the_hook_name_the_feature():
+    net = ConvNet()
+    with FeatureExtractor(net, {"bad": FeatureSpec("fc", reduction="attention_map")}, name="student") as ex, \
+            pytest.raises(Exception, match=r"student model: feature 'bad' \(output of 'fc'\): reduction "
+                                           r"'attention_map' failed on a Tensor of shape \(2, 5\): .*at least 3 dims"):
+        net(torch.randn(2, 3, 8, 8))
