@@ -1,0 +1,15 @@
+"""Machinery behind ``distillx bench`` (the command itself lives in :mod:`distillx.bench`).
+
+- :mod:`.cases`   the declarative table of benchmark cases (one row per op; add a row to add a case);
+- :mod:`.timing`  forward+backward timing (``time.perf_counter`` on CPU, CUDA events on GPU);
+- :mod:`.memory`  peak extra memory of one forward+backward (resident-set growth on CPU,
+                  the caching allocator's peak on CUDA);
+- :mod:`.runner`  measures one case x implementation, in-process or in a fresh subprocess.
+
+Nothing here is imported by ``import distillx``.
+"""
+from __future__ import annotations
+
+from .cases import CASES, Case, get_case, register_case
+
+__all__ = ["CASES", "Case", "get_case", "register_case"]

@@ -1,0 +1,199 @@
+"""The benchmark cases of ``distillx bench``: one declarative row per op.
+
+A :class:`Case` names the pure-PyTorch reference (the *eager* column; the *compile* column is
+``torch.compile`` of the same function) and the fused distillx function (the *distillx* column) as
+``"module:function"`` strings, so that nothing is imported until a case runs (and a subprocess can
+rebuild a case from its name). Its input builder receives the resolved sizes, the dtype, the device
+and a seeded generator, and returns the positional tensors in call order; every implementation is
+called as ``fn(*inputs.args.values(), **inputs.kwargs, **params)``.
+
+Adding a case (later issues add the feature-level ops)::
+
+    register_case(Case(
+        name="gram_rbf",
+        description="RBF Gram matching, s (N, Ds) vs t (N, Dt)",
+        reference="distillx.ops.reference:gram_loss_reference",
+        fused="distillx.functional:gram_loss",
+        build=_build_gram,
+        sizes={"N": 4096, "Ds": 256, "Dt": 1024},
+        quick={"N": 32, "Ds": 8, "Dt": 16},
+        params={"kernel": "rbf"},
+        op="gram",
+    ))
+
+Every size key of every case becomes a ``distillx bench --KEY`` flag automatically.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+
+
+@dataclass
+class Inputs:
+    """What a case's builder returns.
+
+    ``args`` are the positional tensors in call order, keyed by a name used in reports (gradient
+    checks); ``kwargs`` are keyword tensors (e.g. a mask). Leaves that need a gradient have
+    ``requires_grad=True``; teacher-side tensors do not.
+    """
+
+    args: Dict[str, torch.Tensor]
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self):
+        for name, value in list(self.args.items()) + list(self.kwargs.items()):
+            if isinstance(value, torch.Tensor):
+                yield name, value
+
+    def grad_leaves(self):
+        """``(name, tensor)`` of the inputs whose gradient the benchmark computes."""
+        return [(n, t) for n, t in self.tensors() if t.requires_grad]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case. See the module docstring."""
+
+    name: str
+    description: str
+    reference: str  # "module:function": eager column, and what the compile column compiles
+    fused: str  # "module:function": the distillx column
+    build: Callable[[Dict[str, int], torch.dtype, torch.device, torch.Generator], Inputs]
+    sizes: Mapping[str, Optional[int]]  # defaults; None = derived by ``resolve``
+    quick: Mapping[str, Optional[int]]  # tiny sizes for --quick (tests, CI)
+    params: Mapping[str, Any] = field(default_factory=dict)  # keyword args of every implementation
+    fused_params: Mapping[str, Any] = field(default_factory=dict)  # keyword args of distillx only
+    resolve: Optional[Callable[[Dict[str, Optional[int]]], Dict[str, int]]] = None  # fill derived sizes
+    compile_options: Mapping[str, Any] = field(default_factory=lambda: {"dynamic": False})
+    rtol: Mapping[str, float] = field(default_factory=dict)  # per-dtype override of the check tolerance
+    op: Optional[str] = None  # the distillx:: operator behind ``fused``, to report which backend served it
+    size_doc: Mapping[str, str] = field(default_factory=dict)  # what each size means (for --help)
+
+    def size_keys(self):
+        return tuple(self.sizes)
+
+    def resolve_sizes(self, quick: bool = False, overrides: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
+        """Default (or quick) sizes with ``overrides`` applied (keys this case lacks are ignored)."""
+        sizes = dict(self.quick if quick else self.sizes)
+        for key, value in (overrides or {}).items():
+            if key in sizes:
+                sizes[key] = value
+        out = self.resolve(sizes) if self.resolve else dict(sizes)
+        for key, value in out.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: size {key} must be a positive integer, got {value!r}")
+        return out
+
+
+CASES: Dict[str, Case] = {}
+
+
+def register_case(case: Case) -> Case:
+    """Add ``case`` to the table; a duplicate name is an error (no silent overwrite)."""
+    if case.name in CASES:
+        raise ValueError(f"benchmark case {case.name!r} is already registered")
+    missing = [k for k in case.sizes if k not in case.quick]
+    if missing:
+        raise ValueError(f"benchmark case {case.name!r}: quick sizes lack {missing}")
+    CASES[case.name] = case
+    return case
+
+
+def get_case(name: str) -> Case:
+    try:
+        return CASES[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark case {name!r}; known: {', '.join(CASES)}") from None
+
+
+def load_callable(path: str) -> Callable:
+    """Import ``"package.module:function"``."""
+    module, _, attr = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def sizes_label(sizes: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def _randn(shape, dtype, device, gen, scale=1.0, requires_grad=False):
+    x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    if scale != 1.0:
+        x.mul_(scale)
+    return x.requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit_kd: divergence of (N, C) logits
+# ---------------------------------------------------------------------------------------------
+
+def _build_logit_kd(sizes, dtype, device, gen):
+    N, C = sizes["N"], sizes["C"]
+    # Logits with a realistic spread (std 2) so the softmax is neither flat nor one-hot.
+    return Inputs(args={
+        "student_logits": _randn((N, C), dtype, device, gen, 2.0, requires_grad=True),
+        "teacher_logits": _randn((N, C), dtype, device, gen, 2.0),
+    })
+
+
+register_case(Case(
+    name="logit_kd",
+    description="logit divergence T^2*D(softmax(t/T) || softmax(s/T)) of (N, C) logits, batchmean",
+    reference="distillx.ops.reference:kd_loss_reference",
+    fused="distillx.functional:kd_loss",
+    build=_build_logit_kd,
+    sizes={"N": 2048, "C": 32000},
+    quick={"N": 64, "C": 512},
+    params={"temperature": 2.0, "divergence": "kl", "beta": 0.5, "reduction": "batchmean"},
+    op="logit_divergence",
+    size_doc={"N": "rows", "C": "classes (vocabulary)"},
+))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_kd: the same divergence on hidden @ W^T, fused with the output projection
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_linear_kd(sizes):
+    H = sizes["H"]
+    return {"N": sizes["N"], "Hs": sizes.get("Hs") or H, "Ht": sizes.get("Ht") or H, "C": sizes["C"]}
+
+
+def _build_linear_kd(sizes, dtype, device, gen):
+    N, Hs, Ht, C = sizes["N"], sizes["Hs"], sizes["Ht"], sizes["C"]
+    # Unit-variance hidden states and 1/sqrt(H)-scaled heads give logits of std ~2 after the x2.
+    return Inputs(args={
+        "student_hidden": _randn((N, Hs), dtype, device, gen, 1.0, requires_grad=True),
+        "student_weight": _randn((C, Hs), dtype, device, gen, 2.0 / math.sqrt(Hs), requires_grad=True),
+        "teacher_hidden": _randn((N, Ht), dtype, device, gen, 1.0),
+        "teacher_weight": _randn((C, Ht), dtype, device, gen, 2.0 / math.sqrt(Ht)),
+    })
+
+
+register_case(Case(
+    name="linear_kd",
+    description="fused linear divergence: the logit divergence of hidden_s @ W_s^T vs hidden_t @ W_t^T",
+    reference="distillx.ops.reference:linear_kd_loss_reference",
+    fused="distillx.functional:linear_kd_loss",
+    build=_build_linear_kd,
+    # H sets both widths; --Hs / --Ht override one side.
+    sizes={"N": 4096, "H": 512, "Hs": None, "Ht": None, "C": 32000},
+    quick={"N": 64, "H": 32, "Hs": None, "Ht": None, "C": 512},
+    params={"temperature": 2.0, "divergence": "kl", "beta": 0.5, "reduction": "batchmean"},
+    fused_params={"chunk_size": None},
+    resolve=_resolve_linear_kd,
+    op="linear_divergence",
+    size_doc={"N": "rows", "C": "classes (vocabulary)", "H": "hidden width of student and teacher",
+              "Hs": "student hidden width (default: H)", "Ht": "teacher hidden width (default: H)"},
+))
