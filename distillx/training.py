@@ -1,0 +1,198 @@
+"""The training step shared by plain supervised training and distillation, plus evaluation.
+
+:func:`run_epochs` owns the loop (device transfer, zero_grad/backward/step, per-epoch averages,
+validation); callers only say how a batch turns into losses. :func:`train` uses it with the task
+loss alone (a teacher, or a student trained from scratch); :class:`distillx.Distiller` uses it with
+the task loss plus weighted distillation losses. Keeping one loop means both runs differ only in
+their loss, which is what a fair scratch-vs-distilled comparison needs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (inputs, targets) -> {"loss": total to backpropagate, other names: components for logging}
+LossFn = Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
+OptimizerSpec = Union[None, torch.optim.Optimizer, Callable[[list], torch.optim.Optimizer]]
+
+DEFAULT_LR = 1e-3
+
+
+def resolve_device(model: nn.Module, device: Union[None, str, torch.device]) -> torch.device:
+    """``device`` if given, else the device of the model's first parameter (CPU for a parameterless model)."""
+    if device is not None:
+        return torch.device(device)
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def build_optimizer(optimizer: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Turn an optimizer spec into an optimizer over ``params``.
+
+    ``None`` gives ``AdamW(lr=1e-3)``; a callable is a factory called with the parameter list; an
+    existing optimizer is used as is, but must already hold every parameter in ``params``
+    (otherwise, e.g., a method's adapter would silently never train).
+    """
+    if optimizer is None:
+        return torch.optim.AdamW(params, lr=DEFAULT_LR)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = sum(1 for p in params if id(p) not in held)
+        if missing:
+            raise ValueError(f"optimizer does not hold {missing} of the {len(params)} trainable parameters "
+                             "(student and method parameters); pass a factory such as "
+                             "`lambda params: torch.optim.SGD(params, lr=0.1)` instead")
+        return optimizer
+    if callable(optimizer):
+        built = optimizer(params)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"optimizer factory must return a torch.optim.Optimizer, got {type(built).__name__}")
+        return built
+    raise TypeError(f"optimizer must be None, a torch.optim.Optimizer or a factory params -> Optimizer, "
+                    f"got {type(optimizer).__name__}")
+
+
+def check_epochs(epochs: Any) -> int:
+    """Return ``epochs`` if it is an int >= 1 (bools excluded), else raise ``ValueError``."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    return epochs
+
+
+def unpack_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a batch into ``(inputs, targets)`` on ``device``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError("each batch must be an (inputs, targets) pair, got "
+                        + (f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list))
+                           else f"a {type(batch).__name__}"))
+    inputs, targets = batch
+    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def logits_of(output: Any, who: str) -> torch.Tensor:
+    """The logits in a model output: a tensor, or a mapping with a ``"logits"`` entry."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    raise TypeError(f"{who} must return a logits tensor or a mapping with a 'logits' tensor, "
+                    f"got {type(output).__name__}")
+
+
+def check_loader(loader: Any, name: str) -> None:
+    """Raise unless ``loader`` is iterable and, when it has a length, non-empty."""
+    if not isinstance(loader, Iterable):
+        raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
+    try:
+        empty = len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:  # iterable without __len__: emptiness is detected after the first pass
+        empty = False
+    if empty:
+        raise ValueError(f"{name} is empty: it yields no batches")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None,
+             device: Union[None, str, torch.device] = None) -> dict[str, float]:
+    """Accuracy (fraction of argmax hits) and mean ``loss_fn`` (default cross-entropy) of ``model`` on ``loader``.
+
+    The model runs in ``eval()`` mode; its previous mode is restored afterwards. The loss is averaged
+    per sample (each batch mean weighted by its size), so a short last batch is not over-weighted.
+    """
+    check_loader(loader, "loader")
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    device = resolve_device(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n = 0
+        for batch in loader:
+            inputs, targets = unpack_batch(batch, device)
+            logits = logits_of(model(inputs), "model")
+            # Sums stay on the device: one host sync per evaluation, not one per batch.
+            correct += (logits.argmax(-1) == targets).sum()
+            loss_sum += loss_fn(logits, targets).double() * len(targets)
+            n += len(targets)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("loader is empty: it yields no batches")
+    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
+
+
+def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: LossFn,
+               optimizer: torch.optim.Optimizer, device: torch.device, val_loader: Optional[Iterable] = None,
+               val_loss_fn: Optional[Callable] = None,
+               on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> list[dict[str, float]]:
+    """Train ``model`` for ``epochs`` passes over ``loader``; return one metrics dict per epoch.
+
+    Each dict has ``epoch`` (0-based, like the ``distillx_on_epoch_end`` hook), the per-sample mean
+    of every entry returned by ``compute_losses`` (``loss`` is the total that was backpropagated),
+    and ``val_accuracy``/``val_loss`` when ``val_loader`` is given. ``model`` is put in train mode
+    for each epoch; evaluation restores it.
+    """
+    epochs = check_epochs(epochs)
+    check_loader(loader, "train_loader")
+    if val_loader is not None:
+        check_loader(val_loader, "val_loader")
+    history: list[dict[str, float]] = []
+    for epoch in range(epochs):
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for batch in loader:
+            inputs, targets = unpack_batch(batch, device)
+            losses = compute_losses(inputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            size = len(targets)
+            for name, value in losses.items():
+                # detach: the running sums must not keep each step's graph alive
+                term = value.detach().double() * size
+                sums[name] = sums[name] + term if name in sums else term
+            n += size
+        if n == 0:
+            raise ValueError("train_loader is empty: it yields no batches")
+        metrics: dict[str, float] = {"epoch": epoch}
+        metrics.update({name: s.item() / n for name, s in sums.items()})
+        if val_loader is not None:
+            val = evaluate(model, val_loader, val_loss_fn, device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+        history.append(metrics)
+    return history
+
+
+def train(model: nn.Module, loader: Iterable, epochs: int, optimizer: OptimizerSpec = None,
+          loss_fn: Optional[Callable] = None, device: Union[None, str, torch.device] = None,
+          val_loader: Optional[Iterable] = None) -> list[dict[str, float]]:
+    """Plain supervised training of ``model`` with ``loss_fn`` (default cross-entropy).
+
+    Same loop as :meth:`distillx.Distiller.fit` without a teacher: use it for the teacher phase and
+    for a from-scratch baseline. ``optimizer`` is as in :func:`build_optimizer`. The model is moved
+    to ``device`` (default: where its parameters are). Returns per-epoch metrics
+    (``epoch``, ``loss``, and ``val_accuracy``/``val_loss`` with ``val_loader``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    device = resolve_device(model, device)
+    model.to(device)
+    opt = build_optimizer(optimizer, [p for p in model.parameters()])
+
+    def compute_losses(inputs, targets):
+        return {"loss": loss_fn(logits_of(model(inputs), "model"), targets)}
+
+    was_training = model.training
+    try:
+        return run_epochs(model, loader, epochs, compute_losses, opt, device, val_loader, loss_fn)
+    finally:
+        model.train(was_training)

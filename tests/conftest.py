@@ -1,0 +1,13 @@
+"""Suite-wide setup. With DISTILLX_REQUIRE_COMPILED=1 (set by `make test` and CI) the run fails fast
+when distillx._C did not load, so a broken build cannot pass by silently testing the references."""
+import os
+
+import pytest
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("DISTILLX_REQUIRE_COMPILED") == "1":
+        from distillx import _ext
+
+        if not _ext.available():
+            raise pytest.UsageError(f"DISTILLX_REQUIRE_COMPILED=1 but distillx._C failed to load: {_ext._ERROR}")
