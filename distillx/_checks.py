@@ -18,8 +18,11 @@ def floating_tensor(name: str, x, *, min_dim: int = 1) -> torch.Tensor:
     return x
 
 
-def same_device(**tensors: torch.Tensor | None) -> None:
-    named = [(k, v) for k, v in tensors.items() if v is not None]
+def same_device(**tensors) -> None:
+    """All given tensors on one device (non-tensors are skipped: their own checks name them)."""
+    named = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not named:
+        return
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:

@@ -83,10 +83,10 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, divergence="kl", be
     t = _checks.floating_tensor("teacher_logits", teacher_logits)
     if s.shape != t.shape:
         raise ValueError(f"teacher_logits shape {tuple(t.shape)} must match student_logits shape {tuple(s.shape)}")
-    _checks.same_device(student_logits=s, teacher_logits=t, mask=mask)
-    _check_divergence_options(temperature, divergence, beta, reduction)
     rows_shape, C = tuple(s.shape[:-1]), s.shape[-1]
     m = None if mask is None else _checks.row_mask(mask, rows_shape)
+    _checks.same_device(student_logits=s, teacher_logits=t, mask=m)
+    _check_divergence_options(temperature, divergence, beta, reduction)
     t = t.detach()
     if t.dtype != s.dtype:
         t = t.to(s.dtype)
@@ -145,11 +145,11 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
                 raise ValueError(f"{name} must have shape ({C},), got {tuple(b.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    _checks.same_device(student_hidden=hs, student_weight=ws, student_bias=student_bias, teacher_hidden=ht,
-                        teacher_weight=wt, teacher_bias=teacher_bias, mask=mask)
-    _check_divergence_options(temperature, divergence, beta, reduction)
     rows_shape = tuple(hs.shape[:-1])
     m = None if mask is None else _checks.row_mask(mask, rows_shape)
+    _checks.same_device(student_hidden=hs, student_weight=ws, student_bias=student_bias, teacher_hidden=ht,
+                        teacher_weight=wt, teacher_bias=teacher_bias, mask=m)
+    _check_divergence_options(temperature, divergence, beta, reduction)
     dtype = hs.dtype
     ws, bs = ws.to(dtype), None if student_bias is None else student_bias.to(dtype)
     ht, wt = ht.detach(), wt.detach()
@@ -171,3 +171,123 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
         return rows.reshape(rows_shape).to(dtype)
     kept = float(hs2.shape[0]) if m is None else weight.sum()
     return _reduce(total, kept, reduction, C).to(dtype)
+
+
+# --- feature distillation --------------------------------------------------------------------
+
+def _rows(name, x):
+    x = _checks.floating_tensor(name, x, min_dim=2)
+    return x.reshape(x.shape[0], -1)
+
+
+def kernel_gram_loss(s, t, kernel="rbf", normalize_rows=False, **kernel_params):
+    r"""Kernel-function distillation by Gram matching: ``mean_ij (k(s_i,s_j) − k(t_i,t_j))²``.
+
+    The batch's kernel matrices of student and teacher features must agree; rows are samples, every
+    further dimension is flattened, and the widths of ``s`` (N, Ds…) and ``t`` (N, Dt…) may differ (no
+    adapter needed). Kernels: ``"linear"``, ``"polynomial"`` (degree=2, coef0=1: (⟨x,z⟩/D + c)^d),
+    ``"rbf"`` (sigma2=None: the mean pairwise squared distance per side), ``"chebyshev"`` (order=3,
+    eps=1e-3; Ozer et al. 2011) and ``"cosine"``, or any kernel registered through
+    ``distillx_register_kernels`` (reference path). ``normalize_rows=True`` L2-normalises each Gram
+    row first; with the linear kernel that is Similarity-Preserving KD (Tung & Mori, ICCV 2019).
+
+    Example::
+
+        loss = kernel_gram_loss(h_s, h_t, kernel="rbf")              # KFD with the RBF kernel
+        loss = kernel_gram_loss(f_s, f_t, "linear", normalize_rows=True)   # SP
+    """
+    from .ops import gram
+
+    s2, t2 = _rows("s", s), _rows("t", t)
+    if s2.shape[0] != t2.shape[0]:
+        raise ValueError(f"t has {t2.shape[0]} rows (samples) but s has {s2.shape[0]}; they must agree")
+    _checks.same_device(s=s2, t=t2)
+    return gram.kernel_gram_loss(s2, t2.detach(), kernel, bool(normalize_rows), kernel_params)
+
+
+def mmd_loss(s, t, kernel="polynomial", **kernel_params):
+    r"""Squared kernel MMD between the rows of ``s`` (N, D) and ``t`` (M, D) (Neuron Selectivity
+    Transfer, Huang & Wang 2017): ``mean k(s,s') + mean k(t,t') − 2 mean k(s,t)``.
+
+    NST's default is the polynomial kernel; any kernel of :func:`kernel_gram_loss` works. Both sets
+    need the same width D.
+
+    Example::
+
+        loss = mmd_loss(F.normalize(f_s.flatten(2), dim=2)[0], F.normalize(f_t.flatten(2), dim=2)[0])
+    """
+    from .ops import gram
+
+    s2, t2 = _rows("s", s), _rows("t", t)
+    if s2.shape[1] != t2.shape[1]:
+        raise ValueError(f"t has width {t2.shape[1]} but s has {s2.shape[1]}; MMD needs equal widths")
+    _checks.same_device(s=s2, t=t2)
+    return gram.mmd_loss(s2, t2.detach(), kernel, kernel_params)
+
+
+def attention_map_loss(f_s, f_t, p=2.0):
+    r"""Attention transfer (Zagoruyko & Komodakis, ICLR 2017): ``mean_{b,k} (a_s − a_t)²`` with
+    ``a(F) = normalize(vec(mean_c |F|^p))`` per sample.
+
+    ``f_s`` (B, Cs, H, W) and ``f_t`` (B, Ct, H', W'): channel counts may differ; the larger attention
+    map is adaptive-average-pooled to the smaller size.
+
+    Example::
+
+        loss = attention_map_loss(student_layer3_out, teacher_layer3_out, p=2)
+    """
+    from .ops import attention
+
+    fs = _checks.floating_tensor("f_s", f_s, min_dim=4)
+    ft = _checks.floating_tensor("f_t", f_t, min_dim=4)
+    if fs.dim() != 4 or ft.dim() != 4:
+        raise ValueError(f"f_s and f_t must be (B, C, H, W) feature maps, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+    if fs.shape[0] != ft.shape[0]:
+        raise ValueError(f"f_t has batch {ft.shape[0]} but f_s has {fs.shape[0]}")
+    _checks.positive("p", p)
+    _checks.same_device(f_s=fs, f_t=ft)
+    return attention.attention_map_loss(fs, ft.detach(), float(p))
+
+
+def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=None):
+    r"""MiniLM attention-relation loss: ``Σ KL(softmax(q_t k_tᵀ/√dt) ‖ softmax(q_s k_sᵀ/√ds))`` over valid
+    query rows, divided by their number (B·A·valid rows).
+
+    Inputs (B, A, L, d): A heads (or MiniLMv2 relation heads from :func:`split_relation_heads`), the
+    student width ds and teacher width dt may differ. ``key_padding_mask`` (B, L) bool, True for real
+    tokens. Pass ``k is q`` for the Q-Q, K-K and V-V self-relations (MiniLM value relation: q = k = V).
+    (Wang et al., MiniLM, NeurIPS 2020; MiniLMv2, ACL Findings 2021.)
+
+    Example::
+
+        loss = attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=attention_mask.bool())
+    """
+    from .ops import relation
+
+    names = ("q_s", "k_s", "q_t", "k_t")
+    xs = [_checks.floating_tensor(n, x, min_dim=4) for n, x in zip(names, (q_s, k_s, q_t, k_t))]
+    for n, x in zip(names, xs):
+        if x.dim() != 4:
+            raise ValueError(f"{n} must be (B, A, L, d), got {tuple(x.shape)}")
+    if xs[0].shape != xs[1].shape:
+        raise ValueError(f"k_s shape {tuple(xs[1].shape)} must match q_s shape {tuple(xs[0].shape)}")
+    if xs[2].shape != xs[3].shape:
+        raise ValueError(f"k_t shape {tuple(xs[3].shape)} must match q_t shape {tuple(xs[2].shape)}")
+    if xs[0].shape[:3] != xs[2].shape[:3]:
+        raise ValueError(f"q_t (B, A, L) = {tuple(xs[2].shape[:3])} must match q_s's {tuple(xs[0].shape[:3])}")
+    _checks.same_device(q_s=xs[0], k_s=xs[1], q_t=xs[2], k_t=xs[3], key_padding_mask=key_padding_mask)
+    if key_padding_mask is not None:
+        B, _, L, _ = xs[0].shape
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = real token)")
+        if tuple(key_padding_mask.shape) != (B, L):
+            raise ValueError(f"key_padding_mask must have shape ({B}, {L}), got {tuple(key_padding_mask.shape)}")
+    return relation.attention_relation_loss(xs[0], xs[1], xs[2].detach(), xs[3].detach(), key_padding_mask)
+
+
+def split_relation_heads(x, num_heads):
+    """(B, L, H) → (B, A, L, H/A) relation heads (MiniLMv2), so models with different head counts pair up."""
+    x = _checks.floating_tensor("x", x, min_dim=3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    return ref.split_relation_heads(x, num_heads)

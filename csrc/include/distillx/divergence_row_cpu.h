@@ -88,10 +88,20 @@ inline acc_t exp_sum(const acc_t* x, acc_t* e, int64_t padded, acc_t m) {
   return hsum(acc);
 }
 
-// w·(a − b) where w > 0, else 0.
+// w·(a − b) where w == 0 gives exactly 0 (0·log 0 = 0, and −inf logits are allowed); NaN in w
+// still propagates, so a non-finite logit in a kept row is never silently dropped.
 template <typename Vec>
 inline Vec guarded(const Vec& w, const Vec& a, const Vec& b) {
-  return Vec::blendv(Vec(0), w * (a - b), w > Vec(0));
+  return Vec::blendv(w * (a - b), Vec(0), w == Vec(0));
+}
+
+// log(βp + (1−β)q) from the log-probabilities, as a log-sum-exp so that a denormal p or q whose
+// mixture rounds to 0 still gives a finite log (lb = log β, lb1 = log(1−β)).
+template <typename Vec>
+inline Vec log_mixture(const Vec& lp, const Vec& lq, const Vec& lb, const Vec& lb1) {
+  const Vec x = lb + lp, y = lb1 + lq;
+  const Vec m = at::vec::maximum(x, y);
+  return m + ((x - m).exp() + (y - m).exp()).log();
 }
 
 // Computes one row. `grad` may alias `s_row` (the row is read into scratch before it is written).
@@ -145,12 +155,12 @@ inline acc_t divergence_row(const scalar_t* s_row, const scalar_t* t_row, scalar
     const bool jsd = prm.divergence == kJSD;
     const bool p_term = jsd && beta != acc_t(0);
     const bool q_term = !jsd || beta != acc_t(1);  // β = 1 leaves no q-side term (and m may be 0)
-    const Vec vb(beta), vb1(acc_t(1) - beta);
+    const Vec lb(std::log(beta)), lb1(std::log1p(-beta));
     Vec ploss(0), qloss(0);
     for (int64_t j = 0; j < P; j += Vec::size()) {
       const Vec p = Vec::loadu(eb + j) * rzt, q = Vec::loadu(ea + j) * rzs;
       const Vec lp = Vec::loadu(b + j) - lse_t, lq = Vec::loadu(a + j) - lse_s;
-      const Vec ref = jsd ? (vb * p + vb1 * q).log() : lp;
+      const Vec ref = jsd ? log_mixture(lp, lq, lb, lb1) : lp;
       if (p_term) ploss = ploss + guarded(p, lp, ref);
       if (q_term) qloss = qloss + guarded(q, lq, ref);
       (lq - ref).store(a + j);
@@ -159,8 +169,10 @@ inline acc_t divergence_row(const scalar_t* s_row, const scalar_t* t_row, scalar
     const acc_t inner = q_term ? hsum(qloss) : acc_t(0);
     const acc_t qcoef = jsd ? acc_t(1) - beta : acc_t(1);
     total = qcoef * inner + (p_term ? beta * hsum(ploss) : acc_t(0));
-    if (grad != nullptr) {
-      const Vec vinner(inner), gq = gscale * Vec(q_term ? qcoef : acc_t(0));
+    if (grad != nullptr && !q_term) {
+      std::fill(ea, ea + P, acc_t(0));  // β = 1: the loss does not depend on q
+    } else if (grad != nullptr) {
+      const Vec vinner(inner), gq = gscale * Vec(qcoef);
       for (int64_t j = 0; j < P; j += Vec::size()) {
         (guarded(Vec::loadu(ea + j), Vec::loadu(a + j), vinner) * gq).store(ea + j);
       }

@@ -84,10 +84,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
     if (!compute_grad) continue;
     at::Tensor g_rows = g_hs.narrow(0, start, n);
     at::mm_out(g_rows, ls, ws);
+    // Dropped rows have a zero logit gradient, but 0 · (NaN hidden state) would still poison ∂W.
+    const at::Tensor h_w = row_weight ? at::where(weight.narrow(0, start, n).ne(0).unsqueeze(1), h_s,
+                                                  at::zeros({}, h_s.options()))
+                                      : h_s;
     if (g_ws.scalar_type() == dtype) {
-      g_ws.addmm_(ls.t(), h_s);
+      g_ws.addmm_(ls.t(), h_w);
     } else {
-      g_ws.add_(at::mm(ls.t(), h_s));
+      g_ws.add_(at::mm(ls.t(), h_w));
     }
     if (bs) g_bs.add_(ls.sum(0, /*keepdim=*/false, acc));
   }

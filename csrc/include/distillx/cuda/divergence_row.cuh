@@ -66,8 +66,16 @@ __device__ __forceinline__ MaxSum<A> push(MaxSum<A> st, A x) {
 }
 
 template <typename A>
-__device__ __forceinline__ A guarded(A w, A x) {  // w·x with 0·anything = 0
-  return w > A(0) ? w * x : A(0);
+__device__ __forceinline__ A guarded(A w, A x) {  // w·x with 0·anything = 0; NaN in w propagates
+  return w == A(0) ? A(0) : w * x;
+}
+
+// log(βp + (1−β)q) as a log-sum-exp of the log-probabilities (finite for denormal mixtures).
+template <typename A>
+__device__ __forceinline__ A log_mixture(A lp, A lq, A lb, A lb1) {
+  const A x = lb + lp, y = lb1 + lq;
+  const A m = x > y ? x : y;
+  return m + log(exp(x - m) + exp(y - m));
 }
 
 template <typename T, typename A, int VEC>
@@ -108,6 +116,7 @@ __global__ void __launch_bounds__(1024) logit_divergence_kernel(const T* __restr
   const bool p_term = jsd && beta != A(0);
   const bool q_term = !jsd || beta != A(1);
   const A qcoef = jsd ? A(1) - beta : A(1);
+  const A lb = log(beta), lb1 = log1p(-beta);
 
   A part_p = 0, part_q = 0;
   if (divergence == kForwardKL) {
@@ -121,7 +130,7 @@ __global__ void __launch_bounds__(1024) logit_divergence_kernel(const T* __restr
     sweep<VEC, T, A>(s, t, static_cast<T*>(nullptr), C, inv_t, [&](int64_t, A a, A b) {
       const A lq = a - lse_s, lp = b - lse_t;
       const A p = exp(lp), q = exp(lq);
-      const A ref = jsd ? log(beta * p + (A(1) - beta) * q) : lp;
+      const A ref = jsd ? log_mixture(lp, lq, lb, lb1) : lp;
       if (p_term) part_p += guarded(p, lp - ref);
       if (q_term) part_q += guarded(q, lq - ref);
       return A(0);
@@ -134,8 +143,8 @@ __global__ void __launch_bounds__(1024) logit_divergence_kernel(const T* __restr
     sweep<VEC, T, A>(s, t, g, C, inv_t, [&](int64_t, A a, A b) {
       const A lq = a - lse_s, lp = b - lse_t;
       const A q = exp(lq);
-      const A ref = jsd ? log(beta * exp(lp) + (A(1) - beta) * q) : lp;
-      return gq * guarded(q, lq - ref - inner);
+      const A ref = jsd ? log_mixture(lp, lq, lb, lb1) : lp;
+      return q_term ? gq * guarded(q, lq - ref - inner) : A(0);
     });
   }
   if (threadIdx.x == 0) {
