@@ -27,6 +27,14 @@ TORCH_LIBRARY(distillx, m) {
       "linear_divergence(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, "
       "Tensor teacher_weight, Tensor? teacher_bias, Tensor? row_weight, float temperature, int divergence, "
       "float beta, int chunk_size, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Kernel Gram matching mean_ij (k(s_i,s_j) − k(t_i,t_j))² over row panels (never (N, N)). s, t:
+  // float32/float64 (N, Ds), (N, Dt). kernel: 0 linear, 1 polynomial {a, c, d}, 2 rbf {γ},
+  // 3 chebyshev {D, ε} on expanded features; params are 1-D tensors (so data-dependent values such
+  // as the rbf bandwidth stay in the graph under torch.compile). Returns the loss (0-d) and, when
+  // compute_grad, ∂loss/∂s.
+  m.def(
+      "kernel_gram(Tensor s, Tensor t, int kernel, Tensor s_params, Tensor t_params, int panel_rows, "
+      "bool compute_grad) -> (Tensor, Tensor)");
 }
 
 namespace {

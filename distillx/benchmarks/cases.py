@@ -197,3 +197,73 @@ register_case(Case(
     size_doc={"N": "rows", "C": "classes (vocabulary)", "H": "hidden width of student and teacher",
               "Hs": "student hidden width (default: H)", "Ht": "teacher hidden width (default: H)"},
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# feature distillation: kernel Gram matching (KFD), attention transfer (AT), MiniLM relations
+# ---------------------------------------------------------------------------------------------
+
+def _build_gram(sizes, dtype, device, gen):
+    N, Ds, Dt = sizes["N"], sizes["Ds"], sizes["Dt"]
+    return Inputs(args={
+        "s": _randn((N, Ds), dtype, device, gen, 1.0, requires_grad=True),
+        "t": _randn((N, Dt), dtype, device, gen, 1.0),
+    })
+
+
+register_case(Case(
+    name="gram_rbf",
+    description="kernel Gram matching mean_ij (k(s_i,s_j) - k(t_i,t_j))^2, RBF kernel, mean-distance bandwidth",
+    reference="distillx.ops.reference:kernel_gram_loss_reference",
+    fused="distillx.functional:kernel_gram_loss",
+    build=_build_gram,
+    sizes={"N": 4096, "Ds": 128, "Dt": 512},
+    quick={"N": 48, "Ds": 8, "Dt": 12},
+    params={"kernel": "rbf"},
+    op="kernel_gram",
+    size_doc={"N": "rows (samples)", "Ds": "student width", "Dt": "teacher width"},
+))
+
+
+def _build_attention_map(sizes, dtype, device, gen):
+    B, Cs, Ct, H, W = sizes["B"], sizes["Cs"], sizes["Ct"], sizes["H"], sizes["W"]
+    return Inputs(args={
+        "f_s": _randn((B, Cs, H, W), dtype, device, gen, 1.0, requires_grad=True),
+        "f_t": _randn((B, Ct, H, W), dtype, device, gen, 1.0),
+    })
+
+
+register_case(Case(
+    name="attention_map",
+    description="attention transfer mean_{b,k}(a_s - a_t)^2, a = normalize(mean_c |F|^2), feature maps",
+    reference="distillx.ops.reference:attention_map_loss_reference",
+    fused="distillx.functional:attention_map_loss",
+    build=_build_attention_map,
+    sizes={"B": 64, "Cs": 128, "Ct": 512, "H": 32, "W": 32},
+    quick={"B": 4, "Cs": 3, "Ct": 5, "H": 6, "W": 6},
+    params={"p": 2.0},
+    op="attention_map",
+    size_doc={"B": "batch", "Cs": "student channels", "Ct": "teacher channels", "H": "height", "W": "width"},
+))
+
+
+def _build_relation(sizes, dtype, device, gen):
+    BA, L, ds, dt = sizes["BA"], sizes["L"], sizes["ds"], sizes["dt"]
+    q_s = _randn((BA, 1, L, ds), dtype, device, gen, 1.0, requires_grad=True)
+    k_s = _randn((BA, 1, L, ds), dtype, device, gen, 1.0, requires_grad=True)
+    q_t = _randn((BA, 1, L, dt), dtype, device, gen, 1.0)
+    k_t = _randn((BA, 1, L, dt), dtype, device, gen, 1.0)
+    return Inputs(args={"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t})
+
+
+register_case(Case(
+    name="attention_relation",
+    description="MiniLM relation KL(softmax(q_t k_t^T/sqrt(dt)) || softmax(q_s k_s^T/sqrt(ds))) per query row",
+    reference="distillx.ops.reference:attention_relation_loss_reference",
+    fused="distillx.functional:attention_relation_loss",
+    build=_build_relation,
+    sizes={"BA": 48, "L": 512, "ds": 32, "dt": 64},
+    quick={"BA": 3, "L": 17, "ds": 4, "dt": 8},
+    op="attention_relation",
+    size_doc={"BA": "batch x heads", "L": "sequence length", "ds": "student head width", "dt": "teacher head width"},
+))

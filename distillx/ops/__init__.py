@@ -10,12 +10,12 @@ import torch
 from .. import _ext
 
 # Every op the compiled core registers, for `distillx info`.
-OPS = ("logit_divergence", "linear_divergence")
+OPS = ("logit_divergence", "linear_divergence", "kernel_gram")
 # Divergence codes of the C++ kernels (csrc/include/distillx/checks.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
 if _ext.available():
-    from . import logit_divergence  # noqa: F401  (registers fake + autograd)
+    from . import gram_op, logit_divergence  # noqa: F401  (register fake kernels + autograd)
 
 
 def _kernel_table() -> dict:

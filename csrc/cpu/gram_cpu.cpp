@@ -1,0 +1,143 @@
+// CPU kernel of the kernel-Gram family (distillx::kernel_gram): the panel loop and GEMMs are the
+// device-agnostic code of include/distillx/gram_panels.h; the elementwise part of a panel (both
+// kernels, the difference, the loss and ∂loss/∂g) is one vectorised sweep here, in cache.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "distillx/gram_panels.h"
+
+namespace distillx {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// k and ∂k/∂g (and ∂k/∂g₁) of one side for a vector of g values.
+template <typename T>
+struct SideKernel {
+  int64_t kernel;
+  T p0, p1, p2;
+
+  inline Vec<T> value(const Vec<T>& g, const Vec<T>& g1, const Vec<T>& nsum, Vec<T>* dk, Vec<T>* dk1) const {
+    switch (kernel) {
+      case kPolynomial: {
+        const Vec<T> base = g * Vec<T>(p0) + Vec<T>(p1);
+        const Vec<T> k = base.pow(Vec<T>(p2));
+        if (dk) *dk = base.pow(Vec<T>(p2 - 1)) * Vec<T>(p2 * p0);
+        return k;
+      }
+      case kRBF: {
+        const Vec<T> d2 = at::vec::maximum(nsum - g - g, Vec<T>(0));
+        const Vec<T> k = (d2 * Vec<T>(-p0)).exp();
+        if (dk) *dk = k * Vec<T>(2 * p0);
+        return k;
+      }
+      case kChebyshev: {
+        const Vec<T> u = Vec<T>(T(1) + p1) - g1 / Vec<T>(p0);
+        const Vec<T> r = u.rsqrt();
+        const Vec<T> k = g * r / Vec<T>(p0);
+        if (dk) *dk = r / Vec<T>(p0);
+        if (dk1) *dk1 = k / u * Vec<T>(T(0.5) / p0);
+        return k;
+      }
+      default:
+        if (dk) *dk = Vec<T>(1);
+        return g;
+    }
+  }
+};
+
+template <typename T>
+SideKernel<T> side(int64_t kernel, const std::vector<double>& p) {
+  SideKernel<T> k{kernel, 0, 0, 0};
+  if (p.size() > 0) k.p0 = static_cast<T>(p[0]);
+  if (p.size() > 1) k.p1 = static_cast<T>(p[1]);
+  if (p.size() > 2) k.p2 = static_cast<T>(p[2]);
+  return k;
+}
+
+template <typename T>
+double panel_cpu_typed(PanelArgs& a) {
+  const int64_t B = a.gs.size(0), P = a.gs.size(1), diag = a.diag;
+  const SideKernel<T> ks = side<T>(a.kernel, a.ps), kt = side<T>(a.kernel, a.pt);
+  const bool rbf = a.kernel == kRBF, cheb = a.kernel == kChebyshev, grad = a.grad;
+  T* gs = a.gs.data_ptr<T>();
+  const T* gt = a.gt.const_data_ptr<T>();
+  T* g1s = cheb ? a.g1s.data_ptr<T>() : nullptr;
+  const T* g1t = cheb ? a.g1t.const_data_ptr<T>() : nullptr;
+  const T* nsi = rbf ? a.nsi.const_data_ptr<T>() : nullptr;
+  const T* nsp = rbf ? a.nsp.const_data_ptr<T>() : nullptr;
+  const T* nti = rbf ? a.nti.const_data_ptr<T>() : nullptr;
+  const T* ntp = rbf ? a.ntp.const_data_ptr<T>() : nullptr;
+  constexpr int64_t V = Vec<T>::size();
+  std::vector<double> partial(B, 0.0);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* rs = gs + i * P;
+      const T* rt = gt + i * P;
+      T* r1s = cheb ? g1s + i * P : nullptr;
+      const T* r1t = cheb ? g1t + i * P : nullptr;
+      Vec<T> acc_diag(0), acc_off(0);
+      // One column block of V lanes; `count` < V only at the row's end.
+      auto block = [&](int64_t j, int64_t count, bool off) {
+        const Vec<T> g = Vec<T>::loadu(rs + j, count), h = Vec<T>::loadu(rt + j, count);
+        const Vec<T> g1 = cheb ? Vec<T>::loadu(r1s + j, count) : Vec<T>(0);
+        const Vec<T> h1 = cheb ? Vec<T>::loadu(r1t + j, count) : Vec<T>(0);
+        const Vec<T> ns = rbf ? Vec<T>::loadu(nsp + j, count) + Vec<T>(nsi[i]) : Vec<T>(0);
+        const Vec<T> nt = rbf ? Vec<T>::loadu(ntp + j, count) + Vec<T>(nti[i]) : Vec<T>(0);
+        Vec<T> dk, dk1;
+        const Vec<T> d = ks.value(g, g1, ns, grad ? &dk : nullptr, grad && cheb ? &dk1 : nullptr) -
+                         kt.value(h, h1, nt, nullptr, nullptr);
+        // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
+        Vec<T> sq = d * d;
+        if (count < V) {
+          T lanes[V] = {};
+          sq.store(lanes, count);
+          sq = Vec<T>::loadu(lanes);
+        }
+        if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
+        if (grad) {
+          (d * dk).store(rs + j, count);
+          if (cheb) (d * dk1).store(r1s + j, count);
+        }
+      };
+      auto sweep = [&](int64_t from, int64_t to, bool off) {
+        int64_t j = from;
+        for (; j + V <= to; j += V) block(j, V, off);
+        if (j < to) block(j, to - j, off);
+      };
+      sweep(0, diag, false);
+      sweep(diag, P, true);
+      T lanes_d[V], lanes_o[V];
+      acc_diag.store(lanes_d);
+      acc_off.store(lanes_o);
+      double sd = 0, so = 0;
+      for (int64_t l = 0; l < V; ++l) sd += lanes_d[l], so += lanes_o[l];
+      partial[i] = sd + 2 * so;
+    }
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+double panel_cpu(PanelArgs& a) {
+  return a.gs.scalar_type() == at::kDouble ? panel_cpu_typed<double>(a) : panel_cpu_typed<float>(a);
+}
+
+std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
+                                                   const at::Tensor& s_params, const at::Tensor& t_params,
+                                                   int64_t panel_rows, bool compute_grad) {
+  return gram_loss_panels(s, t, kernel, gram_params(s_params), gram_params(t_params), panel_rows, compute_grad,
+                          panel_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillx, CPU, m) { m.impl("kernel_gram", &kernel_gram_cpu); }
+
+}  // namespace distillx

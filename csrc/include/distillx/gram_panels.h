@@ -1,0 +1,171 @@
+// Kernel Gram matching, mean_ij (k_s(s_i,s_j) − k_t(t_i,t_j))², over row panels: host code on ATen
+// ops, so it serves every device. The (N, N) matrices are never held: rows I of the upper triangle
+// (columns J ≥ I) are computed as one (B, N−I) panel, so every GEMM is done once and the
+// gradient is assembled in the same pass (the loss is a scalar):
+//   ∂L/∂x_i = 4/N² Σ_j D_ij ∂k(x_i, x_j)/∂x_i,   D = K_s − K_t, symmetric.
+// Kernels on g = ⟨x_i, x_j⟩ (and row norms n_i = ‖x_i‖²):
+//   0 linear      k = g
+//   1 polynomial  k = (a·g + c)^d                 params {a, c, d}
+//   2 rbf         k = exp(−γ(n_i + n_j − 2g))     params {γ}
+//   3 chebyshev   k = g / (D·sqrt(1 − g₁/D + ε)),  x = [T_0(x̃)…T_n(x̃)], g₁ = ⟨x̃_i, x̃_j⟩ on columns
+//                 [D, 2D) (T_1 is the identity)   params {D, ε}
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace distillx {
+
+enum GramKernel : int64_t { kLinear = 0, kPolynomial = 1, kRBF = 2, kChebyshev = 3 };
+
+// Kernel parameters arrive as a small 1-D tensor; read them on the host.
+inline std::vector<double> gram_params(const at::Tensor& p) {
+  TORCH_CHECK(p.dim() == 1, "distillx: kernel params must be a 1-D tensor, got shape ", p.sizes());
+  const at::Tensor h = p.to(at::kCPU, at::kDouble).contiguous();
+  return std::vector<double>(h.const_data_ptr<double>(), h.const_data_ptr<double>() + h.numel());
+}
+
+inline void check_gram_params(int64_t kernel, const std::vector<double>& p, const char* side) {
+  TORCH_CHECK(kernel >= 0 && kernel <= 3, "distillx: kernel code must be 0..3, got ", kernel);
+  const size_t want = kernel == kLinear ? 0 : kernel == kPolynomial ? 3 : kernel == kRBF ? 1 : 2;
+  TORCH_CHECK(p.size() == want, "distillx: ", side, "_params must have ", want, " values for kernel ", kernel,
+              ", got ", p.size());
+}
+
+// The elementwise part of one panel, after the GEMMs: given the student and teacher Gram panels
+// gs, gt (b, cols) (and for chebyshev the T_1-block panels g1s, g1t), it returns Σ w_j D_ij² with
+// w = 1 on the diagonal block (columns < b) and 2 elsewhere (the lower triangle by symmetry), and,
+// when grad, overwrites gs with M = D ∘ ∂k_s/∂g and g1s with D ∘ ∂k_s/∂g₁ (chebyshev).
+struct PanelArgs {
+  int64_t kernel;
+  const std::vector<double>& ps;
+  const std::vector<double>& pt;
+  at::Tensor gs, gt, g1s, g1t;        // (b, cols) contiguous
+  at::Tensor nsi, nsp, nti, ntp;      // rbf squared norms of the panel rows / columns
+  int64_t diag;                       // b
+  bool grad;
+};
+
+// Generic ATen implementation (any device): several passes over the panel.
+inline double panel_aten(PanelArgs& a) {
+  auto kern = [&](const std::vector<double>& p, const at::Tensor& g, const at::Tensor& g1, const at::Tensor& ni,
+                  const at::Tensor& np, at::Tensor* dk, at::Tensor* dk1) -> at::Tensor {
+    switch (a.kernel) {
+      case kPolynomial: {
+        at::Tensor base = g * p[0] + p[1];
+        if (dk) *dk = base.pow(p[2] - 1) * (p[2] * p[0]);
+        return base.pow(p[2]);
+      }
+      case kRBF: {
+        at::Tensor k = (ni.unsqueeze(1) + np.unsqueeze(0) - 2 * g).clamp_min_(0).mul_(-p[0]).exp_();
+        if (dk) *dk = k * (2 * p[0]);
+        return k;
+      }
+      case kChebyshev: {
+        at::Tensor u = 1.0 + p[1] - g1 / p[0];
+        at::Tensor r = u.rsqrt();
+        at::Tensor k = g * r / p[0];
+        if (dk) *dk = r / p[0];
+        if (dk1) *dk1 = k / u * (0.5 / p[0]);
+        return k;
+      }
+      default:
+        if (dk) *dk = at::ones_like(g);
+        return g;
+    }
+  };
+  at::Tensor dk, dk1;
+  at::Tensor ks = kern(a.ps, a.gs, a.g1s, a.nsi, a.nsp, a.grad ? &dk : nullptr, a.grad ? &dk1 : nullptr);
+  at::Tensor d = ks - kern(a.pt, a.gt, a.g1t, a.nti, a.ntp, nullptr, nullptr);
+  at::Tensor sq = d.square();
+  const double loss = 2 * sq.sum().item<double>() - sq.narrow(1, 0, a.diag).sum().item<double>();
+  if (a.grad) {
+    a.gs.copy_(d * dk);
+    if (a.kernel == kChebyshev) a.g1s.copy_(d * dk1);
+  }
+  return loss;
+}
+
+// Returns (loss, grad_s): loss as a 0-d tensor of the inputs' dtype; grad_s (N, Ds) or empty.
+template <typename PanelFn>
+std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
+                                                    const std::vector<double>& ps, const std::vector<double>& pt,
+                                                    int64_t panel_rows, bool compute_grad, PanelFn&& panel) {
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "distillx: kernel_gram expects 2-D s and t, got ", s.sizes(), " and ",
+              t.sizes());
+  TORCH_CHECK(s.size(0) == t.size(0), "distillx: s and t must have the same number of rows, got ", s.size(0),
+              " and ", t.size(0));
+  TORCH_CHECK(s.scalar_type() == t.scalar_type() &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "distillx: kernel_gram expects float32 or float64 s and t of one dtype, got ", s.scalar_type(), " and ",
+              t.scalar_type());
+  TORCH_CHECK(s.device() == t.device(), "distillx: s is on ", s.device(), " but t is on ", t.device());
+  check_gram_params(kernel, ps, "s");
+  check_gram_params(kernel, pt, "t");
+  const bool cheb = kernel == kChebyshev;
+  const int64_t Ds1 = cheb ? static_cast<int64_t>(ps[0]) : 0, Dt1 = cheb ? static_cast<int64_t>(pt[0]) : 0;
+  if (cheb) {
+    TORCH_CHECK(s.size(1) >= 2 * Ds1 && t.size(1) >= 2 * Dt1,
+                "distillx: chebyshev features must hold at least the T_0 and T_1 blocks of width D");
+  }
+  const at::Tensor x = s.contiguous(), y = t.contiguous();
+  const int64_t N = x.size(0);
+  if (panel_rows <= 0) {
+    // Keep a panel near 1 MB so the elementwise sweep runs in cache.
+    panel_rows = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t{1} << 18) / std::max<int64_t>(N, 1)));
+  }
+  panel_rows = std::max<int64_t>(1, std::min(panel_rows, std::max<int64_t>(N, 1)));
+  const bool rbf = kernel == kRBF;
+  const at::Tensor nx = rbf ? x.square().sum(1) : at::Tensor(), ny = rbf ? y.square().sum(1) : at::Tensor();
+  double total = 0;
+  at::Tensor grad = compute_grad ? at::zeros_like(x) : at::Tensor();
+  at::Tensor rowsum = compute_grad && rbf ? at::zeros({N}, x.options()) : at::Tensor();
+  // Panel buffers, allocated once and reused (fresh pages per panel cost more than the math).
+  const int64_t cap = panel_rows * N;
+  at::Tensor bs = at::empty({cap}, x.options()), bt = at::empty({cap}, x.options());
+  at::Tensor b1s = cheb ? at::empty({cap}, x.options()) : at::Tensor(), b1t = cheb ? at::empty({cap}, x.options()) : at::Tensor();
+  for (int64_t i0 = 0; i0 < N; i0 += panel_rows) {
+    const int64_t b = std::min(panel_rows, N - i0), cols = N - i0;
+    const at::Tensor xi = x.narrow(0, i0, b), xp = x.narrow(0, i0, cols);
+    const at::Tensor yi = y.narrow(0, i0, b), yp = y.narrow(0, i0, cols);
+    PanelArgs a{kernel, ps, pt, bs.narrow(0, 0, b * cols).view({b, cols}), bt.narrow(0, 0, b * cols).view({b, cols}),
+                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, compute_grad};
+    at::mm_out(a.gs, xi, xp.t());
+    at::mm_out(a.gt, yi, yp.t());
+    if (cheb) {
+      a.g1s = b1s.narrow(0, 0, b * cols).view({b, cols});
+      a.g1t = b1t.narrow(0, 0, b * cols).view({b, cols});
+      at::mm_out(a.g1s, xi.narrow(1, Ds1, Ds1), xp.narrow(1, Ds1, Ds1).t());
+      at::mm_out(a.g1t, yi.narrow(1, Dt1, Dt1), yp.narrow(1, Dt1, Dt1).t());
+    }
+    if (rbf) {
+      a.nsi = nx.narrow(0, i0, b), a.nsp = nx.narrow(0, i0, cols);
+      a.nti = ny.narrow(0, i0, b), a.ntp = ny.narrow(0, i0, cols);
+    }
+    total += panel(a);
+    if (!compute_grad) continue;
+    const at::Tensor& m = a.gs;
+    grad.narrow(0, i0, b).addmm_(m, xp);
+    if (cols > b) grad.narrow(0, i0 + b, cols - b).addmm_(m.narrow(1, b, cols - b).t(), xi);
+    if (rbf) {
+      rowsum.narrow(0, i0, b).add_(m.sum(1));
+      if (cols > b) rowsum.narrow(0, i0 + b, cols - b).add_(m.narrow(1, b, cols - b).sum(0));
+    }
+    if (cheb) {
+      const at::Tensor& m1 = a.g1s;
+      grad.narrow(0, i0, b).narrow(1, Ds1, Ds1).addmm_(m1, xp.narrow(1, Ds1, Ds1));
+      if (cols > b)
+        grad.narrow(0, i0 + b, cols - b).narrow(1, Ds1, Ds1).addmm_(m1.narrow(1, b, cols - b).t(), xi.narrow(1, Ds1, Ds1));
+    }
+  }
+  const double inv_n2 = 1.0 / (static_cast<double>(std::max<int64_t>(N, 1)) * static_cast<double>(std::max<int64_t>(N, 1)));
+  at::Tensor loss = at::scalar_tensor(total * inv_n2, x.options());
+  if (!compute_grad) return {loss, at::empty({0}, x.options())};
+  // rbf: ∂k/∂x_i = 2γ k (x_j − x_i): the Σ_j M_ij x_j part is above, the −(Σ_j M_ij) x_i part here.
+  if (rbf) grad.sub_(rowsum.unsqueeze(1) * x);
+  grad.mul_(4.0 * inv_n2);
+  return {loss, grad};
+}
+
+}  // namespace distillx

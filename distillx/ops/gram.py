@@ -1,0 +1,114 @@
+"""Kernel Gram matching (KFD/SP) and kernel MMD (NST): choose the cheapest exact formulation.
+
+* linear / cosine kernel (and its row-normalised SP form): feature-space identities,
+  ``‖SSᵀ−TTᵀ‖²_F = ‖SᵀS‖² + ‖TᵀT‖² − 2‖SᵀT‖²`` — O(N·D²) time, O(D²) memory — when D < N,
+  otherwise the (N, N) Gram matrices, which are then no larger than the inputs;
+* polynomial / rbf / chebyshev: ``distillx::kernel_gram`` tiles the (N, N) matrices in row panels
+  (never materialised) and computes the gradient in the same pass;
+* a kernel given as a callable (third-party kernels): the dense reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import has_kernel
+from . import reference as ref
+
+BUILTIN = ("linear", "polynomial", "rbf", "chebyshev", "cosine")
+KERNEL_CODES = {"linear": 0, "polynomial": 1, "rbf": 2, "chebyshev": 3}
+_PARAMS = {
+    "linear": (),
+    "cosine": (),
+    "polynomial": ("degree", "coef0"),
+    "rbf": ("sigma2",),
+    "chebyshev": ("order", "eps", "scale"),
+}
+
+
+def resolve_kernel(kernel):
+    """A built-in kernel name, a callable k(x, z) -> (N, M), or a name registered by a plugin."""
+    if callable(kernel) or kernel in BUILTIN:
+        return kernel
+    if isinstance(kernel, str):
+        from ..plugin import get_registries
+
+        kernels = get_registries().kernels
+        if kernel in kernels:
+            return kernels.get(kernel)
+        raise ValueError(f"kernel must be one of {', '.join(BUILTIN + tuple(kernels.names()))}; got {kernel!r}")
+    raise TypeError(f"kernel must be a name or a callable k(x, z), got {type(kernel).__name__}")
+
+
+def check_params(kernel, params: dict) -> dict:
+    allowed = _PARAMS.get(kernel, None) if isinstance(kernel, str) else None
+    if allowed is not None:
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for kernel {kernel!r}; it takes {list(allowed) or 'none'}")
+    return params
+
+
+def _linear_gram_loss(s, t, normalize_rows):
+    """mean_ij (s_i·s_j − t_i·t_j)², or its row-normalised (SP) form, without (N, N) when D < N."""
+    n = s.shape[0]
+    if max(s.shape[1], t.shape[1]) >= n:
+        return ref.kernel_gram_loss_reference(s, t, "linear", normalize_rows)
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s, t = s.to(acc), t.to(acc)
+    if not normalize_rows:
+        ss, tt, st = s.T @ s, t.T @ t, s.T @ t
+        return (ss.pow(2).sum() + tt.pow(2).sum() - 2 * st.pow(2).sum()) / (n * n)
+    # SP: rows of G = SSᵀ have norms sqrt(s_iᵀ(SᵀS)s_i); Σ_ij Ĝs_ij Ĝt_ij = Σ_i a_i b_i s_iᵀ(SᵀT)t_i.
+    rs = ((s @ (s.T @ s)) * s).sum(1).clamp(min=0).sqrt()
+    rt = ((t @ (t.T @ t)) * t).sum(1).clamp(min=0).sqrt()
+    a = torch.where(rs > 0, 1 / rs.clamp(min=1e-30), torch.zeros_like(rs))
+    b = torch.where(rt > 0, 1 / rt.clamp(min=1e-30), torch.zeros_like(rt))
+    cross = (a * b * ((s @ (s.T @ t)) * t).sum(1)).sum()
+    return ((rs > 0).sum() + (rt > 0).sum() - 2 * cross) / (n * n)
+
+
+def _side_params(kernel, x, params):
+    """The op's parameter vector for one side (its own width D and, for rbf, its own σ²)."""
+    D = x.shape[1]
+    if kernel == "polynomial":
+        return torch.tensor([1.0 / D, float(params.get("coef0", 1.0)), float(params.get("degree", 2))],
+                            dtype=torch.float64)
+    if kernel == "rbf":
+        sigma2 = params.get("sigma2")
+        sigma2 = ref.rbf_mean_sigma2(x) if sigma2 is None else torch.as_tensor(float(sigma2), dtype=x.dtype)
+        return (0.5 / sigma2).reshape(1).to(torch.float64)
+    return torch.tensor([float(D), float(params.get("eps", 1e-3))], dtype=torch.float64)
+
+
+def _fused_gram_loss(s, t, kernel, params):
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    xs, xt = s.to(acc), t.to(acc)
+    ps, pt = _side_params(kernel, xs, params), _side_params(kernel, xt, params)
+    if kernel == "chebyshev":
+        order = int(params.get("order", 3))
+        scale = params.get("scale")
+        xs, xt = ref.chebyshev_features(xs, order, scale), ref.chebyshev_features(xt, order, scale)
+    compute_grad = torch.is_grad_enabled() and xs.requires_grad
+    loss, _ = torch.ops.distillx.kernel_gram(xs, xt, KERNEL_CODES[kernel], ps, pt, 0, compute_grad)
+    return loss
+
+
+def kernel_gram_loss(s, t, kernel, normalize_rows, params):
+    kernel = resolve_kernel(kernel)
+    params = check_params(kernel, dict(params))
+    if callable(kernel):
+        return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows)
+    out_dtype = s.dtype
+    if kernel in ("linear", "cosine"):
+        if kernel == "cosine":
+            s, t = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
+        return _linear_gram_loss(s, t, normalize_rows).to(out_dtype)
+    if normalize_rows or not has_kernel("kernel_gram", s.device.type):
+        return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows, **params).to(out_dtype)
+    return _fused_gram_loss(s, t, kernel, params).to(out_dtype)
+
+
+def mmd_loss(s, t, kernel, params):
+    kernel = resolve_kernel(kernel)
+    params = check_params(kernel, dict(params))
+    return ref.mmd_loss_reference(s, t, kernel, **params)
