@@ -35,6 +35,10 @@ TORCH_LIBRARY(distillx, m) {
   m.def(
       "kernel_gram(Tensor s, Tensor t, int kernel, Tensor s_params, Tensor t_params, int panel_rows, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // Attention transfer's channel reduction a = mean_c |f|^p of a (B, C, H, W) map (float32/float64),
+  // and its backward; one pass over the feature each.
+  m.def("attention_map(Tensor feature, float p) -> Tensor");
+  m.def("attention_map_backward(Tensor grad_map, Tensor feature, float p) -> Tensor");
 }
 
 namespace {

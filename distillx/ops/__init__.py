@@ -10,12 +10,9 @@ import torch
 from .. import _ext
 
 # Every op the compiled core registers, for `distillx info`.
-OPS = ("logit_divergence", "linear_divergence", "kernel_gram")
+OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "attention_map")
 # Divergence codes of the C++ kernels (csrc/include/distillx/checks.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
-
-if _ext.available():
-    from . import gram_op, logit_divergence  # noqa: F401  (register fake kernels + autograd)
 
 
 def _kernel_table() -> dict:
@@ -37,3 +34,7 @@ def has_kernel(op: str, device_type: str) -> bool:
 def backend(op: str, device_type: str) -> str:
     """Which implementation serves ``op`` on ``device_type``: "compiled" or "reference"."""
     return "compiled" if has_kernel(op, device_type) else "reference"
+
+
+if _ext.available():
+    from . import attention, gram_op, logit_divergence  # noqa: F401,E402  (register fake kernels + autograd)
