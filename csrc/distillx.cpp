@@ -39,6 +39,12 @@ TORCH_LIBRARY(distillx, m) {
   // and its backward; one pass over the feature each.
   m.def("attention_map(Tensor feature, float p) -> Tensor");
   m.def("attention_map_backward(Tensor grad_map, Tensor feature, float p) -> Tensor");
+  // MiniLM relation loss Σ KL(softmax(q_t k_tᵀ/√dt) ‖ softmax(q_s k_sᵀ/√ds)) / #valid query rows, inputs
+  // (B, A, L, d), key_padding_mask (B, L) bool (True = real token). Never holds (L, L). Returns the
+  // loss and, when compute_grad, its gradients for q_s and k_s.
+  m.def(
+      "attention_relation(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor? key_padding_mask, "
+      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

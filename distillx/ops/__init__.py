@@ -10,7 +10,7 @@ import torch
 from .. import _ext
 
 # Every op the compiled core registers, for `distillx info`.
-OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "attention_map")
+OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "attention_map", "attention_relation")
 # Divergence codes of the C++ kernels (csrc/include/distillx/checks.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -37,4 +37,4 @@ def backend(op: str, device_type: str) -> str:
 
 
 if _ext.available():
-    from . import attention, gram_op, logit_divergence  # noqa: F401,E402  (register fake kernels + autograd)
+    from . import attention, gram_op, logit_divergence, relation  # noqa: F401,E402  (register fake kernels + autograd)
