@@ -212,9 +212,9 @@ def mmd_loss(s, t, kernel="polynomial", **kernel_params):
     NST's default is the polynomial kernel; any kernel of :func:`kernel_gram_loss` works. Both sets
     need the same width D.
 
-    Example::
+    Example (NST on one image's channels, each normalised over its H·W positions)::
 
-        loss = mmd_loss(F.normalize(f_s.flatten(2), dim=2)[0], F.normalize(f_t.flatten(2), dim=2)[0])
+        loss = mmd_loss(F.normalize(f_s[i].flatten(1), dim=1), F.normalize(f_t[i].flatten(1), dim=1))
     """
     from .ops import gram
 

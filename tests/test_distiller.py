@@ -241,9 +241,19 @@ def test_single_method_not_in_list(teacher):
         Distiller(teacher, student(), methods=distillx.method("kd"))
 
 
-def test_feature_methods_not_supported_yet(teacher):
-    with pytest.raises(NotImplementedError, match="needs_features"):
-        Distiller(teacher, student(), methods=[NeedsFeatures()])
+def test_feature_methods_receive_both_sides_features(split, teacher):
+    seen = []
+
+    class Hidden(NeedsFeatures):
+        def loss(self, student, teacher, batch=None):
+            seen.append((tuple(student["h"].shape), student["h"].requires_grad, teacher["h"].requires_grad))
+            return (student["h"].mean() - teacher["h"].mean()) ** 2
+
+    s = student()
+    d = Distiller(teacher, s, methods=[Hidden()])
+    d.fit(loaders(split)[0], epochs=1)
+    # Layer "0" is the first Linear of each model: 16 student units, 64 teacher units, batch 64.
+    assert seen and seen[0] == ((64, 16), True, False)
 
 
 def test_bad_models(teacher):

@@ -3,14 +3,30 @@
 This module is the built-in methods plugin: the plugin manager registers it (as
 ``distillx.methods``) before any third-party plugin, and it adds its methods through the same
 ``distillx_register_methods`` hook a third-party plugin uses. Importing it registers nothing.
+
+==================  =====================================================================
+``kd``              Hinton logit distillation (:class:`KD`)
+``sld``             FitNets hints through a learned adapter, MSE (:class:`SLD`)
+``kfd``             kernel Gram matching (:class:`KFD`)
+``sp``              Similarity-Preserving KD, row-normalised linear Gram (:class:`SP`)
+``nst``             Neuron Selectivity Transfer, kernel MMD (:class:`NST`)
+``at``              attention transfer on feature maps (:class:`AT`)
+``minilm``          MiniLM attention distributions + value relation (:class:`MiniLM`)
+``minilmv2``        MiniLMv2 Q-Q/K-K/V-V relations (:class:`MiniLMv2`)
+``tinybert_attn``   TinyBERT attention-score MSE (:class:`TinyBERTAttention`)
+==================  =====================================================================
 """
 from __future__ import annotations
 
 from ..plugin.hookspecs import hookimpl
-from .base import FeatureRequest, Method
+from .at import AT
+from .base import FeatureRequest, FeatureShapeError, Method
 from .kd import KD
+from .kfd import KFD, NST, SP
+from .minilm import MiniLM, MiniLMv2, TinyBERTAttention
+from .sld import SLD
 
-BUILTIN_METHODS = (KD,)
+BUILTIN_METHODS = (KD, SLD, KFD, SP, NST, AT, MiniLM, MiniLMv2, TinyBERTAttention)
 
 
 @hookimpl
@@ -19,4 +35,5 @@ def distillx_register_methods(registry):
         registry.add(cls.name, cls)
 
 
-__all__ = ["Method", "FeatureRequest", "KD", "BUILTIN_METHODS"]
+__all__ = ["Method", "FeatureRequest", "FeatureShapeError", "KD", "SLD", "KFD", "SP", "NST", "AT", "MiniLM",
+           "MiniLMv2", "TinyBERTAttention", "BUILTIN_METHODS"]

@@ -25,23 +25,51 @@ student.
 
 Contract with the Distiller: ``student["logits"]`` and ``teacher["logits"]`` hold the two models'
 outputs, and each :class:`FeatureRequest` from :meth:`Method.features` is captured under its
-``key`` in both dicts. Teacher tensors come from ``no_grad``. ``loss()`` returns the *unweighted*
-loss; the Distiller multiplies it by ``method.weight``.
+``key`` in both dicts (keys are the method's own: the Distiller namespaces them internally, so two
+methods may use the same key). Teacher tensors come from ``no_grad`` and are detached.
+``loss()`` returns the *unweighted* loss; the Distiller multiplies it by ``method.weight``.
+
+Methods whose submodules depend on feature shapes (adapters) say so with :attr:`Method.needs_setup`;
+the Distiller then calls :meth:`Method.setup` with the features of one dry forward pass before it
+builds the optimizer. Shape problems are reported with :meth:`Method.feature_error`, which names the
+method, the feature and its layers.
 """
 from __future__ import annotations
 
 import copy
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 CAPTURES = ("output", "input")
+#: The penultimate pseudo-path (same value as :data:`distillx.features.PENULTIMATE`; defined here too
+#: because distillx.features imports this module).
+PENULTIMATE = "penultimate"
 # Attributes nn.Module sets on instances (e.g. "training"); an option with such a name would clobber them.
 _MODULE_INSTANCE_ATTRS = frozenset(vars(nn.Module()))
+
+
+Selector = Union[int, str]
+SelectSpec = Union[None, Selector, Tuple[Selector, ...]]
+
+
+class FeatureShapeError(ValueError):
+    """A captured feature has a shape (or width, or value) the method cannot use; the message names
+    the method, the feature key and the student/teacher layers."""
+
+
+def _check_select(value: Any, field_name: str) -> Any:
+    if value is None:
+        return None
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not items or any(isinstance(s, bool) or not isinstance(s, (int, str)) or s == "" for s in items):
+        raise ValueError(f"FeatureRequest.{field_name} must be None, an int index, a non-empty name, or a "
+                         f"non-empty tuple of them, got {value!r}")
+    return items if isinstance(value, (tuple, list)) else value
 
 
 @dataclass(frozen=True)
@@ -49,26 +77,61 @@ class FeatureRequest:
     """An intermediate feature a method needs from both models.
 
     ``key``: where the captured tensors appear in the ``student``/``teacher`` dicts given to
-    ``loss``. ``student``/``teacher``: dotted module paths (``"layer3"``, ``"blocks.-1"``).
+    ``loss``. ``student``/``teacher``: dotted module paths (``"layer3"``, ``"blocks.-1"``,
+    ``"penultimate"``), optionally in the shorthand ``"PATH[@input][:SELECT]"`` of
+    :class:`distillx.features.FeatureSpec`, so each side may capture differently.
     ``capture``: the module's ``"output"`` or its ``"input"``. ``reduction``: name of a
-    capture-time reduction (e.g. an attention map) applied before the tensor is kept, or None.
+    capture-time reduction (:data:`distillx.features.REDUCTIONS`, e.g. ``"attention_map"``) or a
+    callable ``f(feature, **reduction_kwargs)``, applied before the tensor is kept, or None.
+
+    ``select``: which part of a tuple/dict/dataclass output (or which input) to keep, for both
+    sides (an int index, a field/argument name, or a tuple of them applied in turn);
+    ``student_select``/``teacher_select`` override it for one side. ``reduction_kwargs``: options
+    of the reduction (``{"p": 2}``); ``student_reduction_kwargs``/``teacher_reduction_kwargs``
+    override them for one side. All four are optional, so ``FeatureRequest(key, student, teacher)``
+    and the positional ``(key, student, teacher, capture, reduction)`` form keep working.
     """
 
     key: str
     student: str
     teacher: str
     capture: str = "output"
-    reduction: str | None = None
+    reduction: Union[None, str, Callable[..., Any]] = None
+    select: SelectSpec = None
+    reduction_kwargs: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+    student_select: SelectSpec = None
+    teacher_select: SelectSpec = None
+    student_reduction_kwargs: Optional[Mapping[str, Any]] = field(default=None, hash=False)
+    teacher_reduction_kwargs: Optional[Mapping[str, Any]] = field(default=None, hash=False)
 
     def __post_init__(self):
-        for field in ("key", "student", "teacher"):
-            value = getattr(self, field)
+        for name in ("key", "student", "teacher"):
+            value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise ValueError(f"FeatureRequest.{field} must be a non-empty string, got {value!r}")
+                raise ValueError(f"FeatureRequest.{name} must be a non-empty string, got {value!r}")
         if self.capture not in CAPTURES:
             raise ValueError(f"FeatureRequest.capture must be one of {CAPTURES}, got {self.capture!r}")
-        if self.reduction is not None and (not isinstance(self.reduction, str) or not self.reduction):
-            raise ValueError(f"FeatureRequest.reduction must be None or a non-empty string, got {self.reduction!r}")
+        if self.reduction is not None and not callable(self.reduction) and (
+                not isinstance(self.reduction, str) or not self.reduction):
+            raise ValueError(f"FeatureRequest.reduction must be None, a non-empty string or a callable, "
+                             f"got {self.reduction!r}")
+        for name in ("select", "student_select", "teacher_select"):
+            object.__setattr__(self, name, _check_select(getattr(self, name), name))
+        for name in ("reduction_kwargs", "student_reduction_kwargs", "teacher_reduction_kwargs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ValueError(f"FeatureRequest.{name} must be None or a mapping, got {type(value).__name__}")
+            if self.reduction is None:
+                raise ValueError(f"FeatureRequest.{name} given without a reduction")
+            object.__setattr__(self, name, dict(value))
+
+    def path(self, side: str) -> str:
+        """The ``student`` or ``teacher`` path."""
+        if side not in ("student", "teacher"):
+            raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
+        return getattr(self, side)
 
 
 class Method(nn.Module):
@@ -121,6 +184,22 @@ class Method(nn.Module):
         """Intermediate features this method needs; logit methods need none."""
         return []
 
+    @property
+    def needs_setup(self) -> bool:
+        """True while the method still has to see real features before training (e.g. adapters that
+        are built from the observed widths). The Distiller then runs :meth:`setup` on one dry forward
+        pass *before* it builds the optimizer, so the new parameters are optimised. Default: False."""
+        return False
+
+    def setup(self, student: Mapping[str, Any], teacher: Mapping[str, Any]) -> None:
+        """Build shape-dependent parts (adapters) from one forward pass's features.
+
+        ``student``/``teacher`` are the same dicts :meth:`loss` receives (captured without
+        gradient, both models in ``eval()`` mode). Create submodules on the features' device.
+        Raise :class:`FeatureShapeError` (see :meth:`feature_error`) for shapes the method cannot
+        use. Default: nothing.
+        """
+
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:
         """The unweighted scalar loss from the student's and teacher's outputs (see module docstring)."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss(student, teacher, batch)")
@@ -150,6 +229,31 @@ class Method(nn.Module):
             have = ", ".join(map(repr, outputs)) or "nothing"
             raise KeyError(f"method {self.name!r} needs {side}[{key!r}], but the {side} outputs hold {have}") from None
 
+    def describe_feature(self, key: str, side: str | None = None) -> str:
+        """``"feature 'hint' (student layer 'layer2', teacher layer 'layer3')"`` for error messages."""
+        req = next((r for r in self.features() if r.key == key), None)
+        if req is None:
+            return f"feature {key!r}"
+        sides = ("student", "teacher") if side is None else (side,)
+        return f"feature {key!r} (" + ", ".join(f"{s} layer {req.path(s)!r}" for s in sides) + ")"
+
+    def feature_error(self, key: str, problem: str, side: str | None = None) -> FeatureShapeError:
+        """A :class:`FeatureShapeError` naming this method, the feature and its layers, then ``problem``."""
+        return FeatureShapeError(f"method {self.name!r}: {self.describe_feature(key, side)}: {problem}")
+
+    def require_feature(self, outputs: Mapping[str, Any], key: str, side: str, *, ndim: Iterable[int] | None = None,
+                        what: str = "") -> torch.Tensor:
+        """``outputs[key]`` checked to be a floating-point tensor (with ``ndim`` dims when given)."""
+        x = self.require(outputs, key, side)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+            raise self.feature_error(key, f"the {side} feature must be a floating-point tensor, got {got} "
+                                          "(pick a tensor of a tuple/dict output with 'path:index')", side)
+        if ndim is not None and x.dim() not in tuple(ndim):
+            raise self.feature_error(key, f"the {side} feature has shape {tuple(x.shape)}; this method needs "
+                                          f"{what or ' or '.join(f'{n}-D' for n in ndim)}", side)
+        return x
+
     def check_number(self, option: str, *, gt: float | None = None, ge: float | None = None,
                      lt: float | None = None, le: float | None = None) -> None:
         """Raise unless option ``option`` is a finite real number within the given bounds."""
@@ -177,3 +281,26 @@ def check_method_class(name: str, obj: Any) -> None:
     if obj.name != name:
         raise ValueError(f"method class {obj.__qualname__} has name {obj.name!r} but is registered as {name!r}; "
                          "they must agree")
+
+
+def layer_pairs(method: str, student: Any, teacher: Any) -> list[tuple[str, str]]:
+    """Pair the ``student`` and ``teacher`` layer options of a method.
+
+    Each is a path string or a list/tuple of path strings of the same length (pairs by position).
+    Raises ``ValueError`` naming the method and the option.
+    """
+    def as_list(option: str, value: Any) -> list[str]:
+        if value is None:
+            raise ValueError(f"method {method!r}: option {option} is required (a layer path such as 'layer3', "
+                             "or a list of them)")
+        values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+        if not values or any(not isinstance(v, str) or not v for v in values):
+            raise ValueError(f"method {method!r}: option {option} must be a non-empty layer path or a non-empty "
+                             f"list of them, got {value!r}")
+        return values
+
+    s, t = as_list("student", student), as_list("teacher", teacher)
+    if len(s) != len(t):
+        raise ValueError(f"method {method!r}: options student and teacher must list the same number of layers "
+                         f"(they are paired by position), got {len(s)} and {len(t)}")
+    return list(zip(s, t))

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import has_kernel
@@ -26,7 +28,11 @@ _PARAMS = {
 
 
 def resolve_kernel(kernel):
-    """A built-in kernel name, a callable k(x, z) -> (N, M), or a name registered by a plugin."""
+    """A built-in kernel name, a callable k(x, z) -> (N, M), or a name registered by a plugin.
+
+    Built-in names always mean the built-in (fused) kernels here; :func:`registered_kernel` gives a
+    plugin's replacement of a built-in name (the methods use it).
+    """
     if callable(kernel) or kernel in BUILTIN:
         return kernel
     if isinstance(kernel, str):
@@ -39,13 +45,29 @@ def resolve_kernel(kernel):
     raise TypeError(f"kernel must be a name or a callable k(x, z), got {type(kernel).__name__}")
 
 
-def check_params(kernel, params: dict) -> dict:
-    allowed = _PARAMS.get(kernel, None) if isinstance(kernel, str) else None
-    if allowed is not None:
-        unknown = sorted(set(params) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for kernel {kernel!r}; it takes {list(allowed) or 'none'}")
-    return params
+def registered_kernel(name: str):
+    """What the kernels registry holds under ``name``: the name itself while it is the built-in
+    entry (fused path), else the plugin's callable (a plugin may replace a built-in with override)."""
+    from ..kernels import BuiltinKernel
+    from ..plugin import get_registries
+
+    kernels = get_registries().kernels
+    if name not in kernels:
+        return resolve_kernel(name)
+    entry = kernels.get(name)
+    return name if isinstance(entry, BuiltinKernel) else entry
+
+
+def check_params(kernel, params: dict):
+    """Validate parameters of a built-in kernel; bind them to a callable kernel (which rejects
+    parameters it does not take when called, rather than them being silently ignored)."""
+    if callable(kernel):
+        return (functools.partial(kernel, **params) if params else kernel), {}
+    allowed = _PARAMS[kernel]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for kernel {kernel!r}; it takes {list(allowed) or 'none'}")
+    return kernel, params
 
 
 def _linear_gram_loss(s, t, normalize_rows):
@@ -94,8 +116,7 @@ def _fused_gram_loss(s, t, kernel, params):
 
 
 def kernel_gram_loss(s, t, kernel, normalize_rows, params):
-    kernel = resolve_kernel(kernel)
-    params = check_params(kernel, dict(params))
+    kernel, params = check_params(resolve_kernel(kernel), dict(params))
     if callable(kernel):
         return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows)
     out_dtype = s.dtype
@@ -109,6 +130,5 @@ def kernel_gram_loss(s, t, kernel, normalize_rows, params):
 
 
 def mmd_loss(s, t, kernel, params):
-    kernel = resolve_kernel(kernel)
-    params = check_params(kernel, dict(params))
+    kernel, params = check_params(resolve_kernel(kernel), dict(params))
     return ref.mmd_loss_reference(s, t, kernel, **params)

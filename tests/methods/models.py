@@ -1,0 +1,94 @@
+"""Small conv nets and transformers for the feature-distillation tests (also used by tests/test_e2e_features.py)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class CNN(nn.Module):
+    """3 conv stages on 1×8×8 images, global pooling, linear head (``fc``, whose input is the penultimate).
+
+    ``layer2`` halves the resolution when ``downsample`` (teacher: layer2/layer3 are 4×4); a student
+    built with ``downsample=False`` keeps 8×8 maps, so spatial sizes differ between the two.
+    """
+
+    def __init__(self, widths=(16, 32, 64), classes: int = 10, downsample: bool = True):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.layer1 = block(1, c1)
+        self.layer2 = block(c1, c2, stride=2 if downsample else 1)
+        self.layer3 = block(c2, c3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c3, classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with explicit q/k/v Linear projections; returns ``(context, scores)``
+    with the pre-softmax scores ``(B, heads, L, L)``."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        assert dim % heads == 0
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        split = lambda t: t.view(B, L, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // self.heads)
+        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, L, D)
+        return self.out_proj(ctx), scores
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = self.norm1(x + self.self_attn(x)[0])
+        return self.norm2(x + self.mlp(x))
+
+
+class TinyTransformer(nn.Module):
+    """Token classifier: (B, L, in_dim) -> linear embedding -> ``depth`` blocks -> mean pool -> ``head``.
+
+    Attention modules are at ``encoder.layers.<i>.self_attn`` with ``q_proj``/``k_proj``/``v_proj``.
+    """
+
+    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 3, in_dim: int = 8, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of every parameter and buffer, to check bitwise that a model did not change."""
+    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+def unchanged(model: nn.Module, before: list[torch.Tensor]) -> bool:
+    now = [*model.parameters(), *model.buffers()]
+    return len(now) == len(before) and all(torch.equal(a, b) for a, b in zip(now, before))
