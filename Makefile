@@ -1,0 +1,34 @@
+# Fresh machine to running code: `make demo`, `make test`, `make bench`.
+# Everything goes into a local virtual environment (.venv) built against torch==2.13.0 (CPU wheel).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/distillx/*.h csrc/include/distillx/*.cuh)
+
+.PHONY: setup demo test bench clean
+
+# Editable install: the compiled core is built into distillx/ so tests run against the kernels.
+$(BIN)/distillx: $(SOURCES)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0 setuptools wheel ninja
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(BIN)/distillx
+
+demo: setup
+	$(BIN)/distillx demo
+
+test: setup
+	$(BIN)/python -m pip install -q pytest
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps ./plugins/distillx-example
+	DISTILLX_REQUIRE_COMPILED=1 $(BIN)/python -m pytest -q tests plugins/distillx-example/tests
+
+bench: setup
+	$(BIN)/distillx bench --json bench.json
+
+clean:
+	rm -rf build $(VENV) distillx/_C*.so *.egg-info
