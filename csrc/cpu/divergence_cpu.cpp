@@ -11,7 +11,7 @@
 #include "distillx/checks.h"
 #include "distillx/cpu_memory.h"
 #include "distillx/divergence_row_cpu.h"
-#include "distillx/linear_chunks.h"
+#include "distillx/divergence_host.h"
 
 namespace distillx {
 namespace {
@@ -41,36 +41,16 @@ void divergence_rows_cpu(const at::Tensor& student, const at::Tensor& teacher, c
   });
 }
 
-at::Tensor row_weight_or_ones(const std::optional<at::Tensor>& row_weight, const at::Tensor& ref, int64_t N) {
-  const auto acc = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return row_weight ? row_weight->to(acc).contiguous() : at::ones({N}, ref.options().dtype(acc));
-}
-
 std::tuple<at::Tensor, at::Tensor> logit_divergence_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                         const std::optional<at::Tensor>& row_weight,
                                                         double temperature, int64_t divergence, double beta,
                                                         bool compute_grad) {
-  check_matrix(student, "student");
-  check_matrix(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "distillx: student and teacher logits must have the same shape, got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "distillx: student and teacher dtypes differ (",
-              student.scalar_type(), " vs ", teacher.scalar_type(), ")");
-  check_same_device(student, teacher, "student", "teacher");
-  check_row_weight(row_weight, student, student.size(0));
-  check_divergence(divergence, temperature, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const int64_t N = s.size(0);
-  const at::Tensor w = row_weight_or_ones(row_weight, s, N);
-  at::Tensor loss = at::empty({N}, w.options());
-  at::Tensor grad = compute_grad ? cpu::empty_for_write(s.sizes(), s.options()) : at::Tensor();
-  if (N > 0 && s.size(1) > 0) {
-    divergence_rows_cpu(s, t, w, loss, grad, temperature, divergence, beta);
-  } else {
-    loss.zero_();
-    if (compute_grad) grad.zero_();
-  }
-  return {loss, compute_grad ? grad : at::empty({0}, s.options())};
+  return logit_divergence_host(
+      student, teacher, row_weight, temperature, divergence, beta, compute_grad,
+      [&](const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& grad) {
+        divergence_rows_cpu(s, t, w, loss, grad, temperature, divergence, beta);
+      },
+      cpu::empty_for_write);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_divergence_cpu(
@@ -78,12 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_di
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& row_weight, double temperature, int64_t divergence, double beta,
     int64_t chunk_size, bool compute_grad) {
-  check_divergence(divergence, temperature, beta);
-  return chunked_linear_divergence(
-      student_hidden.contiguous(), student_weight.contiguous(), student_bias, teacher_hidden.contiguous(),
-      teacher_weight.contiguous(), teacher_bias, row_weight, chunk_size, compute_grad, ChunkPolicy{int64_t{64} << 20, true},
-      [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, bool grad) {
-        divergence_rows_cpu(ls, lt, w, loss, grad ? ls : at::Tensor(), temperature, divergence, beta);
+  return linear_divergence_host(
+      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight,
+      temperature, divergence, beta, chunk_size, compute_grad, ChunkPolicy{int64_t{64} << 20, true},
+      [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& g) {
+        divergence_rows_cpu(ls, lt, w, loss, g, temperature, divergence, beta);
       });
 }
 

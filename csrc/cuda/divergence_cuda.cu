@@ -8,7 +8,7 @@
 
 #include "distillx/checks.h"
 #include "distillx/cuda/divergence_row.cuh"
-#include "distillx/linear_chunks.h"
+#include "distillx/divergence_host.h"
 
 namespace distillx {
 namespace {
@@ -40,28 +40,12 @@ std::tuple<at::Tensor, at::Tensor> logit_divergence_cuda(const at::Tensor& stude
                                                          const std::optional<at::Tensor>& row_weight,
                                                          double temperature, int64_t divergence, double beta,
                                                          bool compute_grad) {
-  check_matrix(student, "student");
-  check_matrix(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "distillx: student and teacher logits must have the same shape, got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "distillx: student and teacher dtypes differ (",
-              student.scalar_type(), " vs ", teacher.scalar_type(), ")");
-  check_same_device(student, teacher, "student", "teacher");
-  check_row_weight(row_weight, student, student.size(0));
-  check_divergence(divergence, temperature, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const int64_t N = s.size(0);
-  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor w = row_weight ? row_weight->to(acc).contiguous() : at::ones({N}, s.options().dtype(acc));
-  at::Tensor loss = at::empty({N}, w.options());
-  at::Tensor grad = compute_grad ? at::empty_like(s) : at::Tensor();
-  if (N > 0 && s.size(1) > 0) {
-    divergence_rows_cuda(s, t, w, loss, grad, temperature, divergence, beta);
-  } else {
-    loss.zero_();
-    if (compute_grad) grad.zero_();
-  }
-  return {loss, compute_grad ? grad : at::empty({0}, s.options())};
+  return logit_divergence_host(
+      student, teacher, row_weight, temperature, divergence, beta, compute_grad,
+      [&](const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& grad) {
+        divergence_rows_cuda(s, t, w, loss, grad, temperature, divergence, beta);
+      },
+      [](at::IntArrayRef sizes, const at::TensorOptions& o) { return at::empty(sizes, o); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_divergence_cuda(
@@ -69,13 +53,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_di
     const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& row_weight, double temperature, int64_t divergence, double beta,
     int64_t chunk_size, bool compute_grad) {
-  check_divergence(divergence, temperature, beta);
   const c10::cuda::CUDAGuard guard(student_hidden.device());
-  return chunked_linear_divergence(
-      student_hidden.contiguous(), student_weight.contiguous(), student_bias, teacher_hidden.contiguous(),
-      teacher_weight.contiguous(), teacher_bias, row_weight, chunk_size, compute_grad, ChunkPolicy{int64_t{256} << 20, false},
-      [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, bool grad) {
-        divergence_rows_cuda(ls, lt, w, loss, grad ? ls : at::Tensor(), temperature, divergence, beta);
+  return linear_divergence_host(
+      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight,
+      temperature, divergence, beta, chunk_size, compute_grad, ChunkPolicy{int64_t{256} << 20, false},
+      [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& g) {
+        divergence_rows_cuda(ls, lt, w, loss, g, temperature, divergence, beta);
       });
 }
 
