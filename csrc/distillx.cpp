@@ -35,6 +35,12 @@ TORCH_LIBRARY(distillx, m) {
   m.def(
       "kernel_gram(Tensor s, Tensor t, int kernel, Tensor s_params, Tensor t_params, int panel_rows, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // Kernel MMD as a weighted Gram sum over the concatenated sets x = [s; t] with weights
+  // a = [1/N…, −1/M…]: Σ_ij a_i a_j k(x_i, x_j) = mean k(s,s') + mean k(t,t') − 2 mean k(s,t), tiled
+  // like kernel_gram (one kernel and params for both sets). Returns the loss and ∂loss/∂x.
+  m.def(
+      "kernel_mmd(Tensor x, Tensor weights, int kernel, Tensor params, int panel_rows, bool compute_grad) "
+      "-> (Tensor, Tensor)");
   // Attention transfer's channel reduction a = mean_c |f|^p of a (B, C, H, W) map (float32/float64),
   // and its backward; one pass over the feature each.
   m.def("attention_map(Tensor feature, float p) -> Tensor");

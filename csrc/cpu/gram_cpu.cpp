@@ -73,6 +73,9 @@ double panel_cpu_typed(PanelArgs& a) {
   const T* nsp = rbf ? a.nsp.const_data_ptr<T>() : nullptr;
   const T* nti = rbf ? a.nti.const_data_ptr<T>() : nullptr;
   const T* ntp = rbf ? a.ntp.const_data_ptr<T>() : nullptr;
+  const bool mmd = a.ai.defined();
+  const T* wi = mmd ? a.ai.const_data_ptr<T>() : nullptr;
+  const T* wp = mmd ? a.ap.const_data_ptr<T>() : nullptr;
   constexpr int64_t V = Vec<T>::size();
   std::vector<double> partial(B, 0.0);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -84,16 +87,23 @@ double panel_cpu_typed(PanelArgs& a) {
       Vec<T> acc_diag(0), acc_off(0);
       // One column block of V lanes; `count` < V only at the row's end.
       auto block = [&](int64_t j, int64_t count, bool off) {
-        const Vec<T> g = Vec<T>::loadu(rs + j, count), h = Vec<T>::loadu(rt + j, count);
+        const Vec<T> g = Vec<T>::loadu(rs + j, count);
+        const Vec<T> h = mmd ? Vec<T>(0) : Vec<T>::loadu(rt + j, count);
         const Vec<T> g1 = cheb ? Vec<T>::loadu(r1s + j, count) : Vec<T>(0);
-        const Vec<T> h1 = cheb ? Vec<T>::loadu(r1t + j, count) : Vec<T>(0);
+        const Vec<T> h1 = cheb && !mmd ? Vec<T>::loadu(r1t + j, count) : Vec<T>(0);
         const Vec<T> ns = rbf ? Vec<T>::loadu(nsp + j, count) + Vec<T>(nsi[i]) : Vec<T>(0);
-        const Vec<T> nt = rbf ? Vec<T>::loadu(ntp + j, count) + Vec<T>(nti[i]) : Vec<T>(0);
-        Vec<T> dk, dk1;
-        const Vec<T> d = ks.value(g, g1, ns, grad ? &dk : nullptr, grad && cheb ? &dk1 : nullptr) -
-                         kt.value(h, h1, nt, nullptr, nullptr);
+        Vec<T> dk, dk1, d, sq;
+        const Vec<T> k = ks.value(g, g1, ns, grad ? &dk : nullptr, grad && cheb ? &dk1 : nullptr);
+        if (mmd) {
+          // MMD: the "difference" is the weight a_i a_j, the summand a_i a_j k.
+          d = Vec<T>::loadu(wp + j, count) * Vec<T>(wi[i]);
+          sq = d * k;
+        } else {
+          const Vec<T> nt = rbf ? Vec<T>::loadu(ntp + j, count) + Vec<T>(nti[i]) : Vec<T>(0);
+          d = k - kt.value(h, h1, nt, nullptr, nullptr);
+          sq = d * d;
+        }
         // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
-        Vec<T> sq = d * d;
         if (count < V) {
           T lanes[V] = {};
           sq.store(lanes, count);
@@ -129,6 +139,12 @@ double panel_cpu(PanelArgs& a) {
   return a.gs.scalar_type() == at::kDouble ? panel_cpu_typed<double>(a) : panel_cpu_typed<float>(a);
 }
 
+std::tuple<at::Tensor, at::Tensor> kernel_mmd_cpu(const at::Tensor& x, const at::Tensor& weights, int64_t kernel,
+                                                  const at::Tensor& params, int64_t panel_rows, bool compute_grad) {
+  const std::vector<double> p = gram_params(params);
+  return gram_loss_panels(x, x, kernel, p, p, panel_rows, compute_grad, panel_cpu, weights);
+}
+
 std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
                                                    const at::Tensor& s_params, const at::Tensor& t_params,
                                                    int64_t panel_rows, bool compute_grad) {
@@ -138,6 +154,9 @@ std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(distillx, CPU, m) { m.impl("kernel_gram", &kernel_gram_cpu); }
+TORCH_LIBRARY_IMPL(distillx, CPU, m) {
+  m.impl("kernel_gram", &kernel_gram_cpu);
+  m.impl("kernel_mmd", &kernel_mmd_cpu);
+}
 
 }  // namespace distillx

@@ -267,3 +267,26 @@ register_case(Case(
     op="attention_relation",
     size_doc={"BA": "batch x heads", "L": "sequence length", "ds": "student head width", "dt": "teacher head width"},
 ))
+
+
+def _build_mmd(sizes, dtype, device, gen):
+    N, M, D = sizes["N"], sizes["M"], sizes["D"]
+    # Two different distributions: MMD of identical ones is a float32 cancellation of O(1) terms.
+    return Inputs(args={
+        "s": _randn((N, D), dtype, device, gen, 1.0, requires_grad=True),
+        "t": _randn((M, D), dtype, device, gen, 0.5).add_(0.2),
+    })
+
+
+register_case(Case(
+    name="mmd_rbf",
+    description="kernel MMD mean k(s,s') + mean k(t,t') - 2 mean k(s,t), RBF kernel (NST)",
+    reference="distillx.ops.reference:mmd_loss_reference",
+    fused="distillx.functional:mmd_loss",
+    build=_build_mmd,
+    sizes={"N": 4096, "M": 4096, "D": 128},
+    quick={"N": 40, "M": 24, "D": 8},
+    params={"kernel": "rbf"},
+    op="kernel_mmd",
+    size_doc={"N": "student rows", "M": "teacher rows", "D": "width"},
+))

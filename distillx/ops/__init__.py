@@ -10,7 +10,7 @@ import torch
 from .. import _ext
 
 # Every op the compiled core registers, for `distillx info`.
-OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "attention_map", "attention_relation")
+OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "kernel_mmd", "attention_map", "attention_relation")
 # Divergence codes of the C++ kernels (csrc/include/distillx/checks.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 

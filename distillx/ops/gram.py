@@ -131,4 +131,26 @@ def kernel_gram_loss(s, t, kernel, normalize_rows, params):
 
 def mmd_loss(s, t, kernel, params):
     kernel, params = check_params(resolve_kernel(kernel), dict(params))
-    return ref.mmd_loss_reference(s, t, kernel, **params)
+    if callable(kernel) or not has_kernel("kernel_mmd", s.device.type):
+        return ref.mmd_loss_reference(s, t, kernel, **params)
+    return _fused_mmd_loss(s, t, kernel, params).to(s.dtype)
+
+
+def _fused_mmd_loss(s, t, kernel, params):
+    """MMD as the weighted Gram sum aᵀ K a over x = [s; t], a = [1/N…, −1/M…] (one σ² / Chebyshev
+    scale for both sets, as in the reference), tiled by ``distillx::kernel_mmd``."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    x = torch.cat([s.to(acc), t.to(acc)])
+    if kernel == "cosine":
+        x, kernel = torch.nn.functional.normalize(x, dim=1), "linear"
+    n, m = s.shape[0], t.shape[0]
+    weights = torch.cat([x.new_full((n,), 1.0 / n), x.new_full((m,), -1.0 / m)])
+    if kernel == "linear":
+        p = torch.zeros(0, dtype=torch.float64)
+    else:
+        p = _side_params(kernel, x, params)
+    if kernel == "chebyshev":
+        x = ref.chebyshev_features(x, int(params.get("order", 3)), params.get("scale"))
+    compute_grad = torch.is_grad_enabled() and x.requires_grad
+    loss, _ = torch.ops.distillx.kernel_mmd(x, weights, KERNEL_CODES[kernel], p, 0, compute_grad)
+    return loss

@@ -206,14 +206,19 @@ def kernel_gram_loss_reference(s, t, kernel="rbf", normalize_rows=False, **kerne
 def mmd_loss_reference(s, t, kernel="polynomial", **kernel_params):
     """Squared kernel MMD ``mean k(s,s') + mean k(t,t') − 2 mean k(s,t)`` (NST, Huang & Wang 2017).
 
-    For rbf without an explicit σ², one σ² (of both sets together) serves all three terms.
+    For rbf without an explicit σ² (Chebyshev without a scale), one value computed from both sets
+    together serves all three terms, so the same kernel is used throughout.
     """
     t = t.detach()
     if callable(kernel):
         k = kernel
     else:
+        # One kernel for all three terms: data-dependent parameters come from both sets together.
         if kernel == "rbf" and kernel_params.get("sigma2") is None:
             kernel_params = dict(kernel_params, sigma2=rbf_mean_sigma2(torch.cat([s, t])))
+        if kernel == "chebyshev" and kernel_params.get("scale") is None:
+            scale = torch.cat([s.detach(), t]).abs().amax().clamp(min=torch.finfo(s.dtype).tiny)
+            kernel_params = dict(kernel_params, scale=scale)
         def k(a, b):
             return kernel_matrix(a, b, kernel, **kernel_params)
     return k(s, s).mean() + k(t, t).mean() - 2 * k(s, t).mean()

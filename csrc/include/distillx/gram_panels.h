@@ -37,6 +37,7 @@ inline void check_gram_params(int64_t kernel, const std::vector<double>& p, cons
 // gs, gt (b, cols) (and for chebyshev the T_1-block panels g1s, g1t), it returns Σ w_j D_ij² with
 // w = 1 on the diagonal block (columns < b) and 2 elsewhere (the lower triangle by symmetry), and,
 // when grad, overwrites gs with M = D ∘ ∂k_s/∂g and g1s with D ∘ ∂k_s/∂g₁ (chebyshev).
+// MMD mode (ai/ap defined, one side only): D_ij is replaced by a_i a_j and the sum is Σ w_j a_i a_j k_ij.
 struct PanelArgs {
   int64_t kernel;
   const std::vector<double>& ps;
@@ -45,6 +46,7 @@ struct PanelArgs {
   at::Tensor nsi, nsp, nti, ntp;      // rbf squared norms of the panel rows / columns
   int64_t diag;                       // b
   bool grad;
+  at::Tensor ai, ap;                  // MMD mode: row weights of the panel rows / columns (no teacher side)
 };
 
 // Generic ATen implementation (any device): several passes over the panel.
@@ -77,6 +79,16 @@ inline double panel_aten(PanelArgs& a) {
   };
   at::Tensor dk, dk1;
   at::Tensor ks = kern(a.ps, a.gs, a.g1s, a.nsi, a.nsp, a.grad ? &dk : nullptr, a.grad ? &dk1 : nullptr);
+  if (a.ai.defined()) {  // MMD: Σ a_i a_j k_ij, M = a_i a_j ∂k
+    at::Tensor w = a.ai.unsqueeze(1) * a.ap.unsqueeze(0);
+    at::Tensor wk = w * ks;
+    const double loss = 2 * wk.sum().item<double>() - wk.narrow(1, 0, a.diag).sum().item<double>();
+    if (a.grad) {
+      a.gs.copy_(w * dk);
+      if (a.kernel == kChebyshev) a.g1s.copy_(w * dk1);
+    }
+    return loss;
+  }
   at::Tensor d = ks - kern(a.pt, a.gt, a.g1t, a.nti, a.ntp, nullptr, nullptr);
   at::Tensor sq = d.square();
   const double loss = 2 * sq.sum().item<double>() - sq.narrow(1, 0, a.diag).sum().item<double>();
@@ -91,7 +103,10 @@ inline double panel_aten(PanelArgs& a) {
 template <typename PanelFn>
 std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
                                                     const std::vector<double>& ps, const std::vector<double>& pt,
-                                                    int64_t panel_rows, bool compute_grad, PanelFn&& panel) {
+                                                    int64_t panel_rows, bool compute_grad, PanelFn&& panel,
+                                                    const at::Tensor& mmd_weights = at::Tensor()) {
+  // MMD mode: one set x = s with row weights a; loss Σ_ij a_i a_j k(x_i, x_j), ∂/∂x_i = 2 Σ_j a_i a_j ∂k.
+  const bool mmd = mmd_weights.defined();
   TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "distillx: kernel_gram expects 2-D s and t, got ", s.sizes(), " and ",
               t.sizes());
   TORCH_CHECK(s.size(0) == t.size(0), "distillx: s and t must have the same number of rows, got ", s.size(0),
@@ -121,6 +136,8 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   double total = 0;
   at::Tensor grad = compute_grad ? at::zeros_like(x) : at::Tensor();
   at::Tensor rowsum = compute_grad && rbf ? at::zeros({N}, x.options()) : at::Tensor();
+  const at::Tensor wts = mmd ? mmd_weights.to(x.scalar_type()).contiguous() : at::Tensor();
+  if (mmd) TORCH_CHECK(wts.dim() == 1 && wts.size(0) == N, "distillx: MMD weights must be (", N, ",)");
   // Panel buffers, allocated once and reused (fresh pages per panel cost more than the math).
   const int64_t cap = panel_rows * N;
   at::Tensor bs = at::empty({cap}, x.options()), bt = at::empty({cap}, x.options());
@@ -130,14 +147,15 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
     const at::Tensor xi = x.narrow(0, i0, b), xp = x.narrow(0, i0, cols);
     const at::Tensor yi = y.narrow(0, i0, b), yp = y.narrow(0, i0, cols);
     PanelArgs a{kernel, ps, pt, bs.narrow(0, 0, b * cols).view({b, cols}), bt.narrow(0, 0, b * cols).view({b, cols}),
-                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, compute_grad};
+                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, compute_grad,
+                mmd ? wts.narrow(0, i0, b) : at::Tensor(), mmd ? wts.narrow(0, i0, cols) : at::Tensor()};
     at::mm_out(a.gs, xi, xp.t());
-    at::mm_out(a.gt, yi, yp.t());
+    if (!mmd) at::mm_out(a.gt, yi, yp.t());
     if (cheb) {
       a.g1s = b1s.narrow(0, 0, b * cols).view({b, cols});
       a.g1t = b1t.narrow(0, 0, b * cols).view({b, cols});
       at::mm_out(a.g1s, xi.narrow(1, Ds1, Ds1), xp.narrow(1, Ds1, Ds1).t());
-      at::mm_out(a.g1t, yi.narrow(1, Dt1, Dt1), yp.narrow(1, Dt1, Dt1).t());
+      if (!mmd) at::mm_out(a.g1t, yi.narrow(1, Dt1, Dt1), yp.narrow(1, Dt1, Dt1).t());
     }
     if (rbf) {
       a.nsi = nx.narrow(0, i0, b), a.nsp = nx.narrow(0, i0, cols);
@@ -159,12 +177,12 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
         grad.narrow(0, i0 + b, cols - b).narrow(1, Ds1, Ds1).addmm_(m1.narrow(1, b, cols - b).t(), xi.narrow(1, Ds1, Ds1));
     }
   }
-  const double inv_n2 = 1.0 / (static_cast<double>(std::max<int64_t>(N, 1)) * static_cast<double>(std::max<int64_t>(N, 1)));
+  const double inv_n2 = mmd ? 1.0 : 1.0 / (static_cast<double>(std::max<int64_t>(N, 1)) * static_cast<double>(std::max<int64_t>(N, 1)));
   at::Tensor loss = at::scalar_tensor(total * inv_n2, x.options());
   if (!compute_grad) return {loss, at::empty({0}, x.options())};
   // rbf: ∂k/∂x_i = 2γ k (x_j − x_i): the Σ_j M_ij x_j part is above, the −(Σ_j M_ij) x_i part here.
   if (rbf) grad.sub_(rowsum.unsqueeze(1) * x);
-  grad.mul_(4.0 * inv_n2);
+  grad.mul_(mmd ? 2.0 : 4.0 * inv_n2);
   return {loss, grad};
 }
 
