@@ -59,8 +59,14 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, channel_dim: int = 1, s
     _check(feature, "attention_map", 3, channel_dim)
     if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 and math.isfinite(p)):
         raise ValueError(f"attention_map: p must be a finite number > 0, got {p!r}")
-    x = _upcast(feature).abs()
-    a = (x * x if p == 2 else x.pow(p)).mean(dim=channel_dim)  # (B, *S)
+    if feature.dim() == 4 and channel_dim in (1, -3):
+        # (B, C, H, W): the fused channel reduction reads the map once (distillx::attention_map)
+        from ..ops.attention import attention_map as fused_attention_map
+
+        a = fused_attention_map(feature, float(p))
+    else:
+        x = _upcast(feature).abs()
+        a = (x * x if p == 2 else x.pow(p)).mean(dim=channel_dim)  # (B, *S)
     if size is not None:
         a = _adaptive_avg_pool(a.unsqueeze(1), size, "attention_map").squeeze(1)
     return F.normalize(a.flatten(1), p=2.0, dim=1, eps=eps).to(feature.dtype)
