@@ -288,6 +288,8 @@ def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=None):
 def split_relation_heads(x, num_heads):
     """(B, L, H) → (B, A, L, H/A) relation heads (MiniLMv2), so models with different head counts pair up."""
     x = _checks.floating_tensor("x", x, min_dim=3)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, L, H) projections, got shape {tuple(x.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     return ref.split_relation_heads(x, num_heads)

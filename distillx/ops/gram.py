@@ -81,12 +81,17 @@ def _linear_gram_loss(s, t, normalize_rows):
         ss, tt, st = s.T @ s, t.T @ t, s.T @ t
         return (ss.pow(2).sum() + tt.pow(2).sum() - 2 * st.pow(2).sum()) / (n * n)
     # SP: rows of G = SSᵀ have norms sqrt(s_iᵀ(SᵀS)s_i); Σ_ij Ĝs_ij Ĝt_ij = Σ_i a_i b_i s_iᵀ(SᵀT)t_i.
-    rs = ((s @ (s.T @ s)) * s).sum(1).clamp(min=0).sqrt()
-    rt = ((t @ (t.T @ t)) * t).sum(1).clamp(min=0).sqrt()
-    a = torch.where(rs > 0, 1 / rs.clamp(min=1e-30), torch.zeros_like(rs))
-    b = torch.where(rt > 0, 1 / rt.clamp(min=1e-30), torch.zeros_like(rt))
+    def inverse_row_norms(x):
+        # 1/‖G_i‖ with ‖G_i‖² = x_iᵀ(XᵀX)x_i; a zero row (‖G_i‖ = 0) is left at 0, like F.normalize,
+        # and its square root is never differentiated at 0.
+        r2 = ((x @ (x.T @ x)) * x).sum(1)
+        live = r2 > 0
+        return torch.where(live, torch.where(live, r2, torch.ones_like(r2)).rsqrt(), torch.zeros_like(r2)), live
+
+    a, live_s = inverse_row_norms(s)
+    b, live_t = inverse_row_norms(t)
     cross = (a * b * ((s @ (s.T @ t)) * t).sum(1)).sum()
-    return ((rs > 0).sum() + (rt > 0).sum() - 2 * cross) / (n * n)
+    return (live_s.sum() + live_t.sum() - 2 * cross) / (n * n)
 
 
 def _side_params(kernel, x, params):
@@ -102,9 +107,17 @@ def _side_params(kernel, x, params):
     return torch.tensor([float(D), float(params.get("eps", 1e-3))], dtype=torch.float64)
 
 
+def _center(x):
+    """RBF distances are translation-invariant: centring the rows first avoids the float32
+    cancellation of ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩ for features far from the origin."""
+    return x - x.mean(0, keepdim=True)
+
+
 def _fused_gram_loss(s, t, kernel, params):
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     xs, xt = s.to(acc), t.to(acc)
+    if kernel == "rbf":
+        xs, xt = _center(xs), _center(xt)
     ps, pt = _side_params(kernel, xs, params), _side_params(kernel, xt, params)
     if kernel == "chebyshev":
         order = int(params.get("order", 3))
@@ -141,6 +154,8 @@ def _fused_mmd_loss(s, t, kernel, params):
     scale for both sets, as in the reference), tiled by ``distillx::kernel_mmd``."""
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     x = torch.cat([s.to(acc), t.to(acc)])
+    if kernel == "rbf":
+        x = _center(x)
     if kernel == "cosine":
         x, kernel = torch.nn.functional.normalize(x, dim=1), "linear"
     n, m = s.shape[0], t.shape[0]

@@ -65,7 +65,7 @@ inline double panel_aten(PanelArgs& a) {
         return k;
       }
       case kChebyshev: {
-        at::Tensor u = 1.0 + p[1] - g1 / p[0];
+        at::Tensor u = (g1 / -p[0] + 1.0) + p[1];  // (1 − g₁/D) + ε: see gram_cpu.cpp
         at::Tensor r = u.rsqrt();
         at::Tensor k = g * r / p[0];
         if (dk) *dk = r / p[0];
