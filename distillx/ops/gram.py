@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -67,6 +68,23 @@ def check_params(kernel, params: dict):
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for kernel {kernel!r}; it takes {list(allowed) or 'none'}")
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "order":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"order must be an int >= 1 (the kernel needs T_0 and T_1), got {value!r}")
+        elif name == "degree":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"degree must be a number > 0, got {value!r}")
+        elif name in ("sigma2", "eps", "scale"):
+            if isinstance(value, torch.Tensor):
+                continue  # data-dependent values (e.g. a computed bandwidth) are the caller's business
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        elif name == "coef0":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"coef0 must be a finite number, got {value!r}")
     return kernel, params
 
 

@@ -47,17 +47,6 @@ GRADCHECK_KERNELS = [
 GRADCHECK_IDS = [c[0] for c in GRADCHECK_KERNELS]
 
 
-def cheb_rtol(kernel, params, dtype):
-    """rtol for float32 agreement of the fused Chebyshev kernel: its denominator u = 1 − g₁/D + ε is
-    ε on the diagonal of a row whose scaled entries are all ±1 (always the case for D = 1), and the op
-    forms it as (1 + ε) − g₁/D, whose rounding of 1 + ε is ~eps32/ε relative to u (5e-5 for ε = 1e-3;
-    ×1.5 in the gradient's u^(−3/2)). test_gram.test_chebyshev_float32_near_singular_diagonal holds the op
-    to the standard tolerance on that case; here it is allowed so the other shapes stay strict."""
-    if kernel != "chebyshev" or dtype != torch.float32:
-        return None
-    return 5e-5 + 1.6e-7 / params.get("eps", 1e-3)
-
-
 @contextmanager
 def num_threads(n: int):
     """Run with ``n`` intra-op threads (the op tests default to 1), restoring the count afterwards."""

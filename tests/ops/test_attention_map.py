@@ -202,8 +202,9 @@ def test_threads(rng):
 
 @requires_kernel
 def test_opcheck_attention_map(rng):
-    for dtype, p, shape in ((torch.float32, 2.0, (2, 3, 4, 5)), (F64, 1.5, (1, 4, 3, 3)), (torch.float32, 1.0, (2, 1, 5, 2)),
-                            (F64, 3.0, (3, 2, 2, 7))):
+    cases = ((torch.float32, 2.0, (2, 3, 4, 5)), (F64, 1.5, (1, 4, 3, 3)), (torch.float32, 1.0, (2, 1, 5, 2)),
+             (F64, 3.0, (3, 2, 2, 7)))
+    for dtype, p, shape in cases:
         f = rng.randn(*shape, dtype=dtype).requires_grad_(True)
         torch.library.opcheck(torch.ops.distillx.attention_map.default, (f, p))
         g = rng.randn(shape[0], shape[2], shape[3], dtype=dtype)

@@ -307,8 +307,8 @@ def test_split_relation_heads(rng):
     ht = rng.randn(2, 5, 20, dtype=F64)
     loss = DF.attention_relation_loss(DF.split_relation_heads(hs, 4), DF.split_relation_heads(hs, 4),
                                       DF.split_relation_heads(ht, 4), DF.split_relation_heads(ht, 4))
-    want = oracle_relation_loss(hs.detach().view(2, 5, 4, 3).transpose(1, 2), hs.detach().view(2, 5, 4, 3).transpose(1, 2),
-                                ht.view(2, 5, 4, 5).transpose(1, 2), ht.view(2, 5, 4, 5).transpose(1, 2))
+    heads_s, heads_t = hs.detach().view(2, 5, 4, 3).transpose(1, 2), ht.view(2, 5, 4, 5).transpose(1, 2)
+    want = oracle_relation_loss(heads_s, heads_s, heads_t, heads_t)
     close(loss, torch.tensor(want, dtype=F64), F64, rng.tag(case="split heads + loss"))
     loss.backward()
     assert hs.grad is not None and hs.grad.abs().sum() > 0
