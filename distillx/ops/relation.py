@@ -7,6 +7,7 @@ import torch
 
 from . import has_kernel
 from . import reference as ref
+from .scalar_loss import register_scalar_loss
 
 if has_kernel("attention_relation", "cpu") or has_kernel("attention_relation", "cuda"):
 
@@ -16,23 +17,7 @@ if has_kernel("attention_relation", "cpu") or has_kernel("attention_relation", "
             return q_s.new_empty(()), q_s.new_empty(q_s.shape), q_s.new_empty(k_s.shape)
         return q_s.new_empty(()), q_s.new_empty((0,)), q_s.new_empty((0,))
 
-    def _setup(ctx, inputs, output):
-        ctx.compute_grad = inputs[5]
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(output[1], output[2])
-        ctx.mark_non_differentiable(output[1], output[2])
-        ctx._materialize_non_diff_grads = False  # see ops/logit_divergence.py
-
-    def _backward(ctx, grad_loss, *_):
-        if grad_loss is None:
-            return (None,) * 6
-        if not ctx.compute_grad:
-            raise RuntimeError("distillx::attention_relation was called with compute_grad=False; call it with "
-                               "compute_grad=True to differentiate it")
-        gq, gk = ctx.saved_tensors
-        return gq * grad_loss, gk * grad_loss, None, None, None, None
-
-    torch.library.register_autograd("distillx::attention_relation", _backward, setup_context=_setup)
+    register_scalar_loss("distillx::attention_relation", num_args=6, grad_args=(0, 1), compute_grad_arg=5)
 
 
 def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask):
