@@ -69,7 +69,7 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
   TORCH_CHECK(grad_map.numel() == B * HW, "distillx: grad_map must have ", B * HW, " elements, got ", grad_map.numel());
   const at::Tensor g = grad_map.to(f.scalar_type()).contiguous();
-  at::Tensor out = cpu::empty_for_write(f.sizes(), f.options());
+  at::Tensor out = cpu::empty_prefaulted(f.sizes(), f.options());
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_backward_cpu", [&] {
     using T = scalar_t;
     const T* x = f.const_data_ptr<T>();

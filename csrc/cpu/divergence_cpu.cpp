@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> logit_divergence_cpu(const at::Tensor& studen
       [&](const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& grad) {
         divergence_rows_cpu(s, t, w, loss, grad, temperature, divergence, beta);
       },
-      cpu::empty_for_write);
+      cpu::empty_prefaulted);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_divergence_cpu(

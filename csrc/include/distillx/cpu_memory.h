@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -32,6 +33,15 @@ inline void advise_huge_pages(const at::Tensor& t) {
 inline at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
   advise_huge_pages(t);
+  return t;
+}
+
+// Like empty_for_write, for outputs that a parallel loop then fills: the pages are faulted in on
+// this one thread first. Concurrent first-touch faults from several threads serialise badly on
+// virtual machines (measured 35 ms vs 8 ms for a 33 MB output on 2 threads); one memset is cheap.
+inline at::Tensor empty_prefaulted(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = empty_for_write(sizes, options);
+  if (t.is_cpu() && t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
   return t;
 }
 
