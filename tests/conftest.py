@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from distillx.plugin import reset_plugins
+
 
 def pytest_sessionstart(session):
     if os.environ.get("DISTILLX_REQUIRE_COMPILED") == "1":
@@ -11,3 +13,12 @@ def pytest_sessionstart(session):
 
         if not _ext.available():
             raise pytest.UsageError(f"DISTILLX_REQUIRE_COMPILED=1 but distillx._C failed to load: {_ext._ERROR}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins(monkeypatch):
+    """Every test builds its own plugin manager, without the caller's DISTILLX_DISABLE_PLUGINS."""
+    monkeypatch.delenv("DISTILLX_DISABLE_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()

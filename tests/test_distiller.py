@@ -9,15 +9,8 @@ import distillx
 from distillx.data import digits_split, tensor_loader
 from distillx.distiller import Distiller
 from distillx.methods import FeatureRequest, Method
-from distillx.plugin import get_plugin_manager, hookimpl, reset_plugins
+from distillx.plugin import get_plugin_manager, hookimpl
 from distillx.training import evaluate, train
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugins():
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,11 @@ import torch
 import distillx as dx
 from distillx.data import digits_split
 from distillx.distiller import Distiller
-from distillx.plugin import reset_plugins
 from distillx.training import train
 
 from tests.methods.models import CNN, TinyTransformer, snapshot, unchanged
 
 pytestmark = pytest.mark.filterwarnings("ignore:distillx::")
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugins():
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 @pytest.fixture(scope="module")

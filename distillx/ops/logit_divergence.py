@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import torch
 
-def _non_differentiable(ctx, *outputs):
-    """Mark gradient outputs non-differentiable without autograd materialising zero gradients for
-    them in backward (an (N, C) zeros tensor for logit_divergence, costlier than the kernel)."""
-    ctx.mark_non_differentiable(*outputs)
-    ctx._materialize_non_diff_grads = False  # the switch AOTAutograd uses for the same purpose
-
+from .scalar_loss import non_differentiable
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -38,7 +33,7 @@ def _logit_setup(ctx, inputs, output):
     else:
         ctx.save_for_backward(student, teacher, row_weight)
         ctx.params = (temperature, divergence, beta)
-    _non_differentiable(ctx, output[1])
+    non_differentiable(ctx, output[1])
 
 
 def _logit_backward(ctx, grad_rows, _grad_of_grad):
@@ -88,7 +83,7 @@ def _linear_setup(ctx, inputs, output):
     ctx.params = (temperature, divergence, beta, chunk_size)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(hs, ws, bs, ht, wt, bt, row_weight, *(output[2:] if compute_grad else ()))
-    _non_differentiable(ctx, *output[2:])
+    non_differentiable(ctx, *output[2:])
 
 
 def _linear_backward(ctx, grad_total, grad_rows, *_):

@@ -11,6 +11,13 @@ from typing import Sequence
 import torch
 
 
+def non_differentiable(ctx, *outputs) -> None:
+    """Mark gradient outputs non-differentiable without autograd materialising zero gradients for
+    them in backward (for logit_divergence an (N, C) zeros tensor, costlier than the kernel)."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx._materialize_non_diff_grads = False  # the switch AOTAutograd uses for the same purpose
+
+
 def register_scalar_loss(op: str, num_args: int, grad_args: Sequence[int], compute_grad_arg: int) -> None:
     """``op`` returns ``(loss, grad_for_args[grad_args[0]], …)`` when its ``compute_grad`` argument
     (position ``compute_grad_arg``) is true; the gradients are w.r.t. the inputs at ``grad_args``."""
@@ -19,8 +26,7 @@ def register_scalar_loss(op: str, num_args: int, grad_args: Sequence[int], compu
         ctx.compute_grad = inputs[compute_grad_arg]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*output[1:])
-        ctx.mark_non_differentiable(*output[1:])
-        ctx._materialize_non_diff_grads = False  # see ops/logit_divergence.py
+        non_differentiable(ctx, *output[1:])
 
     def backward(ctx, grad_loss, *_):
         grads = [None] * num_args

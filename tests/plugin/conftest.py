@@ -7,16 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from distillx.plugin import reset_plugins
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    """Every test builds its own manager, without the caller's DISTILLX_DISABLE_PLUGINS."""
-    monkeypatch.delenv("DISTILLX_DISABLE_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 @pytest.fixture

@@ -49,56 +49,6 @@ struct PanelArgs {
   at::Tensor ai, ap;                  // MMD mode: row weights of the panel rows / columns (no teacher side)
 };
 
-// Generic ATen implementation (any device): several passes over the panel.
-inline double panel_aten(PanelArgs& a) {
-  auto kern = [&](const std::vector<double>& p, const at::Tensor& g, const at::Tensor& g1, const at::Tensor& ni,
-                  const at::Tensor& np, at::Tensor* dk, at::Tensor* dk1) -> at::Tensor {
-    switch (a.kernel) {
-      case kPolynomial: {
-        at::Tensor base = g * p[0] + p[1];
-        if (dk) *dk = base.pow(p[2] - 1) * (p[2] * p[0]);
-        return base.pow(p[2]);
-      }
-      case kRBF: {
-        at::Tensor k = (ni.unsqueeze(1) + np.unsqueeze(0) - 2 * g).clamp_min_(0).mul_(-p[0]).exp_();
-        if (dk) *dk = k * (2 * p[0]);
-        return k;
-      }
-      case kChebyshev: {
-        at::Tensor u = (g1 / -p[0] + 1.0) + p[1];  // (1 − g₁/D) + ε: see gram_cpu.cpp
-        at::Tensor r = u.rsqrt();
-        at::Tensor k = g * r / p[0];
-        if (dk) *dk = r / p[0];
-        if (dk1) *dk1 = k / u * (0.5 / p[0]);
-        return k;
-      }
-      default:
-        if (dk) *dk = at::ones_like(g);
-        return g;
-    }
-  };
-  at::Tensor dk, dk1;
-  at::Tensor ks = kern(a.ps, a.gs, a.g1s, a.nsi, a.nsp, a.grad ? &dk : nullptr, a.grad ? &dk1 : nullptr);
-  if (a.ai.defined()) {  // MMD: Σ a_i a_j k_ij, M = a_i a_j ∂k
-    at::Tensor w = a.ai.unsqueeze(1) * a.ap.unsqueeze(0);
-    at::Tensor wk = w * ks;
-    const double loss = 2 * wk.sum().item<double>() - wk.narrow(1, 0, a.diag).sum().item<double>();
-    if (a.grad) {
-      a.gs.copy_(w * dk);
-      if (a.kernel == kChebyshev) a.g1s.copy_(w * dk1);
-    }
-    return loss;
-  }
-  at::Tensor d = ks - kern(a.pt, a.gt, a.g1t, a.nti, a.ntp, nullptr, nullptr);
-  at::Tensor sq = d.square();
-  const double loss = 2 * sq.sum().item<double>() - sq.narrow(1, 0, a.diag).sum().item<double>();
-  if (a.grad) {
-    a.gs.copy_(d * dk);
-    if (a.kernel == kChebyshev) a.g1s.copy_(d * dk1);
-  }
-  return loss;
-}
-
 // Returns (loss, grad_s): loss as a 0-d tensor of the inputs' dtype; grad_s (N, Ds) or empty.
 template <typename PanelFn>
 std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
