@@ -30,11 +30,12 @@ TORCH_LIBRARY(distillx, m) {
   // Kernel Gram matching mean_ij (k(s_i,s_j) − k(t_i,t_j))² over row panels (never (N, N)). s, t:
   // float32/float64 (N, Ds), (N, Dt). kernel: 0 linear, 1 polynomial {a, c, d}, 2 rbf {γ},
   // 3 chebyshev {D, ε} on expanded features; params are 1-D tensors (so data-dependent values such
-  // as the rbf bandwidth stay in the graph under torch.compile). Returns the loss (0-d) and, when
-  // compute_grad, ∂loss/∂s.
+  // as the rbf bandwidth stay in the graph under torch.compile). normalize_rows: L2-normalise each
+  // row of both Gram matrices first (SP-KD with any kernel; one more sweep). Returns the loss (0-d)
+  // and, when compute_grad, ∂loss/∂s.
   m.def(
-      "kernel_gram(Tensor s, Tensor t, int kernel, Tensor s_params, Tensor t_params, int panel_rows, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "kernel_gram(Tensor s, Tensor t, int kernel, Tensor s_params, Tensor t_params, bool normalize_rows, "
+      "int panel_rows, bool compute_grad) -> (Tensor, Tensor)");
   // Kernel MMD as a weighted Gram sum over the concatenated sets x = [s; t] with weights
   // a = [1/N…, −1/M…]: Σ_ij a_i a_j k(x_i, x_j) = mean k(s,s') + mean k(t,t') − 2 mean k(s,t), tiled
   // like kernel_gram (one kernel and params for both sets). Returns the loss and ∂loss/∂x.

@@ -62,13 +62,39 @@ SideKernel<T> side(int64_t kernel, const std::vector<double>& p) {
   return k;
 }
 
+// Row-normalised mode, sweep 1: with Ks, Kt stored into the panel buffers by the row pass, add the
+// column sums Σ_i Ks_ij², Σ_i Kt_ij², Σ_i Ks_ij Kt_ij of the columns right of the diagonal block
+// (their rows' statistics, by symmetry) into rp.
+template <typename T>
+void column_stats(const T* ks, const T* kt, int64_t B, int64_t P, int64_t diag, double* rp) {
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t blocks = (P - diag + V - 1) / V;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t j = diag + blk * V, count = std::min(V, P - j);
+      Vec<T> ss(0), tt(0), st(0);
+      for (int64_t i = 0; i < B; ++i) {
+        const Vec<T> a = Vec<T>::loadu(ks + i * P + j, count), b = Vec<T>::loadu(kt + i * P + j, count);
+        ss = ss + a * a, tt = tt + b * b, st = st + a * b;
+      }
+      T l_ss[V], l_tt[V], l_st[V];
+      ss.store(l_ss), tt.store(l_tt), st.store(l_st);
+      for (int64_t l = 0; l < count; ++l) {
+        double* r = rp + 3 * (j + l);
+        r[0] += l_ss[l], r[1] += l_tt[l], r[2] += l_st[l];
+      }
+    }
+  });
+}
+
 template <typename T>
 double panel_cpu_typed(PanelArgs& a) {
   const int64_t B = a.gs.size(0), P = a.gs.size(1), diag = a.diag;
   const SideKernel<T> ks = side<T>(a.kernel, a.ps), kt = side<T>(a.kernel, a.pt);
   const bool rbf = a.kernel == kRBF, cheb = a.kernel == kChebyshev, grad = a.grad;
+  const bool stats = a.mode == kRowStats, normgrad = a.mode == kRowNormGrad;
   T* gs = a.gs.data_ptr<T>();
-  const T* gt = a.gt.const_data_ptr<T>();
+  T* gt = a.gt.data_ptr<T>();
   T* g1s = cheb ? a.g1s.data_ptr<T>() : nullptr;
   const T* g1t = cheb ? a.g1t.const_data_ptr<T>() : nullptr;
   const T* nsi = rbf ? a.nsi.const_data_ptr<T>() : nullptr;
@@ -78,15 +104,30 @@ double panel_cpu_typed(PanelArgs& a) {
   const bool mmd = a.ai.defined();
   const T* wi = mmd ? a.ai.const_data_ptr<T>() : nullptr;
   const T* wp = mmd ? a.ap.const_data_ptr<T>() : nullptr;
+  double* stats_i = stats ? a.ri.data_ptr<double>() : nullptr;
+  // Row-normalised gradient: the per-row coefficients {γ, α} of the panel's columns as two
+  // contiguous vectors for vector loads (O(N) per panel against O(B·N) work).
+  at::Tensor gamma_p, alpha_p;
+  if (normgrad) gamma_p = a.rp.select(1, 0).contiguous(), alpha_p = a.rp.select(1, 1).contiguous();
+  const T* coef_i = normgrad ? a.ri.const_data_ptr<T>() : nullptr;
+  const T* gam = normgrad ? gamma_p.const_data_ptr<T>() : nullptr;
+  const T* alp = normgrad ? alpha_p.const_data_ptr<T>() : nullptr;
   constexpr int64_t V = Vec<T>::size();
   std::vector<double> partial(B, 0.0);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* rs = gs + i * P;
-      const T* rt = gt + i * P;
+      T* rt = gt + i * P;
       T* r1s = cheb ? g1s + i * P : nullptr;
       const T* r1t = cheb ? g1t + i * P : nullptr;
-      Vec<T> acc_diag(0), acc_off(0);
+      Vec<T> acc_diag(0), acc_off(0), acc_ss(0), acc_tt(0), acc_st(0);
+      // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
+      auto trim = [&](Vec<T> v, int64_t count) {
+        if (count == V) return v;
+        T lanes[V] = {};
+        v.store(lanes, count);
+        return Vec<T>::loadu(lanes);
+      };
       // One column block of V lanes; `count` < V only at the row's end.
       auto block = [&](int64_t j, int64_t count, bool off) {
         const Vec<T> g = Vec<T>::loadu(rs + j, count);
@@ -94,24 +135,34 @@ double panel_cpu_typed(PanelArgs& a) {
         const Vec<T> g1 = cheb ? Vec<T>::loadu(r1s + j, count) : Vec<T>(0);
         const Vec<T> h1 = cheb && !mmd ? Vec<T>::loadu(r1t + j, count) : Vec<T>(0);
         const Vec<T> ns = rbf ? Vec<T>::loadu(nsp + j, count) + Vec<T>(nsi[i]) : Vec<T>(0);
-        Vec<T> dk, dk1, d, sq;
+        Vec<T> dk, dk1, d;
         const Vec<T> k = ks.value(g, g1, ns, grad ? &dk : nullptr, grad && cheb ? &dk1 : nullptr);
         if (mmd) {
           // MMD: the "difference" is the weight a_i a_j, the summand a_i a_j k.
           d = Vec<T>::loadu(wp + j, count) * Vec<T>(wi[i]);
-          sq = d * k;
+          const Vec<T> sq = trim(d * k, count);
+          if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
         } else {
           const Vec<T> nt = rbf ? Vec<T>::loadu(ntp + j, count) + Vec<T>(nti[i]) : Vec<T>(0);
-          d = k - kt.value(h, h1, nt, nullptr, nullptr);
-          sq = d * d;
+          const Vec<T> kv = kt.value(h, h1, nt, nullptr, nullptr);
+          if (stats) {
+            const Vec<T> k0 = trim(k, count), kv0 = trim(kv, count);
+            acc_ss = acc_ss + k0 * k0, acc_tt = acc_tt + kv0 * kv0, acc_st = acc_st + k0 * kv0;
+            k.store(rs + j, count);
+            kv.store(rt + j, count);
+            return;
+          }
+          if (normgrad) {
+            // D_ij = ½((γ_i + γ_j) Ks_ij − (α_i + α_j) Kt_ij), see gram_panels.h.
+            const Vec<T> gsum = Vec<T>::loadu(gam + j, count) + Vec<T>(coef_i[2 * i]);
+            const Vec<T> asum = Vec<T>::loadu(alp + j, count) + Vec<T>(coef_i[2 * i + 1]);
+            d = (gsum * k - asum * kv) * Vec<T>(T(0.5));
+          } else {
+            d = k - kv;
+            const Vec<T> sq = trim(d * d, count);
+            if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
+          }
         }
-        // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
-        if (count < V) {
-          T lanes[V] = {};
-          sq.store(lanes, count);
-          sq = Vec<T>::loadu(lanes);
-        }
-        if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
         if (grad) {
           (d * dk).store(rs + j, count);
           if (cheb) (d * dk1).store(r1s + j, count);
@@ -124,14 +175,22 @@ double panel_cpu_typed(PanelArgs& a) {
       };
       sweep(0, diag, false);
       sweep(diag, P, true);
-      T lanes_d[V], lanes_o[V];
-      acc_diag.store(lanes_d);
-      acc_off.store(lanes_o);
-      double sd = 0, so = 0;
-      for (int64_t l = 0; l < V; ++l) sd += lanes_d[l], so += lanes_o[l];
-      partial[i] = sd + 2 * so;
+      auto hsum = [&](const Vec<T>& v) {
+        T lanes[V];
+        v.store(lanes);
+        double sum = 0;
+        for (int64_t l = 0; l < V; ++l) sum += lanes[l];
+        return sum;
+      };
+      if (stats) {
+        double* r = stats_i + 3 * i;
+        r[0] += hsum(acc_ss), r[1] += hsum(acc_tt), r[2] += hsum(acc_st);
+      } else {
+        partial[i] = hsum(acc_diag) + 2 * hsum(acc_off);
+      }
     }
   });
+  if (stats) column_stats<T>(gs, gt, B, P, diag, a.rp.data_ptr<double>());
   double total = 0;
   for (double v : partial) total += v;
   return total;
@@ -149,9 +208,9 @@ std::tuple<at::Tensor, at::Tensor> kernel_mmd_cpu(const at::Tensor& x, const at:
 
 std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
                                                    const at::Tensor& s_params, const at::Tensor& t_params,
-                                                   int64_t panel_rows, bool compute_grad) {
+                                                   bool normalize_rows, int64_t panel_rows, bool compute_grad) {
   return gram_loss_panels(s, t, kernel, gram_params(s_params), gram_params(t_params), panel_rows, compute_grad,
-                          panel_cpu);
+                          panel_cpu, at::Tensor(), normalize_rows);
 }
 
 }  // namespace

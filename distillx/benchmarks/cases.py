@@ -225,6 +225,20 @@ register_case(Case(
 ))
 
 
+register_case(Case(
+    name="sp_rbf",
+    description="row-normalised kernel Gram matching (SP-KD with any kernel), RBF kernel: two sweeps",
+    reference="distillx.ops.reference:kernel_gram_loss_reference",
+    fused="distillx.functional:kernel_gram_loss",
+    build=_build_gram,
+    sizes={"N": 4096, "Ds": 128, "Dt": 512},
+    quick={"N": 48, "Ds": 8, "Dt": 12},
+    params={"kernel": "rbf", "normalize_rows": True},
+    op="kernel_gram",
+    size_doc={"N": "rows (samples)", "Ds": "student width", "Dt": "teacher width"},
+))
+
+
 def _build_attention_map(sizes, dtype, device, gen):
     B, Cs, Ct, H, W = sizes["B"], sizes["Cs"], sizes["Ct"], sizes["H"], sizes["W"]
     return Inputs(args={

@@ -4,7 +4,8 @@
   ``‖SSᵀ−TTᵀ‖²_F = ‖SᵀS‖² + ‖TᵀT‖² − 2‖SᵀT‖²`` — O(N·D²) time, O(D²) memory — when D < N,
   otherwise the (N, N) Gram matrices, which are then no larger than the inputs;
 * polynomial / rbf / chebyshev: ``distillx::kernel_gram`` tiles the (N, N) matrices in row panels
-  (never materialised) and computes the gradient in the same pass;
+  (never materialised) and computes the gradient in the same pass; with ``normalize_rows`` a first
+  sweep gathers each Gram row's norm (and its dot with the teacher's row), a second the gradient;
 * a kernel given as a callable (third-party kernels): the dense reference.
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _center(x):
     return x - x.mean(0, keepdim=True)
 
 
-def _fused_gram_loss(s, t, kernel, params):
+def _fused_gram_loss(s, t, kernel, normalize_rows, params):
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     xs, xt = s.to(acc), t.to(acc)
     if kernel == "rbf":
@@ -142,7 +143,8 @@ def _fused_gram_loss(s, t, kernel, params):
         scale = params.get("scale")
         xs, xt = ref.chebyshev_features(xs, order, scale), ref.chebyshev_features(xt, order, scale)
     compute_grad = torch.is_grad_enabled() and xs.requires_grad
-    loss, _ = torch.ops.distillx.kernel_gram(xs, xt, KERNEL_CODES[kernel], ps, pt, 0, compute_grad)
+    loss, _ = torch.ops.distillx.kernel_gram(xs, xt, KERNEL_CODES[kernel], ps, pt, bool(normalize_rows), 0,
+                                             compute_grad)
     return loss
 
 
@@ -155,9 +157,9 @@ def kernel_gram_loss(s, t, kernel, normalize_rows, params):
         if kernel == "cosine":
             s, t = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
         return _linear_gram_loss(s, t, normalize_rows).to(out_dtype)
-    if normalize_rows or not has_kernel("kernel_gram", s.device.type):
+    if not has_kernel("kernel_gram", s.device.type):
         return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows, **params).to(out_dtype)
-    return _fused_gram_loss(s, t, kernel, params).to(out_dtype)
+    return _fused_gram_loss(s, t, kernel, normalize_rows, params).to(out_dtype)
 
 
 def mmd_loss(s, t, kernel, params):

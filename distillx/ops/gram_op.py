@@ -14,7 +14,7 @@ def _loss_and_grad(x, compute_grad):
 
 
 @torch.library.register_fake("distillx::kernel_gram")
-def _kernel_gram_fake(s, t, kernel, s_params, t_params, panel_rows, compute_grad):
+def _kernel_gram_fake(s, t, kernel, s_params, t_params, normalize_rows, panel_rows, compute_grad):
     return _loss_and_grad(s, compute_grad)
 
 
@@ -23,5 +23,5 @@ def _kernel_mmd_fake(x, weights, kernel, params, panel_rows, compute_grad):
     return _loss_and_grad(x, compute_grad)
 
 
-register_scalar_loss("distillx::kernel_gram", num_args=7, grad_args=(0,), compute_grad_arg=6)
+register_scalar_loss("distillx::kernel_gram", num_args=8, grad_args=(0,), compute_grad_arg=7)
 register_scalar_loss("distillx::kernel_mmd", num_args=6, grad_args=(0,), compute_grad_arg=5)

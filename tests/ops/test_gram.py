@@ -5,6 +5,8 @@ oracle, gradcheck, the detached data-dependent bandwidth/scale, opcheck, torch.c
 kernels and argument validation."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -84,7 +86,7 @@ def test_many_row_panels(rng, dtype):
     cases = [("polynomial", {"degree": 3, "coef0": 0.5}), ("rbf", {}), ("rbf", {"sigma2": 0.7}),
              ("chebyshev", {}), ("chebyshev", {"order": 2, "scale": 6.0}), ("linear", {}), ("cosine", {})]
     for kernel, params in cases:
-        for normalize_rows in ((False, True) if kernel in ("linear", "cosine") else (False,)):
+        for normalize_rows in (False, True):
             tag = rng.tag(kernel=kernel, params=params, dtype=dtype, N=N, normalize_rows=normalize_rows)
             loss, grad = run_loss(_gram(kernel, normalize_rows, params), s, t, upstream=1.5)
             want, want_grad = run_ref(_gram_ref(kernel, normalize_rows, params), s, t, upstream=1.5)
@@ -317,7 +319,7 @@ def test_callable_kernel_sees_each_side_and_no_grad_for_teacher(rng):
 # ----------------------------------------------------------------------------------------------
 # The raw operator distillx::kernel_gram
 # ----------------------------------------------------------------------------------------------
-def _raw_case(rng, code, N, Ds, Dt, dtype):
+def _raw_case(rng, code, N, Ds, Dt, dtype, normalize=False):
     """(s, t, s_params, t_params, ref_fn): each side with its own width and parameters (Chebyshev: its own
     expansion); ref_fn(x, y) is the loss of the op's own definition on its raw inputs, so autograd gives
     the gradient w.r.t. the op's s."""
@@ -332,7 +334,10 @@ def _raw_case(rng, code, N, Ds, Dt, dtype):
         pt = torch.tensor([float(Dt), 2e-3], dtype=F64)
 
     def ref_fn(x, y):
-        return (raw_kernel_matrix(code, x, ps) - raw_kernel_matrix(code, y, pt)).pow(2).mean()
+        ks, kt = raw_kernel_matrix(code, x, ps), raw_kernel_matrix(code, y, pt)
+        if normalize:
+            ks, kt = torch.nn.functional.normalize(ks, dim=1), torch.nn.functional.normalize(kt, dim=1)
+        return (ks - kt).pow(2).mean()
     return s, t, ps, pt, ref_fn
 
 
@@ -340,18 +345,19 @@ def _raw_case(rng, code, N, Ds, Dt, dtype):
 @requires_kernel
 def test_raw_op_panel_rows(rng, code):
     """Every panel height (1 row, several uneven panels, N, more than N, automatic) gives the loss and
-    gradient of the op's definition; compute_grad=False returns an empty gradient and the same loss."""
+    gradient of the op's definition, with and without row-normalised Gram matrices; compute_grad=False
+    returns an empty gradient and the same loss."""
     N = 23
-    for dtype in DTYPES:
-        s, t, ps, pt, ref_fn = _raw_case(rng, code, N, 3, 4, dtype)
+    for dtype, normalize in itertools.product(DTYPES, (False, True)):
+        s, t, ps, pt, ref_fn = _raw_case(rng, code, N, 3, 4, dtype, normalize)
         want, want_grad = run_ref(ref_fn, s, t)
         for panel_rows in (0, 1, 2, 5, 16, N, N + 9):
-            tag = rng.tag(code=code, dtype=dtype, panel_rows=panel_rows)
-            loss, grad = torch.ops.distillx.kernel_gram(s, t, code, ps, pt, panel_rows, True)
+            tag = rng.tag(code=code, dtype=dtype, panel_rows=panel_rows, normalize=normalize)
+            loss, grad = torch.ops.distillx.kernel_gram(s, t, code, ps, pt, normalize, panel_rows, True)
             assert loss.dtype == dtype and loss.shape == () and grad.shape == s.shape, tag
             close(loss, want, dtype, f"loss {tag}")
             close(grad, want_grad, dtype, f"grad {tag}")
-            loss2, empty = torch.ops.distillx.kernel_gram(s, t, code, ps, pt, panel_rows, False)
+            loss2, empty = torch.ops.distillx.kernel_gram(s, t, code, ps, pt, normalize, panel_rows, False)
             assert empty.numel() == 0 and torch.equal(loss2, loss), tag
 
 
@@ -361,28 +367,30 @@ def test_opcheck_kernel_gram(rng, code):
     for compute_grad, panel_rows, dtype in ((True, 0, torch.float32), (True, 3, F64), (False, 2, F64)):
         s, t, ps, pt, _ = _raw_case(rng, code, 7, 3, 2, dtype)
         s = s.detach().requires_grad_(compute_grad)
-        torch.library.opcheck(torch.ops.distillx.kernel_gram.default, (s, t, code, ps, pt, panel_rows, compute_grad))
+        for normalize in (False, True):
+            torch.library.opcheck(torch.ops.distillx.kernel_gram.default,
+                                  (s, t, code, ps, pt, normalize, panel_rows, compute_grad))
 
 
 @requires_kernel
 def test_raw_op_backward_requires_compute_grad(rng):
     s, t, ps, pt, _ = _raw_case(rng, 2, 4, 3, 3, torch.float32)
-    loss, _ = torch.ops.distillx.kernel_gram(s.requires_grad_(True), t, 2, ps, pt, 0, False)
+    loss, _ = torch.ops.distillx.kernel_gram(s.requires_grad_(True), t, 2, ps, pt, False, 0, False)
     with pytest.raises(RuntimeError, match="compute_grad"):
         loss.backward()
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda s, t: torch.ops.distillx.kernel_gram(s, t[:3], 0, torch.zeros(0), torch.zeros(0), 0, True), "rows"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 4, torch.zeros(0), torch.zeros(0), 0, True), "kernel code"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 1, torch.zeros(2), torch.zeros(3), 0, True), "s_params"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 2, torch.zeros(1), torch.zeros(2), 0, True), "t_params"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s.int(), t.int(), 0, torch.zeros(0), torch.zeros(0), 0, True),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s, t[:3], 0, torch.zeros(0), torch.zeros(0), False, 0, True), "rows"),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 4, torch.zeros(0), torch.zeros(0), False, 0, True), "kernel code"),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 1, torch.zeros(2), torch.zeros(3), False, 0, True), "s_params"),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 2, torch.zeros(1), torch.zeros(2), False, 0, True), "t_params"),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s.int(), t.int(), 0, torch.zeros(0), torch.zeros(0), False, 0, True),
      "float32 or float64"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s, t.double(), 0, torch.zeros(0), torch.zeros(0), 0, True),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s, t.double(), 0, torch.zeros(0), torch.zeros(0), False, 0, True),
      "one dtype"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s[0], t, 0, torch.zeros(0), torch.zeros(0), 0, True), "2-D"),
-    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 3, torch.tensor([4.0, 1e-3]), torch.tensor([1.0, 1e-3]), 0,
+    (lambda s, t: torch.ops.distillx.kernel_gram(s[0], t, 0, torch.zeros(0), torch.zeros(0), False, 0, True), "2-D"),
+    (lambda s, t: torch.ops.distillx.kernel_gram(s, t, 3, torch.tensor([4.0, 1e-3]), torch.tensor([1.0, 1e-3]), False, 0,
                                                  True), "chebyshev features"),
 ], ids=["rows", "code", "s_params", "t_params", "int", "mixed-dtype", "1-D", "cheb-width"])
 @requires_kernel

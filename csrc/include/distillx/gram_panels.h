@@ -9,6 +9,14 @@
 //   2 rbf         k = exp(−γ(n_i + n_j − 2g))     params {γ}
 //   3 chebyshev   k = g / (D·sqrt(1 − g₁/D + ε)),  x = [T_0(x̃)…T_n(x̃)], g₁ = ⟨x̃_i, x̃_j⟩ on columns
 //                 [D, 2D) (T_1 is the identity)   params {D, ε}
+//
+// Row-normalised Gram matrices (SP-KD with any kernel), L = 1/N² Σ_ij (a_i Ks_ij − b_i Kt_ij)² with
+// a_i = 1/‖Ks_i‖, b_i = 1/‖Kt_i‖, take two sweeps and still no (N, N):
+//   1. row statistics ss_i = Σ_j Ks_ij², tt_i = Σ_j Kt_ij², st_i = Σ_j Ks_ij Kt_ij, so
+//      L = 1/N² Σ_i (a_i² ss_i + b_i² tt_i − 2 a_i b_i st_i);
+//   2. (gradient only) ∂L/∂Ks_ij = 2/N² (γ_i Ks_ij − α_i Kt_ij) with α_i = a_i b_i,
+//      γ_i = a_i³ b_i st_i (the a_i² − a_i⁴ ss_i term of the derivative through a_i is zero), so the
+//      symmetric pair weight is D_ij = ½((γ_i + γ_j) Ks_ij − (α_i + α_j) Kt_ij) in the formula above.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,6 +46,8 @@ inline void check_gram_params(int64_t kernel, const std::vector<double>& p, cons
 // w = 1 on the diagonal block (columns < b) and 2 elsewhere (the lower triangle by symmetry), and,
 // when grad, overwrites gs with M = D ∘ ∂k_s/∂g and g1s with D ∘ ∂k_s/∂g₁ (chebyshev).
 // MMD mode (ai/ap defined, one side only): D_ij is replaced by a_i a_j and the sum is Σ w_j a_i a_j k_ij.
+enum PanelMode : int { kPlainLoss = 0, kRowStats = 1, kRowNormGrad = 2 };
+
 struct PanelArgs {
   int64_t kernel;
   const std::vector<double>& ps;
@@ -47,6 +57,10 @@ struct PanelArgs {
   int64_t diag;                       // b
   bool grad;
   at::Tensor ai, ap;                  // MMD mode: row weights of the panel rows / columns (no teacher side)
+  int mode = kPlainLoss;
+  // kRowStats: float64 (·, 3) rows {ss, tt, st} of the panel rows / columns, accumulated into.
+  // kRowNormGrad: (·, 2) rows {γ, α} of the panel rows / columns, in the inputs' dtype.
+  at::Tensor ri, rp;
 };
 
 // Returns (loss, grad_s): loss as a 0-d tensor of the inputs' dtype; grad_s (N, Ds) or empty.
@@ -54,9 +68,11 @@ template <typename PanelFn>
 std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
                                                     const std::vector<double>& ps, const std::vector<double>& pt,
                                                     int64_t panel_rows, bool compute_grad, PanelFn&& panel,
-                                                    const at::Tensor& mmd_weights = at::Tensor()) {
+                                                    const at::Tensor& mmd_weights = at::Tensor(),
+                                                    bool normalize_rows = false) {
   // MMD mode: one set x = s with row weights a; loss Σ_ij a_i a_j k(x_i, x_j), ∂/∂x_i = 2 Σ_j a_i a_j ∂k.
   const bool mmd = mmd_weights.defined();
+  TORCH_CHECK(!(mmd && normalize_rows), "distillx: MMD has no row-normalised form");
   TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "distillx: kernel_gram expects 2-D s and t, got ", s.sizes(), " and ",
               t.sizes());
   TORCH_CHECK(s.size(0) == t.size(0), "distillx: s and t must have the same number of rows, got ", s.size(0),
@@ -83,51 +99,83 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   panel_rows = std::max<int64_t>(1, std::min(panel_rows, std::max<int64_t>(N, 1)));
   const bool rbf = kernel == kRBF;
   const at::Tensor nx = rbf ? x.square().sum(1) : at::Tensor(), ny = rbf ? y.square().sum(1) : at::Tensor();
-  double total = 0;
-  at::Tensor grad = compute_grad ? at::zeros_like(x) : at::Tensor();
-  at::Tensor rowsum = compute_grad && rbf ? at::zeros({N}, x.options()) : at::Tensor();
   const at::Tensor wts = mmd ? mmd_weights.to(x.scalar_type()).contiguous() : at::Tensor();
   if (mmd) TORCH_CHECK(wts.dim() == 1 && wts.size(0) == N, "distillx: MMD weights must be (", N, ",)");
+  at::Tensor grad, rowsum;
   // Panel buffers, allocated once and reused (fresh pages per panel cost more than the math).
   const int64_t cap = panel_rows * N;
   at::Tensor bs = at::empty({cap}, x.options()), bt = at::empty({cap}, x.options());
   at::Tensor b1s = cheb ? at::empty({cap}, x.options()) : at::Tensor(), b1t = cheb ? at::empty({cap}, x.options()) : at::Tensor();
-  for (int64_t i0 = 0; i0 < N; i0 += panel_rows) {
-    const int64_t b = std::min(panel_rows, N - i0), cols = N - i0;
-    const at::Tensor xi = x.narrow(0, i0, b), xp = x.narrow(0, i0, cols);
-    const at::Tensor yi = y.narrow(0, i0, b), yp = y.narrow(0, i0, cols);
-    PanelArgs a{kernel, ps, pt, bs.narrow(0, 0, b * cols).view({b, cols}), bt.narrow(0, 0, b * cols).view({b, cols}),
-                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, compute_grad,
-                mmd ? wts.narrow(0, i0, b) : at::Tensor(), mmd ? wts.narrow(0, i0, cols) : at::Tensor()};
-    at::mm_out(a.gs, xi, xp.t());
-    if (!mmd) at::mm_out(a.gt, yi, yp.t());
-    if (cheb) {
-      a.g1s = b1s.narrow(0, 0, b * cols).view({b, cols});
-      a.g1t = b1t.narrow(0, 0, b * cols).view({b, cols});
-      at::mm_out(a.g1s, xi.narrow(1, Ds1, Ds1), xp.narrow(1, Ds1, Ds1).t());
-      if (!mmd) at::mm_out(a.g1t, yi.narrow(1, Dt1, Dt1), yp.narrow(1, Dt1, Dt1).t());
+
+  // One sweep over the upper-triangle panels; `rows` holds the per-row tensor of the mode (stats or
+  // coefficients). Returns the sum of the panels' loss terms; with grad, accumulates Σ_j M_ij ∂k.
+  auto sweep = [&](int mode, bool with_grad, const at::Tensor& rows) {
+    double total = 0;
+    if (with_grad) {
+      grad = at::zeros_like(x);
+      rowsum = rbf ? at::zeros({N}, x.options()) : at::Tensor();
     }
-    if (rbf) {
-      a.nsi = nx.narrow(0, i0, b), a.nsp = nx.narrow(0, i0, cols);
-      a.nti = ny.narrow(0, i0, b), a.ntp = ny.narrow(0, i0, cols);
+    for (int64_t i0 = 0; i0 < N; i0 += panel_rows) {
+      const int64_t b = std::min(panel_rows, N - i0), cols = N - i0;
+      const at::Tensor xi = x.narrow(0, i0, b), xp = x.narrow(0, i0, cols);
+      const at::Tensor yi = y.narrow(0, i0, b), yp = y.narrow(0, i0, cols);
+      PanelArgs a{kernel, ps, pt, bs.narrow(0, 0, b * cols).view({b, cols}), bt.narrow(0, 0, b * cols).view({b, cols}),
+                  at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, with_grad,
+                  mmd ? wts.narrow(0, i0, b) : at::Tensor(), mmd ? wts.narrow(0, i0, cols) : at::Tensor(), mode,
+                  rows.defined() ? rows.narrow(0, i0, b) : at::Tensor(),
+                  rows.defined() ? rows.narrow(0, i0, cols) : at::Tensor()};
+      at::mm_out(a.gs, xi, xp.t());
+      if (!mmd) at::mm_out(a.gt, yi, yp.t());
+      if (cheb) {
+        a.g1s = b1s.narrow(0, 0, b * cols).view({b, cols});
+        a.g1t = b1t.narrow(0, 0, b * cols).view({b, cols});
+        at::mm_out(a.g1s, xi.narrow(1, Ds1, Ds1), xp.narrow(1, Ds1, Ds1).t());
+        if (!mmd) at::mm_out(a.g1t, yi.narrow(1, Dt1, Dt1), yp.narrow(1, Dt1, Dt1).t());
+      }
+      if (rbf) {
+        a.nsi = nx.narrow(0, i0, b), a.nsp = nx.narrow(0, i0, cols);
+        a.nti = ny.narrow(0, i0, b), a.ntp = ny.narrow(0, i0, cols);
+      }
+      total += panel(a);
+      if (!with_grad) continue;
+      const at::Tensor& m = a.gs;
+      grad.narrow(0, i0, b).addmm_(m, xp);
+      if (cols > b) grad.narrow(0, i0 + b, cols - b).addmm_(m.narrow(1, b, cols - b).t(), xi);
+      if (rbf) {
+        rowsum.narrow(0, i0, b).add_(m.sum(1));
+        if (cols > b) rowsum.narrow(0, i0 + b, cols - b).add_(m.narrow(1, b, cols - b).sum(0));
+      }
+      if (cheb) {
+        const at::Tensor& m1 = a.g1s;
+        grad.narrow(0, i0, b).narrow(1, Ds1, Ds1).addmm_(m1, xp.narrow(1, Ds1, Ds1));
+        if (cols > b)
+          grad.narrow(0, i0 + b, cols - b).narrow(1, Ds1, Ds1).addmm_(m1.narrow(1, b, cols - b).t(), xi.narrow(1, Ds1, Ds1));
+      }
     }
-    total += panel(a);
-    if (!compute_grad) continue;
-    const at::Tensor& m = a.gs;
-    grad.narrow(0, i0, b).addmm_(m, xp);
-    if (cols > b) grad.narrow(0, i0 + b, cols - b).addmm_(m.narrow(1, b, cols - b).t(), xi);
-    if (rbf) {
-      rowsum.narrow(0, i0, b).add_(m.sum(1));
-      if (cols > b) rowsum.narrow(0, i0 + b, cols - b).add_(m.narrow(1, b, cols - b).sum(0));
-    }
-    if (cheb) {
-      const at::Tensor& m1 = a.g1s;
-      grad.narrow(0, i0, b).narrow(1, Ds1, Ds1).addmm_(m1, xp.narrow(1, Ds1, Ds1));
-      if (cols > b)
-        grad.narrow(0, i0 + b, cols - b).narrow(1, Ds1, Ds1).addmm_(m1.narrow(1, b, cols - b).t(), xi.narrow(1, Ds1, Ds1));
+    return total;
+  };
+
+  const double n_rows = static_cast<double>(std::max<int64_t>(N, 1));
+  const double inv_n2 = mmd ? 1.0 : 1.0 / (n_rows * n_rows);
+  double total = 0;
+  if (!normalize_rows) {
+    total = sweep(kPlainLoss, compute_grad, at::Tensor());
+  } else {
+    const at::Tensor stats = at::zeros({N, 3}, x.options().dtype(at::kDouble));
+    sweep(kRowStats, false, stats);
+    const at::Tensor ss = stats.select(1, 0), tt = stats.select(1, 1), st = stats.select(1, 2);
+    // A zero Gram row stays zero (a_i = 0), as F.normalize leaves it; rsqrt is never taken of 0.
+    auto inverse_norm = [](const at::Tensor& sq) {
+      const at::Tensor live = sq > 0;
+      return at::where(live, at::where(live, sq, at::ones_like(sq)).rsqrt(), at::zeros_like(sq));
+    };
+    const at::Tensor ra = inverse_norm(ss), rb = inverse_norm(tt);
+    total = (ra.square() * ss + rb.square() * tt - 2 * ra * rb * st).sum().item<double>();
+    if (compute_grad) {
+      const at::Tensor coef = at::stack({ra.pow(3) * rb * st, ra * rb}, 1).to(x.scalar_type()).contiguous();
+      sweep(kRowNormGrad, true, coef);
     }
   }
-  const double inv_n2 = mmd ? 1.0 : 1.0 / (static_cast<double>(std::max<int64_t>(N, 1)) * static_cast<double>(std::max<int64_t>(N, 1)));
   at::Tensor loss = at::scalar_tensor(total * inv_n2, x.options());
   if (!compute_grad) return {loss, at::empty({0}, x.options())};
   // rbf: ∂k/∂x_i = 2γ k (x_j − x_i): the Σ_j M_ij x_j part is above, the −(Σ_j M_ij) x_i part here.
