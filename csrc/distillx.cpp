@@ -36,11 +36,12 @@ TORCH_LIBRARY(distillx, m) {
   m.def(
       "kernel_gram(Tensor s, Tensor t, int kernel, Tensor s_params, Tensor t_params, bool normalize_rows, "
       "int panel_rows, bool compute_grad) -> (Tensor, Tensor)");
-  // Kernel MMD as a weighted Gram sum over the concatenated sets x = [s; t] with weights
-  // a = [1/N…, −1/M…]: Σ_ij a_i a_j k(x_i, x_j) = mean k(s,s') + mean k(t,t') − 2 mean k(s,t), tiled
-  // like kernel_gram (one kernel and params for both sets). Returns the loss and ∂loss/∂x.
+  // Kernel MMD as a weighted Gram sum over the concatenated sets x = [s; t] with weights a (N+M,)
+  // (a = [1/N…, −1/M…] gives mean k(s,s') + mean k(t,t') − 2 mean k(s,t)): Σ_ij a_i a_j k(x_i, x_j),
+  // tiled like kernel_gram (one kernel and params for both sets). t is a constant, so the t×t panels
+  // skip the gradient. Returns the loss and ∂loss/∂s.
   m.def(
-      "kernel_mmd(Tensor x, Tensor weights, int kernel, Tensor params, int panel_rows, bool compute_grad) "
+      "kernel_mmd(Tensor s, Tensor t, Tensor weights, int kernel, Tensor params, int panel_rows, bool compute_grad) "
       "-> (Tensor, Tensor)");
   // Attention transfer's channel reduction a = mean_c |f|^p of a (B, C, H, W) map (float32/float64),
   // and its backward; one pass over the feature each.

@@ -200,10 +200,15 @@ double panel_cpu(PanelArgs& a) {
   return a.gs.scalar_type() == at::kDouble ? panel_cpu_typed<double>(a) : panel_cpu_typed<float>(a);
 }
 
-std::tuple<at::Tensor, at::Tensor> kernel_mmd_cpu(const at::Tensor& x, const at::Tensor& weights, int64_t kernel,
-                                                  const at::Tensor& params, int64_t panel_rows, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> kernel_mmd_cpu(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weights,
+                                                  int64_t kernel, const at::Tensor& params, int64_t panel_rows,
+                                                  bool compute_grad) {
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2 && s.size(1) == t.size(1),
+              "distillx: kernel_mmd expects s (N, D) and t (M, D) of one width, got ", s.sizes(), " and ", t.sizes());
+  TORCH_CHECK(s.device() == t.device(), "distillx: s is on ", s.device(), " but t is on ", t.device());
   const std::vector<double> p = gram_params(params);
-  return gram_loss_panels(x, x, kernel, p, p, panel_rows, compute_grad, panel_cpu, weights);
+  const at::Tensor x = at::cat({s, t});
+  return gram_loss_panels(x, x, kernel, p, p, panel_rows, compute_grad, panel_cpu, weights, false, s.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at::Tensor& t, int64_t kernel,

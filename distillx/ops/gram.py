@@ -171,11 +171,14 @@ def mmd_loss(s, t, kernel, params):
 
 def _fused_mmd_loss(s, t, kernel, params):
     """MMD as the weighted Gram sum aᵀ K a over x = [s; t], a = [1/N…, −1/M…] (one σ² / Chebyshev
-    scale for both sets, as in the reference), tiled by ``distillx::kernel_mmd``."""
+    scale for both sets, as in the reference), tiled by ``distillx::kernel_mmd``; only the student
+    rows carry a gradient, so the teacher×teacher panels are loss-only."""
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    x = torch.cat([s.to(acc), t.to(acc)])
+    x = torch.cat([s.to(acc), t.to(acc).detach()])
     if kernel == "rbf":
-        x = _center(x)
+        # The shift is detached: the loss is translation-invariant, so the gradient through it is 0
+        # and the teacher rows stay constants.
+        x = x - x.detach().mean(0, keepdim=True)
     if kernel == "cosine":
         x, kernel = torch.nn.functional.normalize(x, dim=1), "linear"
     n, m = s.shape[0], t.shape[0]
@@ -186,6 +189,7 @@ def _fused_mmd_loss(s, t, kernel, params):
         p = _side_params(kernel, x, params)
     if kernel == "chebyshev":
         x = ref.chebyshev_features(x, int(params.get("order", 3)), params.get("scale"))
-    compute_grad = torch.is_grad_enabled() and x.requires_grad
-    loss, _ = torch.ops.distillx.kernel_mmd(x, weights, KERNEL_CODES[kernel], p, 0, compute_grad)
+    xs, xt = x[:n], x[n:].detach()
+    compute_grad = torch.is_grad_enabled() and xs.requires_grad
+    loss, _ = torch.ops.distillx.kernel_mmd(xs, xt, weights, KERNEL_CODES[kernel], p, 0, compute_grad)
     return loss

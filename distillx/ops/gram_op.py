@@ -1,6 +1,6 @@
 """Fake kernels and autograd of ``distillx::kernel_gram`` and ``distillx::kernel_mmd`` (C++:
 csrc/include/distillx/gram_panels.h). Each returns the loss and, in the same pass, its gradient
-w.r.t. the student rows (``x`` for MMD); backward only scales that gradient by the upstream scalar.
+w.r.t. the student rows; backward only scales that gradient by the upstream scalar.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def _kernel_gram_fake(s, t, kernel, s_params, t_params, normalize_rows, panel_ro
 
 
 @torch.library.register_fake("distillx::kernel_mmd")
-def _kernel_mmd_fake(x, weights, kernel, params, panel_rows, compute_grad):
-    return _loss_and_grad(x, compute_grad)
+def _kernel_mmd_fake(s, t, weights, kernel, params, panel_rows, compute_grad):
+    return _loss_and_grad(s, compute_grad)
 
 
 register_scalar_loss("distillx::kernel_gram", num_args=8, grad_args=(0,), compute_grad_arg=7)
-register_scalar_loss("distillx::kernel_mmd", num_args=6, grad_args=(0,), compute_grad_arg=5)
+register_scalar_loss("distillx::kernel_mmd", num_args=7, grad_args=(0,), compute_grad_arg=6)

@@ -205,21 +205,23 @@ def _mmd_weights(n, m, dtype):
 @requires_kernel
 @pytest.mark.parametrize("code", CODES, ids=CODE_IDS)
 def test_raw_op_panel_rows(rng, code):
-    """kernel_mmd(x, a, …) = Σ_ij a_i a_j k(x_i, x_j) with its gradient w.r.t. x, for every panel height;
-    general weights too (not only ±1/N, ±1/M); compute_grad=False gives an empty gradient, same loss."""
+    """kernel_mmd(s, t, a, …) = Σ_ij a_i a_j k(x_i, x_j), x = [s; t], with its gradient w.r.t. s (t is
+    constant), for every panel height, including panels that straddle the s/t boundary; general weights
+    too (not only ±1/N, ±1/M); compute_grad=False gives an empty gradient, same loss."""
     n, m = 13, 8
     for dtype in (torch.float32, F64):
         x, params, _ = raw_case(rng, code, n + m, 3, dtype)
         for weights in (_mmd_weights(n, m, dtype), rng.randn(n + m, dtype=dtype)):
             w64 = weights.to(F64)
-            want, want_grad = run_ref(lambda v: w64 @ raw_kernel_matrix(code, v, params) @ w64, x)
+            xs, xt = x[:n], x[n:]
+            want, want_grad = run_ref(lambda v: w64 @ raw_kernel_matrix(code, torch.cat([v, xt]), params) @ w64, xs)
             for panel_rows in (0, 1, 4, n + m, 50):
                 tag = rng.tag(code=code, dtype=dtype, panel_rows=panel_rows)
-                loss, grad = torch.ops.distillx.kernel_mmd(x, weights, code, params, panel_rows, True)
-                assert loss.dtype == dtype and loss.shape == () and grad.shape == x.shape, tag
+                loss, grad = torch.ops.distillx.kernel_mmd(xs, xt, weights, code, params, panel_rows, True)
+                assert loss.dtype == dtype and loss.shape == () and grad.shape == xs.shape, tag
                 close(loss, want, dtype, f"loss {tag}", magnitude=float(w64.abs().sum()) ** 2)
                 close(grad, want_grad, dtype, f"grad {tag}")
-                loss2, empty = torch.ops.distillx.kernel_mmd(x, weights, code, params, panel_rows, False)
+                loss2, empty = torch.ops.distillx.kernel_mmd(xs, xt, weights, code, params, panel_rows, False)
                 assert empty.numel() == 0 and torch.equal(loss2, loss), tag
 
 
@@ -228,20 +230,23 @@ def test_raw_op_panel_rows(rng, code):
 def test_opcheck_kernel_mmd(rng, code):
     for compute_grad, panel_rows, dtype in ((True, 0, torch.float32), (True, 2, F64), (False, 3, F64)):
         x, params, _ = raw_case(rng, code, 7, 3, dtype)
-        x = x.detach().requires_grad_(compute_grad)
+        xs, xt = x[:4].detach().requires_grad_(compute_grad), x[4:].detach()
         torch.library.opcheck(torch.ops.distillx.kernel_mmd.default,
-                              (x, _mmd_weights(4, 3, dtype), code, params, panel_rows, compute_grad))
+                              (xs, xt, _mmd_weights(4, 3, dtype), code, params, panel_rows, compute_grad))
 
 
 @requires_kernel
 def test_raw_op_argument_checks(rng):
     x = rng.randn(6, 3)
+    s, t = x[:4], x[4:]
     with pytest.raises(RuntimeError, match="weights"):
-        torch.ops.distillx.kernel_mmd(x, torch.ones(5), 2, torch.tensor([0.5]), 0, True)
+        torch.ops.distillx.kernel_mmd(s, t, torch.ones(5), 2, torch.tensor([0.5]), 0, True)
     with pytest.raises(RuntimeError, match="kernel code"):
-        torch.ops.distillx.kernel_mmd(x, torch.ones(6), 7, torch.zeros(0), 0, True)
+        torch.ops.distillx.kernel_mmd(s, t, torch.ones(6), 7, torch.zeros(0), 0, True)
     with pytest.raises(RuntimeError, match="params"):
-        torch.ops.distillx.kernel_mmd(x, torch.ones(6), 1, torch.zeros(2), 0, True)
+        torch.ops.distillx.kernel_mmd(s, t, torch.ones(6), 1, torch.zeros(2), 0, True)
+    with pytest.raises(RuntimeError, match="one width"):
+        torch.ops.distillx.kernel_mmd(s, rng.randn(2, 5), torch.ones(6), 0, torch.zeros(0), 0, True)
 
 
 @requires_kernel

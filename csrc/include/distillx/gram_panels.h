@@ -69,8 +69,10 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
                                                     const std::vector<double>& ps, const std::vector<double>& pt,
                                                     int64_t panel_rows, bool compute_grad, PanelFn&& panel,
                                                     const at::Tensor& mmd_weights = at::Tensor(),
-                                                    bool normalize_rows = false) {
+                                                    bool normalize_rows = false, int64_t grad_rows = -1) {
   // MMD mode: one set x = s with row weights a; loss Σ_ij a_i a_j k(x_i, x_j), ∂/∂x_i = 2 Σ_j a_i a_j ∂k.
+  // grad_rows >= 0: only the first grad_rows rows of s are variables (the rest are constants, e.g. the
+  // teacher's half of the MMD set), so panels below them skip the gradient and grad_s has grad_rows rows.
   const bool mmd = mmd_weights.defined();
   TORCH_CHECK(!(mmd && normalize_rows), "distillx: MMD has no row-normalised form");
   TORCH_CHECK(s.dim() == 2 && t.dim() == 2, "distillx: kernel_gram expects 2-D s and t, got ", s.sizes(), " and ",
@@ -92,6 +94,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   }
   const at::Tensor x = s.contiguous(), y = t.contiguous();
   const int64_t N = x.size(0);
+  const int64_t G = grad_rows < 0 ? N : std::min(grad_rows, N);
   if (panel_rows <= 0) {
     // Keep a panel near 1 MB so the elementwise sweep runs in cache.
     panel_rows = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t{1} << 18) / std::max<int64_t>(N, 1)));
@@ -112,15 +115,16 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   auto sweep = [&](int mode, bool with_grad, const at::Tensor& rows) {
     double total = 0;
     if (with_grad) {
-      grad = at::zeros_like(x);
-      rowsum = rbf ? at::zeros({N}, x.options()) : at::Tensor();
+      grad = at::zeros({G, x.size(1)}, x.options());
+      rowsum = rbf ? at::zeros({G}, x.options()) : at::Tensor();
     }
     for (int64_t i0 = 0; i0 < N; i0 += panel_rows) {
       const int64_t b = std::min(panel_rows, N - i0), cols = N - i0;
       const at::Tensor xi = x.narrow(0, i0, b), xp = x.narrow(0, i0, cols);
       const at::Tensor yi = y.narrow(0, i0, b), yp = y.narrow(0, i0, cols);
+      const bool panel_grad = with_grad && i0 < G;
       PanelArgs a{kernel, ps, pt, bs.narrow(0, 0, b * cols).view({b, cols}), bt.narrow(0, 0, b * cols).view({b, cols}),
-                  at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, with_grad,
+                  at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, panel_grad,
                   mmd ? wts.narrow(0, i0, b) : at::Tensor(), mmd ? wts.narrow(0, i0, cols) : at::Tensor(), mode,
                   rows.defined() ? rows.narrow(0, i0, b) : at::Tensor(),
                   rows.defined() ? rows.narrow(0, i0, cols) : at::Tensor()};
@@ -137,19 +141,20 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
         a.nti = ny.narrow(0, i0, b), a.ntp = ny.narrow(0, i0, cols);
       }
       total += panel(a);
-      if (!with_grad) continue;
-      const at::Tensor& m = a.gs;
-      grad.narrow(0, i0, b).addmm_(m, xp);
-      if (cols > b) grad.narrow(0, i0 + b, cols - b).addmm_(m.narrow(1, b, cols - b).t(), xi);
+      if (!panel_grad) continue;
+      // Rows of the panel, and columns right of its diagonal block, that are variables.
+      const int64_t bg = std::min(b, G - i0), cg = std::min(cols, G - i0) - b;
+      const at::Tensor m = a.gs.narrow(0, 0, bg);
+      grad.narrow(0, i0, bg).addmm_(m, xp);
+      if (cg > 0) grad.narrow(0, i0 + b, cg).addmm_(a.gs.narrow(1, b, cg).t(), xi);
       if (rbf) {
-        rowsum.narrow(0, i0, b).add_(m.sum(1));
-        if (cols > b) rowsum.narrow(0, i0 + b, cols - b).add_(m.narrow(1, b, cols - b).sum(0));
+        rowsum.narrow(0, i0, bg).add_(m.sum(1));
+        if (cg > 0) rowsum.narrow(0, i0 + b, cg).add_(a.gs.narrow(1, b, cg).sum(0));
       }
       if (cheb) {
-        const at::Tensor& m1 = a.g1s;
-        grad.narrow(0, i0, b).narrow(1, Ds1, Ds1).addmm_(m1, xp.narrow(1, Ds1, Ds1));
-        if (cols > b)
-          grad.narrow(0, i0 + b, cols - b).narrow(1, Ds1, Ds1).addmm_(m1.narrow(1, b, cols - b).t(), xi.narrow(1, Ds1, Ds1));
+        grad.narrow(0, i0, bg).narrow(1, Ds1, Ds1).addmm_(a.g1s.narrow(0, 0, bg), xp.narrow(1, Ds1, Ds1));
+        if (cg > 0)
+          grad.narrow(0, i0 + b, cg).narrow(1, Ds1, Ds1).addmm_(a.g1s.narrow(1, b, cg).t(), xi.narrow(1, Ds1, Ds1));
       }
     }
     return total;
@@ -179,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   at::Tensor loss = at::scalar_tensor(total * inv_n2, x.options());
   if (!compute_grad) return {loss, at::empty({0}, x.options())};
   // rbf: ∂k/∂x_i = 2γ k (x_j − x_i): the Σ_j M_ij x_j part is above, the −(Σ_j M_ij) x_i part here.
-  if (rbf) grad.sub_(rowsum.unsqueeze(1) * x);
+  if (rbf) grad.sub_(rowsum.unsqueeze(1) * x.narrow(0, 0, G));
   grad.mul_(mmd ? 2.0 : 4.0 * inv_n2);
   return {loss, grad};
 }
