@@ -48,11 +48,16 @@ TORCH_LIBRARY(distillx, m) {
   m.def("attention_map(Tensor feature, float p) -> Tensor");
   m.def("attention_map_backward(Tensor grad_map, Tensor feature, float p) -> Tensor");
   // MiniLM relation loss Σ KL(softmax(q_t k_tᵀ/√dt) ‖ softmax(q_s k_sᵀ/√ds)) / #valid query rows, inputs
-  // (B, A, L, d), key_padding_mask (B, L) bool (True = real token). Never holds (L, L). Returns the
-  // loss and, when compute_grad, its gradients for q_s and k_s.
+  // (B, A, L, d), key_padding_mask (B, L) bool (True = real token). Flash-attention style: one online-
+  // softmax pass over key blocks, never (L, L). Returns the loss and the per-row log-sum-exps
+  // (B, A, L, 2) {student, teacher} that the backward needs to recompute the score tiles.
   m.def(
-      "attention_relation(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor? key_padding_mask, "
-      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "attention_relation(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor? key_padding_mask) "
+      "-> (Tensor, Tensor)");
+  // Its backward: recomputes the score tiles block by block; returns the gradients for q_s and k_s.
+  m.def(
+      "attention_relation_backward(Tensor grad, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, "
+      "Tensor? key_padding_mask, Tensor stats) -> (Tensor, Tensor)");
 }
 
 namespace {

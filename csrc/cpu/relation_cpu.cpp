@@ -1,94 +1,236 @@
-// CPU kernel of the MiniLM attention-relation loss (distillx::attention_relation):
-//   L = Σ_{b,a,i valid} KL(softmax(q_t,i k_tᵀ/√dt) ‖ softmax(q_s,i k_sᵀ/√ds)) / #valid rows.
-// Per (b, a), query rows are taken in blocks of Bq: the (Bq, L) score blocks of both sides come from
-// two GEMMs, each row's KL and ∂/∂scores = (q − p)/#valid come from the logit-divergence row kernel
-// (forward KL, T = 1), and two more GEMMs fold that into ∂q_s and ∂k_s. Memory is O(Bq·L) per
-// thread, never (L, L); the gradient is produced in the same pass (the loss is a scalar).
+// CPU kernels of the MiniLM attention-relation loss (distillx::attention_relation and its backward):
+//   L = Σ_{b,a,i valid} KL(p_i ‖ q_i) / #valid rows,  p_i = softmax(z_t,i), q_i = softmax(z_s,i),
+//   z_s = q_s k_sᵀ/√ds, z_t = q_t k_tᵀ/√dt (keys of padded tokens excluded).
+// Flash-attention style: per (b, a), query rows in blocks of Bq meet key blocks of Bk, so a thread
+// holds two (Bq, Bk) score tiles and never (L, L).
+//  * forward, one pass over the key blocks: online softmax statistics of both sides (running max
+//    m and l = Σ e^(z−m)) and A = Σ_j e^(z_t,j − m_t)((z_t,j − m_t) − (z_s,j − m_s)), rescaled whenever
+//    a maximum grows; then KL_i = A/l_t − log l_t + log l_s. Saves lse_s, lse_t per row (B, A, L, 2).
+//  * backward recomputes the tiles: ∂L/∂z_s,ij = g·(q_ij − p_ij)/#valid, ∂q_s = ∂Z k_s/√ds,
+//    ∂k_s = ∂Zᵀ q_s/√ds.
+// Padded tokens are dropped up front (their rows gathered out), so the inner loops carry no mask.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
 #include "distillx/checks.h"
-#include "distillx/divergence_row_cpu.h"
 
 namespace distillx {
 namespace {
 
 template <typename T>
-void relation_cpu_typed(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt,
-                        const at::Tensor& mask, const at::Tensor& gq, const at::Tensor& gk, double& total,
-                        int64_t& count, bool grad) {
-  const int64_t B = qs.size(0), A = qs.size(1), L = qs.size(2), ds = qs.size(3), dt = qt.size(3);
-  const bool* m = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  // Valid query rows (real tokens) over the whole batch and every head.
-  count = 0;
+using Vec = at::vec::Vectorized<T>;
+
+constexpr int64_t kQueryBlock = 128, kKeyBlock = 512;
+
+// The real tokens of each batch element (all of them without a mask) and the number of valid rows.
+struct Tokens {
+  std::vector<at::Tensor> index;  // per b: int64 positions of real tokens, undefined = all L
+  std::vector<int64_t> count;     // per b
+  int64_t rows = 0;               // Σ_b count[b] · A
+};
+
+Tokens real_tokens(const at::Tensor& mask, int64_t B, int64_t A, int64_t L) {
+  Tokens tok;
+  tok.index.resize(B);
+  tok.count.assign(B, L);
   for (int64_t b = 0; b < B; ++b) {
-    int64_t valid = L;
-    if (m) {
-      valid = 0;
-      for (int64_t i = 0; i < L; ++i) valid += m[b * L + i];
+    if (mask.defined()) {
+      tok.index[b] = at::nonzero(mask[b]).squeeze(1);
+      tok.count[b] = tok.index[b].size(0);
     }
-    count += valid * A;
+    tok.rows += tok.count[b] * A;
   }
-  if (count == 0 || L == 0) {
-    total = 0;
-    return;
-  }
-  const T inv = T(1) / static_cast<T>(count);
-  const T ss = T(1) / std::sqrt(static_cast<T>(ds)), st = T(1) / std::sqrt(static_cast<T>(dt));
-  const int64_t bq = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t{1} << 17) / std::max<int64_t>(L, 1)));
-  std::vector<double> partial(B * A, 0.0);
-  const auto opts = qs.options();
-  at::parallel_for(0, B * A, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor zs_buf = at::empty({bq, L}, opts), zt_buf = at::empty({bq, L}, opts);
-    std::vector<T> scratch(4 * cpu::padded_cols<T>(L));
-    const cpu::DivergenceParams<T> prm{kForwardKL, T(1), T(1), T(0)};
-    for (int64_t ba = begin; ba < end; ++ba) {
-      const int64_t b = ba / A, a = ba % A;
-      const at::Tensor q_s = qs[b][a], k_s = ks[b][a], q_t = qt[b][a], k_t = kt[b][a];
-      double acc = 0;
-      for (int64_t i0 = 0; i0 < L; i0 += bq) {
-        const int64_t n = std::min(bq, L - i0);
-        at::Tensor zs = zs_buf.narrow(0, 0, n), zt = zt_buf.narrow(0, 0, n);
-        at::mm_out(zs, q_s.narrow(0, i0, n), k_s.t());
-        at::mm_out(zt, q_t.narrow(0, i0, n), k_t.t());
-        T* ps = zs.data_ptr<T>();
-        T* pt = zt.data_ptr<T>();
-        for (int64_t r = 0; r < n; ++r) {
-          T* rs = ps + r * L;
-          T* rt = pt + r * L;
-          const bool valid_row = m == nullptr || m[b * L + i0 + r];
-          for (int64_t j = 0; j < L; ++j) {
-            const bool key = m == nullptr || m[b * L + j];
-            rs[j] = key ? rs[j] * ss : -std::numeric_limits<T>::infinity();
-            rt[j] = key ? rt[j] * st : -std::numeric_limits<T>::infinity();
-          }
-          // ∂/∂z_s (= (q − p)/count) overwrites the student scores in place.
-          acc += cpu::divergence_row<T, T>(rs, rt, grad ? rs : nullptr, L, valid_row ? inv : T(0), prm,
-                                           scratch.data());
-        }
-        if (!grad) continue;
-        // z_s = q_s k_sᵀ/√ds: ∂q_s = G k_s/√ds, ∂k_s += Gᵀ q_s/√ds.
-        at::Tensor gq_blk = gq[b][a].narrow(0, i0, n);
-        at::mm_out(gq_blk, zs, k_s);
-        gq_blk.mul_(ss);
-        gk[b][a].addmm_(zs.t(), q_s.narrow(0, i0, n), 1, ss);
-      }
-      partial[ba] = acc;
-    }
-  });
-  total = 0;
-  for (double v : partial) total += v;
+  return tok;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_cpu(const at::Tensor& q_s, const at::Tensor& k_s,
-                                                                      const at::Tensor& q_t, const at::Tensor& k_t,
-                                                                      const std::optional<at::Tensor>& key_padding_mask,
-                                                                      bool compute_grad) {
+// Rows of x (L, d) at the real tokens: a view when there is no mask, a compact copy otherwise.
+inline at::Tensor gather(const at::Tensor& x, const at::Tensor& index) {
+  return index.defined() ? x.index_select(0, index) : x;
+}
+
+// exp at the row kernel's accuracy: float uses the ~20-ulp Sleef variant (ample next to float32
+// accumulation, and twice as fast), double the accurate one.
+template <typename T>
+inline Vec<T> fast_exp(const Vec<T>& v) {
+  if constexpr (std::is_same_v<T, float>) return v.exp_u20(); else return v.exp();
+}
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
+}
+
+template <typename T>
+inline T hmax(const Vec<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Online softmax state of one query row. acc = Σ_j e^(z_t,j − m_t)((z_t,j − m_t) − (z_s,j − m_s)), so
+// KL = acc/l_t − log l_t + log l_s carries no m terms that would cancel (a single key gives exactly 0).
+template <typename T>
+struct RowState {
+  T ms = -std::numeric_limits<T>::infinity(), ls = 0;
+  T mt = -std::numeric_limits<T>::infinity(), lt = 0, acc = 0;
+
+  // Fold in one key block of scaled scores zs, zt (n values each): two sweeps, two exps per key.
+  void update(const T* zs, const T* zt, int64_t n) {
+    constexpr int64_t V = Vec<T>::size();
+    const T inf = std::numeric_limits<T>::infinity();
+    Vec<T> vs(-inf), vt(-inf);
+    int64_t j = 0;
+    for (; j + V <= n; j += V) {
+      vs = at::vec::maximum(vs, Vec<T>::loadu(zs + j));
+      vt = at::vec::maximum(vt, Vec<T>::loadu(zt + j));
+    }
+    T bs = hmax(vs), bt = hmax(vt);
+    for (int64_t r = j; r < n; ++r) bs = std::max(bs, zs[r]), bt = std::max(bt, zt[r]);
+    const T ms_new = std::max(ms, bs), mt_new = std::max(mt, bt);
+    Vec<T> sum_s(0), sum_t(0), sum_a(0);
+    const Vec<T> ms_v(ms_new), mt_v(mt_new);
+    for (j = 0; j + V <= n; j += V) {
+      const Vec<T> s = Vec<T>::loadu(zs + j) - ms_v, t = Vec<T>::loadu(zt + j) - mt_v;
+      const Vec<T> et = fast_exp(t);
+      sum_s = sum_s + fast_exp(s);
+      sum_t = sum_t + et;
+      sum_a = sum_a + et * (t - s);
+    }
+    T es = hsum(sum_s), et = hsum(sum_t), ea = hsum(sum_a);
+    for (int64_t r = j; r < n; ++r) {
+      const T s = zs[r] - ms_new, t = zt[r] - mt_new, e = std::exp(t);
+      es += std::exp(s), et += e, ea += e * (t - s);
+    }
+    if (lt > 0) {
+      // Earlier keys: their exp factors shrink by e^(m_t − m_t'), their brackets shift by
+      // (m_s' − m_s) − (m_t' − m_t).
+      const T rescale = std::exp(mt - mt_new);
+      acc = rescale * (acc + ((ms_new - ms) - (mt_new - mt)) * lt);
+      lt *= rescale;
+      ls *= std::exp(ms - ms_new);
+    }
+    ls += es, lt += et, acc += ea;
+    ms = ms_new, mt = mt_new;
+  }
+  T lse_s() const { return ms + std::log(ls); }
+  T lse_t() const { return mt + std::log(lt); }
+  T kl() const { return acc / lt - std::log(lt) + std::log(ls); }
+};
+
+// One (Bq, Bk) tile of both sides' scaled scores.
+template <typename T>
+struct Tiles {
+  at::Tensor zs, zt;
+  Tiles(int64_t bq, int64_t bk, const at::TensorOptions& o) : zs(at::empty({bq, bk}, o)), zt(at::empty({bq, bk}, o)) {}
+  void compute(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt, int64_t i0,
+               int64_t n, int64_t j0, int64_t nk, T ss, T st, at::Tensor& s_out, at::Tensor& t_out) {
+    s_out = zs.narrow(0, 0, n).narrow(1, 0, nk);
+    t_out = zt.narrow(0, 0, n).narrow(1, 0, nk);
+    // β = 0: the tile's old contents are ignored; α applies the 1/√d scale inside the GEMM.
+    at::addmm_out(s_out, s_out, qs.narrow(0, i0, n), ks.narrow(0, j0, nk).t(), 0, ss);
+    at::addmm_out(t_out, t_out, qt.narrow(0, i0, n), kt.narrow(0, j0, nk).t(), 0, st);
+  }
+};
+
+template <typename T>
+double relation_forward_typed(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt,
+                              const Tokens& tok, const at::Tensor& stats) {
+  const int64_t B = qs.size(0), A = qs.size(1);
+  const T ss = T(1) / std::sqrt(static_cast<T>(qs.size(3))), st = T(1) / std::sqrt(static_cast<T>(qt.size(3)));
+  std::vector<double> partial(B * A, 0.0);
+  at::parallel_for(0, B * A, 1, [&](int64_t begin, int64_t end) {
+    Tiles<T> tiles(kQueryBlock, kKeyBlock, qs.options());
+    std::vector<RowState<T>> state(kQueryBlock);
+    for (int64_t ba = begin; ba < end; ++ba) {
+      const int64_t b = ba / A, a = ba % A, n_tok = tok.count[b];
+      const at::Tensor& idx = tok.index[b];
+      const at::Tensor q_s = gather(qs[b][a], idx), k_s = gather(ks[b][a], idx);
+      const at::Tensor q_t = gather(qt[b][a], idx), k_t = gather(kt[b][a], idx);
+      at::Tensor lse = at::empty({n_tok, 2}, qs.options());
+      T* lse_p = lse.data_ptr<T>();
+      double kl = 0;
+      for (int64_t i0 = 0; i0 < n_tok; i0 += kQueryBlock) {
+        const int64_t n = std::min(kQueryBlock, n_tok - i0);
+        std::fill(state.begin(), state.begin() + n, RowState<T>{});
+        for (int64_t j0 = 0; j0 < n_tok; j0 += kKeyBlock) {
+          const int64_t nk = std::min(kKeyBlock, n_tok - j0);
+          at::Tensor zs, zt;
+          tiles.compute(q_s, k_s, q_t, k_t, i0, n, j0, nk, ss, st, zs, zt);
+          const T* ps = zs.const_data_ptr<T>();
+          const T* pt = zt.const_data_ptr<T>();
+          const int64_t stride = zs.stride(0);
+          for (int64_t r = 0; r < n; ++r) state[r].update(ps + r * stride, pt + r * stride, nk);
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          kl += state[r].kl();
+          lse_p[2 * (i0 + r)] = state[r].lse_s();
+          lse_p[2 * (i0 + r) + 1] = state[r].lse_t();
+        }
+      }
+      at::Tensor out = stats[b][a];
+      if (idx.defined()) out.index_copy_(0, idx, lse); else out.copy_(lse);
+      partial[ba] = kl;
+    }
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+template <typename T>
+void relation_backward_typed(T scale, const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt,
+                             const at::Tensor& kt, const Tokens& tok, const at::Tensor& stats, const at::Tensor& gq,
+                             const at::Tensor& gk) {
+  const int64_t B = qs.size(0), A = qs.size(1);
+  const T ss = T(1) / std::sqrt(static_cast<T>(qs.size(3))), st = T(1) / std::sqrt(static_cast<T>(qt.size(3)));
+  at::parallel_for(0, B * A, 1, [&](int64_t begin, int64_t end) {
+    Tiles<T> tiles(kQueryBlock, kKeyBlock, qs.options());
+    for (int64_t ba = begin; ba < end; ++ba) {
+      const int64_t b = ba / A, a = ba % A, n_tok = tok.count[b];
+      const at::Tensor& idx = tok.index[b];
+      const at::Tensor q_s = gather(qs[b][a], idx), k_s = gather(ks[b][a], idx);
+      const at::Tensor q_t = gather(qt[b][a], idx), k_t = gather(kt[b][a], idx);
+      const at::Tensor lse = gather(stats[b][a], idx).contiguous();
+      const T* lse_p = lse.const_data_ptr<T>();
+      // Without padding the gradients are written in place; with it, compactly and scattered after.
+      at::Tensor dq = idx.defined() ? at::zeros_like(q_s) : gq[b][a];
+      at::Tensor dk = idx.defined() ? at::zeros_like(k_s) : gk[b][a];
+      for (int64_t i0 = 0; i0 < n_tok; i0 += kQueryBlock) {
+        const int64_t n = std::min(kQueryBlock, n_tok - i0);
+        for (int64_t j0 = 0; j0 < n_tok; j0 += kKeyBlock) {
+          const int64_t nk = std::min(kKeyBlock, n_tok - j0);
+          at::Tensor zs, zt;
+          tiles.compute(q_s, k_s, q_t, k_t, i0, n, j0, nk, ss, st, zs, zt);
+          T* ps = zs.data_ptr<T>();
+          const T* pt = zt.const_data_ptr<T>();
+          const int64_t stride = zs.stride(0);
+          for (int64_t r = 0; r < n; ++r) {
+            const T ls = lse_p[2 * (i0 + r)], lt = lse_p[2 * (i0 + r) + 1];
+            // ∂Z overwrites the student tile: scale·(e^(z_s − lse_s) − e^(z_t − lse_t)).
+            at::vec::map2<T>([ls, lt, scale](const Vec<T>& s, const Vec<T>& t) {
+              return (fast_exp(s - Vec<T>(ls)) - fast_exp(t - Vec<T>(lt))) * Vec<T>(scale);
+            }, ps + r * stride, ps + r * stride, pt + r * stride, nk);
+          }
+          dq.narrow(0, i0, n).addmm_(zs, k_s.narrow(0, j0, nk), 1, ss);
+          dk.narrow(0, j0, nk).addmm_(zs.t(), q_s.narrow(0, i0, n), 1, ss);
+        }
+      }
+      if (idx.defined()) {
+        gq[b][a].index_copy_(0, idx, dq);
+        gk[b][a].index_copy_(0, idx, dk);
+      }
+    }
+  });
+}
+
+void check_relation_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                           const std::optional<at::Tensor>& key_padding_mask) {
   for (const auto* x : {&q_s, &k_s, &q_t, &k_t}) {
     TORCH_CHECK(x->dim() == 4, "distillx: attention_relation expects (B, A, L, d) inputs, got ", x->sizes());
     TORCH_CHECK(x->scalar_type() == q_s.scalar_type() &&
@@ -100,34 +242,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_cpu(const at::
   TORCH_CHECK(k_t.sizes() == q_t.sizes(), "distillx: k_t must match q_t, got ", k_t.sizes(), " and ", q_t.sizes());
   TORCH_CHECK(q_t.size(0) == q_s.size(0) && q_t.size(1) == q_s.size(1) && q_t.size(2) == q_s.size(2),
               "distillx: q_t (B, A, L) must match q_s's, got ", q_t.sizes(), " and ", q_s.sizes());
-  at::Tensor mask;
   if (key_padding_mask) {
     TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
                     key_padding_mask->size(0) == q_s.size(0) && key_padding_mask->size(1) == q_s.size(2),
                 "distillx: key_padding_mask must be a bool (B, L) tensor");
-    mask = key_padding_mask->contiguous();
+    check_same_device(*key_padding_mask, q_s, "key_padding_mask", "q_s");
   }
-  // Detached: the GEMMs below run on worker threads, which do not inherit the caller's
-  // below-autograd dispatch state.
-  const at::Tensor qs = q_s.detach().contiguous(), ks = k_s.detach().contiguous();
-  const at::Tensor qt = q_t.detach().contiguous(), kt = k_t.detach().contiguous();
-  at::Tensor gq = compute_grad ? at::empty_like(qs) : at::Tensor();
-  at::Tensor gk = compute_grad ? at::zeros_like(ks) : at::Tensor();
+}
+
+// Detached and contiguous: the GEMMs run on worker threads, which do not inherit the caller's
+// below-autograd dispatch state.
+inline at::Tensor plain(const at::Tensor& x) { return x.detach().contiguous(); }
+
+Tokens tokens_of(const at::Tensor& q_s, const std::optional<at::Tensor>& key_padding_mask) {
+  const at::Tensor mask = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  return real_tokens(mask, q_s.size(0), q_s.size(1), q_s.size(2));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_relation_cpu(const at::Tensor& q_s, const at::Tensor& k_s,
+                                                          const at::Tensor& q_t, const at::Tensor& k_t,
+                                                          const std::optional<at::Tensor>& key_padding_mask) {
+  check_relation_inputs(q_s, k_s, q_t, k_t, key_padding_mask);
+  const Tokens tok = tokens_of(q_s, key_padding_mask);
+  at::Tensor stats = at::zeros({q_s.size(0), q_s.size(1), q_s.size(2), 2}, q_s.options());
   double total = 0;
-  int64_t count = 0;
-  if (qs.scalar_type() == at::kDouble) {
-    relation_cpu_typed<double>(qs, ks, qt, kt, mask, gq, gk, total, count, compute_grad);
-  } else {
-    relation_cpu_typed<float>(qs, ks, qt, kt, mask, gq, gk, total, count, compute_grad);
+  if (tok.rows > 0) {
+    total = q_s.scalar_type() == at::kDouble
+                ? relation_forward_typed<double>(plain(q_s), plain(k_s), plain(q_t), plain(k_t), tok, stats)
+                : relation_forward_typed<float>(plain(q_s), plain(k_s), plain(q_t), plain(k_t), tok, stats);
+    total /= static_cast<double>(tok.rows);
   }
-  if (compute_grad && count == 0) gq.zero_();
-  at::Tensor loss = at::scalar_tensor(total, qs.options());
-  if (!compute_grad) return {loss, at::empty({0}, qs.options()), at::empty({0}, qs.options())};
-  return {loss, gq, gk};
+  return {at::scalar_tensor(total, q_s.options()), stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& stats) {
+  check_relation_inputs(q_s, k_s, q_t, k_t, key_padding_mask);
+  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == q_s.size(0) && stats.size(1) == q_s.size(1) &&
+                  stats.size(2) == q_s.size(2) && stats.size(3) == 2 && stats.scalar_type() == q_s.scalar_type(),
+              "distillx: attention_relation_backward expects the forward's (B, A, L, 2) stats, got ", stats.sizes());
+  TORCH_CHECK(grad.numel() == 1, "distillx: attention_relation_backward expects a scalar grad, got ", grad.sizes());
+  const Tokens tok = tokens_of(q_s, key_padding_mask);
+  at::Tensor gq = at::zeros_like(q_s, at::MemoryFormat::Contiguous);
+  at::Tensor gk = at::zeros_like(k_s, at::MemoryFormat::Contiguous);
+  if (tok.rows == 0) return {gq, gk};
+  const double scale = grad.item<double>() / static_cast<double>(tok.rows);
+  if (q_s.scalar_type() == at::kDouble) {
+    relation_backward_typed<double>(scale, plain(q_s), plain(k_s), plain(q_t), plain(k_t), tok, plain(stats), gq, gk);
+  } else {
+    relation_backward_typed<float>(static_cast<float>(scale), plain(q_s), plain(k_s), plain(q_t), plain(k_t), tok,
+                                   plain(stats), gq, gk);
+  }
+  return {gq, gk};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(distillx, CPU, m) { m.impl("attention_relation", &attention_relation_cpu); }
+TORCH_LIBRARY_IMPL(distillx, CPU, m) {
+  m.impl("attention_relation", &attention_relation_cpu);
+  m.impl("attention_relation_backward", &attention_relation_backward_cpu);
+}
 
 }  // namespace distillx

@@ -1,31 +1,43 @@
 """MiniLM attention-relation loss: ``distillx::attention_relation`` (C++: csrc/cpu/relation_cpu.cpp)
-computes the loss over query-row blocks, never an (L, L) matrix, with the gradient for q_s and k_s
-in the same pass; backward scales it by the upstream scalar."""
+is flash-attention style: the forward makes one online-softmax pass over key blocks and keeps only
+each row's log-sum-exps; ``distillx::attention_relation_backward`` recomputes the score tiles block
+by block. Neither holds an (L, L) matrix."""
 from __future__ import annotations
 
 import torch
 
 from . import has_kernel
 from . import reference as ref
-from .scalar_loss import register_scalar_loss
 
 if has_kernel("attention_relation", "cpu") or has_kernel("attention_relation", "cuda"):
 
     @torch.library.register_fake("distillx::attention_relation")
-    def _relation_fake(q_s, k_s, q_t, k_t, key_padding_mask, compute_grad):
-        if compute_grad:
-            return q_s.new_empty(()), q_s.new_empty(q_s.shape), q_s.new_empty(k_s.shape)
-        return q_s.new_empty(()), q_s.new_empty((0,)), q_s.new_empty((0,))
+    def _relation_fake(q_s, k_s, q_t, k_t, key_padding_mask):
+        return q_s.new_empty(()), q_s.new_empty((*q_s.shape[:3], 2))
 
-    register_scalar_loss("distillx::attention_relation", num_args=6, grad_args=(0, 1), compute_grad_arg=5)
+    @torch.library.register_fake("distillx::attention_relation_backward")
+    def _relation_backward_fake(grad, q_s, k_s, q_t, k_t, key_padding_mask, stats):
+        return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+
+    def _setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        q_s, k_s, q_t, k_t, mask = inputs
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, output[1])
+
+    def _backward(ctx, grad_loss, _grad_stats):
+        q_s, k_s, q_t, k_t, mask, stats = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        gq, gk = torch.ops.distillx.attention_relation_backward(grad_loss, q_s, k_s, q_t, k_t, mask, stats)
+        return gq, gk, None, None, None
+
+    torch.library.register_autograd("distillx::attention_relation", _backward, setup_context=_setup)
 
 
 def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask):
     if not has_kernel("attention_relation", q_s.device.type):
         return ref.attention_relation_loss_reference(q_s, k_s, q_t, k_t, key_padding_mask)
     acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
-    qs, ks = q_s.to(acc), k_s.to(acc)
-    compute_grad = torch.is_grad_enabled() and (qs.requires_grad or ks.requires_grad)
-    loss, _, _ = torch.ops.distillx.attention_relation(qs, ks, q_t.to(acc), k_t.to(acc), key_padding_mask,
-                                                        compute_grad)
+    loss, _ = torch.ops.distillx.attention_relation(q_s.to(acc), k_s.to(acc), q_t.to(acc).detach(),
+                                                    k_t.to(acc).detach(), key_padding_mask)
     return loss.to(q_s.dtype)

@@ -204,12 +204,13 @@ def test_gradcheck(rng):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_long_sequences_and_threads(rng, dtype):
-    """L = 400 (several query-row blocks of the fused op), padding at the end of one element, on 1 and 2
-    threads: loss and gradients equal the float64 reference."""
-    B, A, L = 2, 2, 400
+    """L = 600 (several query blocks of 128 and key blocks of 256 in the fused op, with ragged last
+    blocks), padding in the middle of one element, on 1 and 2 threads: loss and gradients equal the
+    float64 reference."""
+    B, A, L = 2, 2, 600
     q_s, k_s, q_t, k_t = _inputs(rng, B, A, L, 3, 5, dtype, scale=1.0)
     mask = torch.ones(B, L, dtype=torch.bool)
-    mask[1, 300:] = False
+    mask[1, 300:457] = False
     want, want_grads = _run_ref(q_s, k_s, q_t, k_t, mask)
     for threads in (1, 2):
         tag = rng.tag(dtype=dtype, L=L, threads=threads)
@@ -235,29 +236,40 @@ requires_relation_op = pytest.mark.skipif(not _has_relation_op(), reason="no dis
 @requires_relation_op
 def test_opcheck_attention_relation(rng):
     cases = ((torch.float32, False, True), (F64, True, True), (F64, True, False), (torch.float32, True, True))
-    for dtype, with_mask, compute_grad in cases:
+    for dtype, with_mask, requires_grad in cases:
         q_s, k_s, q_t, k_t = _inputs(rng, 2, 2, 5, 3, 4, dtype)
         mask = torch.stack([rng.mask(5) for _ in range(2)]) if with_mask else None
-        q_s.requires_grad_(compute_grad)
-        k_s.requires_grad_(compute_grad)
-        torch.library.opcheck(torch.ops.distillx.attention_relation.default, (q_s, k_s, q_t, k_t, mask, compute_grad))
+        q_s.requires_grad_(requires_grad)
+        k_s.requires_grad_(requires_grad)
+        torch.library.opcheck(torch.ops.distillx.attention_relation.default, (q_s, k_s, q_t, k_t, mask))
+        _, stats = torch.ops.distillx.attention_relation(q_s, k_s, q_t, k_t, mask)
+        torch.library.opcheck(torch.ops.distillx.attention_relation_backward.default,
+                              (torch.tensor(1.3, dtype=dtype), q_s.detach(), k_s.detach(), q_t, k_t, mask, stats))
 
 
 @requires_kernel
 @requires_relation_op
 def test_raw_op_outputs(rng):
-    """The op returns (loss, ∂loss/∂q_s, ∂loss/∂k_s); with compute_grad False both gradients are empty and
-    the loss is the same."""
-    q_s, k_s, q_t, k_t = _inputs(rng, 2, 3, 6, 4, 2, F64)
-    mask = torch.stack([rng.mask(6) for _ in range(2)])
-    loss, gq, gk = torch.ops.distillx.attention_relation(q_s, k_s, q_t, k_t, mask, True)
+    """The forward returns the loss and each row's log-sum-exp of both sides' scaled scores over the real
+    keys (0 on padded rows); the backward op, given those, returns upstream * (∂loss/∂q_s, ∂loss/∂k_s)."""
+    B, A, L, ds, dt = 2, 3, 6, 4, 2
+    q_s, k_s, q_t, k_t = _inputs(rng, B, A, L, ds, dt, F64)
+    mask = torch.stack([rng.mask(L) for _ in range(B)])
+    loss, stats = torch.ops.distillx.attention_relation(q_s, k_s, q_t, k_t, mask)
     want, (wq, wk) = _run_ref(q_s, k_s, q_t, k_t, mask)
     tag = rng.tag(case="raw attention_relation")
     close(loss, want, F64, tag)
-    close(gq, wq, F64, tag)
-    close(gk, wk, F64, tag)
-    loss2, e1, e2 = torch.ops.distillx.attention_relation(q_s, k_s, q_t, k_t, mask, False)
-    assert torch.equal(loss2, loss) and e1.numel() == 0 and e2.numel() == 0, tag
+    assert stats.shape == (B, A, L, 2), tag
+    keys = mask[:, None, None, :]
+    for side, (q, k, d) in enumerate(((q_s, k_s, ds), (q_t, k_t, dt))):
+        z = (q @ k.transpose(-1, -2) / d ** 0.5).masked_fill(~keys, float("-inf"))
+        lse = torch.where(mask[:, None, :], torch.logsumexp(z, -1).nan_to_num(0.0, 0.0, 0.0), 0.0)
+        close(stats[..., side], lse, F64, f"{tag} lse side {side}")
+    gq, gk = torch.ops.distillx.attention_relation_backward(torch.tensor(2.5, dtype=F64), q_s, k_s, q_t, k_t,
+                                                            mask, stats)
+    close(gq, 2.5 * wq, F64, tag)
+    close(gk, 2.5 * wk, F64, tag)
+    assert not gq[~mask[:, None, :].expand(B, A, L)].any(), "padded query rows get no gradient"
 
 
 @requires_kernel
