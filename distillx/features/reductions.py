@@ -5,8 +5,12 @@ the batch (always dim 0), ``C`` for channels (``channel_dim``, default 1) and ``
 remaining ("spatial") dims: ``(B, C, H, W)`` maps, ``(B, C, L)`` sequences; transformer tokens
 ``(B, L, D)`` are handled by passing ``channel_dim=-1``.
 
-These are the pure-PyTorch versions; float16/bfloat16 inputs are reduced in float32 and the result
-is cast back to the input dtype. They are differentiable, so a student-side capture keeps its graph.
+Each runs as compiled kernels with no full-size temporaries besides a float32 copy of a half-precision
+input: ``attention_map`` on a (B, C, H, W) map is the fused ``distillx::attention_map`` op (one pass
+over the feature); pooling and channel statistics are single native ATen kernels
+(``adaptive_avg_pool``, ``var_mean``, float32 accumulation); ``l2_normalize`` is a norm and a
+division. float16/bfloat16 inputs are reduced in float32 and the result is cast back to the input
+dtype. They are differentiable, so a student-side capture keeps its graph.
 """
 from __future__ import annotations
 
