@@ -11,5 +11,8 @@ from . import functional  # noqa: E402
 from .functional import kd_loss, linear_kd_loss  # noqa: E402
 from .plugin import method  # noqa: E402
 from .distiller import Distiller  # noqa: E402
+from . import transfer  # noqa: E402  (a callable package: dx.transfer(name, teacher, student, **options))
+from .transfer import TransferError, TransferReport  # noqa: E402
 
-__all__ = ["functional", "kd_loss", "linear_kd_loss", "method", "Distiller", "__version__"]
+__all__ = ["functional", "kd_loss", "linear_kd_loss", "method", "Distiller", "transfer", "TransferReport",
+           "TransferError", "__version__"]

@@ -1,18 +1,84 @@
-"""Built-in weight-transfer strategies.
+"""Weight transfer: initialise a student from a teacher's parameters.
 
-This module is the built-in transfers plugin (registered as ``distillx.transfer``). It implements
-the registration hook already, so built-ins go through the same path as third-party strategies;
-the strategies themselves (direct, distribution, selection, least-squares head) are not written
-yet, so it registers none.
+``distillx.transfer`` is both this package and a function: calling it runs a registered strategy
+(:func:`distillx.transfer.api.transfer`)::
+
+    import distillx as dx
+    report = dx.transfer("select", teacher, student)          # writes into student, returns a TransferReport
+    print(report)                                             # one row per student tensor, with the reason
+    ensemble = dx.transfer("distribution", teacher, student, n=4, seed=0)   # 4 new (student, report)
+
+Built-in strategies (each ``(teacher, student, **options) -> TransferReport``, writing into
+``student``):
+
+================  =========================================================================
+``direct``        copy tensors whose names correspond, above all the output layer; truncate
+                  (or select) wider ones (:func:`~distillx.transfer.direct.direct`)
+``distribution``  sample the student's output layer (or chosen tensors) from the normal fitted
+                  to the teacher's fan-in-normalised weights; ``n=`` makes an ensemble
+``select``        Weight Selection (Xu et al., ICLR 2024): first-N/uniform layers, consistent
+                  uniform element selection (:func:`~distillx.transfer.selection.select`)
+``layer_map``     student layer i from teacher layer map[i], DistilBERT's every other layer by
+                  default (:func:`~distillx.transfer.layer_map.layer_map`)
+``head_fit``      ridge regression of the student's output layer onto the teacher's logits on
+                  calibration data (:func:`~distillx.transfer.head_fit.head_fit`)
+================  =========================================================================
+
+This module is also the built-in transfers plugin (registered as ``distillx.transfer``): the
+strategies reach the registry through the same ``distillx_register_weight_transfers`` hook as
+third-party ones. Writing a strategy: build a :class:`TransferReport` with
+``TransferReport.for_model(name, student)``, record every student tensor once, and reuse
+:func:`correspond` (which teacher tensor goes with which student tensor), :func:`shrink`,
+:func:`uniform_indices` and :func:`layout_of` (fused q/k/v blocks, kept vocabulary rows) as the
+built-ins do; the ``svd`` strategy of ``plugins/distillx-svd`` is an example.
 """
 from __future__ import annotations
 
-from ..plugin.hookspecs import hookimpl
+import sys
+import types
 
-BUILTIN_TRANSFERS: dict = {}  # name -> strategy (teacher, student, **options) -> TransferReport
+from ..plugin.hookspecs import hookimpl
+from .adapt import Layout, ShapeMismatch, layout_of, shrink, uniform_indices
+from .api import EnsembleMember, Transfer, transfer
+from .correspond import Match, correspond, layer_stacks
+from .direct import direct
+from .distribution import distribution
+from .errors import TransferError, check_models
+from .head_fit import head_fit
+from .layer_map import layer_map
+from .report import ACTIONS, TensorRecord, TransferReport
+from .selection import select
+from .tensors import output_layer, transferable_tensors
+
+BUILTIN_TRANSFERS: dict = {  # name -> strategy (teacher, student, **options) -> TransferReport
+    "direct": direct,
+    "distribution": distribution,
+    "select": select,
+    "layer_map": layer_map,
+    "head_fit": head_fit,
+}
 
 
 @hookimpl
 def distillx_register_weight_transfers(registry):
     for name, strategy in BUILTIN_TRANSFERS.items():
         registry.add(name, strategy)
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``distillx.transfer(...)`` call :func:`transfer` while ``distillx.transfer`` stays this
+    package. Binding the function to the name ``distillx.transfer`` instead would hide the package
+    from ``import distillx.transfer.report as r`` and from ``distillx.transfer.TransferReport``."""
+
+    def __call__(self, name, teacher=None, student=None, **options):
+        return transfer(name, teacher, student, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = [
+    "transfer", "Transfer", "EnsembleMember", "TransferReport", "TensorRecord", "TransferError", "ACTIONS",
+    "BUILTIN_TRANSFERS", "direct", "distribution", "select", "layer_map", "head_fit",
+    "correspond", "Match", "layer_stacks", "output_layer", "transferable_tensors",
+    "shrink", "uniform_indices", "layout_of", "Layout", "ShapeMismatch", "check_models",
+]

@@ -1,0 +1,46 @@
+"""Write matched teacher tensors into the student: copy equal shapes, shrink the others."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .adapt import ShapeMismatch, layout_of, shrink
+from .correspond import Match
+from .report import TransferReport
+from .tensors import output_layer
+
+
+@torch.no_grad()
+def copy_or_shrink(student: nn.Module, matches: list[Match], report: TransferReport, rule: Optional[str],
+                   blocks: Optional[Mapping[str, int]] = None) -> TransferReport:
+    """For each match: equal shapes are copied; other shapes are shrunk with ``rule``
+    (``"select"``/``"truncate"``, see :mod:`~distillx.transfer.adapt`) or, with ``rule=None``,
+    skipped; a tensor without a counterpart is skipped with the match's reason.
+
+    The output layer's rows (classes) and an embedding's rows (tokens) are never shrunk.
+    """
+    head = output_layer(student)
+    for m in matches:
+        shape = tuple(m.tensor.shape)
+        if m.teacher_tensor is None:
+            report.skipped(m.name, shape, m.reason)
+            continue
+        t_shape = tuple(m.teacher_tensor.shape)
+        if t_shape == shape:
+            m.tensor.copy_(m.teacher_tensor)
+            report.copied(m.name, shape, m.teacher_name, m.reason)
+            continue
+        if rule is None:
+            report.skipped(m.name, shape, f"{m.teacher_name} has shape {t_shape}, not {shape}, and adapt=None")
+            continue
+        try:
+            value, how = shrink(m.teacher_tensor, shape, rule,
+                                layout_of(student, m.name, output_layer=head, blocks=blocks))
+        except ShapeMismatch as exc:
+            report.skipped(m.name, shape, f"{m.teacher_name} {t_shape} does not fit: {exc}")
+            continue
+        m.tensor.copy_(value)
+        report.adapted(m.name, shape, m.teacher_name, t_shape, how, m.reason)
+    return report

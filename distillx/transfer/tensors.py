@@ -1,0 +1,58 @@
+"""Which tensors of a model a weight transfer covers, and the output layer it treats specially."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def transferable_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+    """``name -> (tensor, kind)`` for every tensor a transfer may write, in ``state_dict`` order.
+
+    ``kind`` is ``"parameter"`` or ``"buffer"``. Parameters are all included; buffers only when
+    floating point and persistent (BatchNorm running mean/var: they must follow the channels the
+    weights were taken from, or the student normalises with the wrong statistics). Integer buffers
+    (``num_batches_tracked``) and non-persistent caches are not weights. A tensor shared under two
+    names (tied embeddings) appears once, under its first name, as in ``named_parameters()``.
+    """
+    params = {id(p): n for n, p in model.named_parameters()}
+    buffers = {id(b): n for n, b in model.named_buffers() if torch.is_floating_point(b)}
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if params.get(id(tensor)) == name:
+            out[name] = (tensor, "parameter")
+        elif buffers.get(id(tensor)) == name:
+            out[name] = (tensor, "buffer")
+    return out
+
+
+def _inside_attention(path: str, model: nn.Module) -> bool:
+    # nn.MultiheadAttention keeps out_proj as an nn.Linear but applies it functionally: it is no
+    # output layer of the model.
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), nn.MultiheadAttention):
+            return True
+    return False
+
+
+def output_layer(model: nn.Module) -> Optional[str]:
+    """Dotted path of the model's output layer: its last ``nn.Linear`` in registration order.
+
+    Registration order is the order of ``named_modules()``, which for the usual
+    ``embed -> blocks -> norm -> head`` models is execution order. Linear layers inside
+    ``nn.MultiheadAttention`` are skipped. ``None`` when the model has no ``nn.Linear`` (a fully
+    convolutional net); a model whose head is registered before its body needs an explicit name.
+    """
+    last = None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and path and not _inside_attention(path, model):
+            last = path
+    return last
+
+
+def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(module, local name)`` owning the tensor ``name`` (``"encoder.0.weight"`` -> (encoder[0], "weight"))."""
+    path, _, local = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), local
