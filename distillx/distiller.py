@@ -83,6 +83,11 @@ class Distiller:
             adapters now rather than at the start of :meth:`fit` (ignored when no method needs it).
         check_finite: stop with :class:`NonFiniteLossError` when a loss term is NaN/inf (default
             True; costs one device synchronisation per step).
+        transfer: initialise the student from the teacher's weights before anything else: a
+            strategy name (``"select"``), a :class:`distillx.transfer.Transfer` with options
+            (``dx.transfer("head_fit", calibration=loader)``) or a callable
+            ``(teacher, student) -> TransferReport``. Applied at construction, to a copy first, so
+            a failing transfer leaves the student untouched; the report is ``d.transfer_report``.
 
     Metrics (per epoch, from :meth:`fit`): ``epoch`` (0-based), ``loss`` (the total),
     ``task`` and one entry per method name with its *weighted* loss (so they sum to ``loss``),
@@ -95,7 +100,8 @@ class Distiller:
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
                  task_loss: Optional[Callable] = None, task_weight: float = 1.0,
                  optimizer: OptimizerSpec = None, device: Union[None, str, torch.device] = None,
-                 example_inputs: Optional[torch.Tensor] = None, check_finite: bool = True):
+                 example_inputs: Optional[torch.Tensor] = None, check_finite: bool = True,
+                 transfer: Union[None, str, Callable] = None):
         for name, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
@@ -116,6 +122,8 @@ class Distiller:
         self.device = resolve_device(student, device)
         self.teacher = teacher.to(self.device)
         self.student = student.to(self.device)
+        # Before the hooks go on: a transfer runs the models (head_fit) and deep-copies the student.
+        self.transfer_report = _apply_transfer(transfer, self.teacher, self.student)
         self._move_methods()
         self._keys = _metric_keys(self.methods)
         self._plan = _FeaturePlan(self.teacher, self.student, self.methods, self._keys)
@@ -400,6 +408,26 @@ class _FeaturePlan:
             if not bool(torch.isfinite(logits).all()):
                 return f"the {side} logits hold NaN/inf values"
         return None
+
+
+def _apply_transfer(transfer, teacher: nn.Module, student: nn.Module):
+    """Run ``transfer`` (a name, a Transfer or a callable) on the models; return its report or None."""
+    if transfer is None:
+        return None
+    from . import transfer as transfers
+
+    if isinstance(transfer, str):
+        transfer = transfers.Transfer(transfer)
+    if isinstance(transfer, transfers.Transfer) and transfer.n is not None:
+        raise ValueError(f"transfer={transfer.name!r} with n={transfer.n} makes an ensemble of students; the "
+                         "Distiller trains one student: drop n= (or distil each ensemble member separately)")
+    if not callable(transfer):
+        raise TypeError("transfer must be a strategy name, a distillx.transfer.Transfer or a callable "
+                        f"(teacher, student) -> TransferReport, got {type(transfer).__name__}")
+    report = transfer(teacher, student)
+    if not isinstance(report, transfers.TransferReport):
+        raise TypeError(f"transfer returned {type(report).__name__}, expected a TransferReport")
+    return report
 
 
 def _check_weight(weight, name: str) -> float:
