@@ -1,4 +1,4 @@
-"""The ``distillx`` command: ``info``, ``plugins``, ``demo``, ``bench``.
+"""The ``distillx`` command: ``info``, ``plugins``, ``demo``, ``bench``, ``transfer``.
 
 Each subcommand lives in its own module and owns its arguments; this file only dispatches.
 """
@@ -14,6 +14,7 @@ COMMANDS = {
     "plugins": ("distillx.plugin.manager", "list registered methods, transfers, kernels and augmentations"),
     "demo": ("distillx.demo", "train teacher and students on the bundled digits data and compare them"),
     "bench": ("distillx.bench", "time eager PyTorch, torch.compile and distillx side by side"),
+    "transfer": ("distillx.transfer.cli", "initialise a student checkpoint from a teacher's weights and report it"),
 }
 
 

@@ -1,0 +1,95 @@
+"""``distillx transfer``: two checkpoints in, a report out, the student written atomically only with --out;
+state dicts need an architecture, pickled models need --allow-pickle, bad inputs are clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from distillx.cli import main as cli
+
+ARCH = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def teacher():
+        return nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 5))
+
+    def student():
+        return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+""")
+
+
+@pytest.fixture
+def arch(tmp_path, monkeypatch):
+    (tmp_path / "cli_arch_models.py").write_text(ARCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import cli_arch_models
+    torch.manual_seed(0)
+    t, s = cli_arch_models.teacher(), cli_arch_models.student()
+    torch.save(t.state_dict(), tmp_path / "teacher.pt")
+    torch.save({"state_dict": s.state_dict()}, tmp_path / "student.pt")
+    return tmp_path, t, s
+
+
+def _args(tmp, *extra):
+    return ["transfer", "select", "--teacher", str(tmp / "teacher.pt"), "--student", str(tmp / "student.pt"),
+            "--teacher-arch", "cli_arch_models:teacher", "--student-arch", "cli_arch_models:student", *extra]
+
+
+def test_state_dicts_report_and_atomic_out(arch, capsys):
+    tmp, t, s = arch
+    before = (tmp / "student.pt").read_bytes()
+    assert cli(_args(tmp, "--out", str(tmp / "init.pt"), "--json", str(tmp / "report.json"))) == 0
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "2.weight" in out and "wrote the initialised student" in out
+    report = json.loads((tmp / "report.json").read_text())
+    assert report["strategy"] == "select"
+    assert (tmp / "student.pt").read_bytes() == before, "the input checkpoint is never modified"
+    assert not [f for f in os.listdir(tmp) if f.endswith(".tmp")], "no temporary file left behind"
+    written = torch.load(tmp / "init.pt", weights_only=True)
+    # select keeps all 5 output rows and a uniform choice of 16 of the 64 hidden units
+    rows = [i for i in range(64) if any(torch.equal(written["0.weight"][j], t[0].weight[i]) for j in range(16))]
+    assert len(rows) == 16
+    assert torch.equal(written["2.weight"], t[2].weight[:, rows].detach())
+
+
+def test_dry_run_writes_nothing_and_json_to_stdout(arch, capsys):
+    tmp, _, _ = arch
+    files = set(os.listdir(tmp))
+    assert cli(_args(tmp, "--json", "-", "--option", "layers=uniform")) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["strategy"] == "select" and set(os.listdir(tmp)) == files
+
+
+def test_pickled_models_need_allow_pickle(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3)), tmp_path / "t.pt")
+    torch.save(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "s.pt")
+    args = ["transfer", "direct", "--teacher", str(tmp_path / "t.pt"), "--student", str(tmp_path / "s.pt")]
+    with pytest.raises(SystemExit, match="--allow-pickle"):
+        cli(args)
+    assert cli(args + ["--allow-pickle", "--out", str(tmp_path / "o.pt")]) == 0
+    assert isinstance(torch.load(tmp_path / "o.pt", weights_only=False), nn.Sequential)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: [x if x != "cli_arch_models:student" else "cli_arch_models:nope" for x in a], "cannot import"),
+    (lambda a: [x for x in a if x not in ("--student-arch", "cli_arch_models:student")], "--student-arch"),
+    (lambda a: [x if x != "cli_arch_models:student" else "cli_arch_models:teacher" for x in a], "does not fit"),
+    (lambda a: [x if not x.endswith("teacher.pt") else x + ".missing" for x in a], "does not exist"),
+])
+def test_bad_inputs(arch, change, match):
+    tmp, _, _ = arch
+    with pytest.raises(SystemExit, match=match):
+        cli(change(_args(tmp)))
+
+
+def test_unknown_option_is_reported(arch, capsys):
+    tmp, _, _ = arch
+    assert cli(_args(tmp, "--option", "nonsense=1")) == 2
+    assert "nonsense" in capsys.readouterr().err
