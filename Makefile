@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 MAX_JOBS ?= 2
 export MAX_JOBS
 
+# Third-party plugin packages shipped as examples: installed (found through their entry points) and tested.
+PLUGINS := ./plugins/distillx-example ./plugins/distillx-rkd ./plugins/distillx-svd
+
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/distillx/*.h csrc/include/distillx/*.cuh)
 
 .PHONY: setup demo test bench clean
@@ -24,8 +27,8 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pip install -q pytest
-	$(BIN)/python -m pip install -q --no-build-isolation --no-deps ./plugins/distillx-example
-	DISTILLX_REQUIRE_COMPILED=1 $(BIN)/python -m pytest -q tests plugins/distillx-example/tests
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps $(PLUGINS)
+	DISTILLX_REQUIRE_COMPILED=1 $(BIN)/python -m pytest -q tests $(addsuffix /tests,$(PLUGINS))
 
 bench: setup
 	$(BIN)/distillx bench --json bench.json
