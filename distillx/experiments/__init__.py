@@ -1,0 +1,9 @@
+"""Reproducible experiments built on distillx's public pieces (not part of the library API).
+
+Each experiment is a module runnable with ``python -m distillx.experiments.<name>`` and exposing
+``main(argv) -> int`` and ``run(...) -> dict``:
+
+- :mod:`distillx.experiments.transfer_table`: student test accuracy at initialisation and after a
+  short training, for random init and each weight transfer, with and without ``kd``, on the
+  digits demo.
+"""
