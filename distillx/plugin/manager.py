@@ -40,7 +40,7 @@ from .registry import Registries
 ENTRY_POINT_GROUP = "distillx"
 DISABLE_ENV = "DISTILLX_DISABLE_PLUGINS"
 #: Module names of the built-in plugins, registered (under these names) before any entry point.
-BUILTIN_PLUGINS = ("distillx.methods", "distillx.transfer", "distillx.kernels")
+BUILTIN_PLUGINS = ("distillx.methods", "distillx.transfer", "distillx.kernels", "distillx.augment")
 # Registration hooks pluggy does not replay itself (not historic): hook name -> registry attribute.
 _NON_HISTORIC_REGISTRATION = {
     "distillx_register_kernels": "kernels",

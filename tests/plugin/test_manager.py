@@ -147,13 +147,13 @@ def test_runtime_registration_runs_registration_hooks():
 
         @hookimpl
         def distillx_register_augmentations(self, registry):
-            registry.add("flip", lambda batch: batch)
+            registry.add("late_flip", lambda batch: batch)
 
     pm = get_plugin_manager()
     assert pm.register(Runtime(), name="runtime-plugin") == "runtime-plugin"
     regs = get_registries()
     assert regs.methods.provider("late") == "runtime-plugin"  # historic replay
-    assert regs.augmentations.provider("flip") == "runtime-plugin"
+    assert regs.augmentations.provider("late_flip") == "runtime-plugin"
     assert pm.plugin_info["runtime-plugin"].source == "runtime"
 
 
