@@ -11,6 +11,7 @@ from . import functional  # noqa: E402
 from .functional import kd_loss, linear_kd_loss  # noqa: E402
 from .plugin import method  # noqa: E402
 from .distiller import Distiller  # noqa: E402
+from . import engine  # noqa: E402
 from . import transfer  # noqa: E402  (a callable package: dx.transfer(name, teacher, student, **options))
 from .transfer import TransferError, TransferReport  # noqa: E402
 

@@ -113,7 +113,10 @@ def run(epochs: int = DEFAULT_EPOCHS, seed: int = 0, teacher_epochs: int = TEACH
     train(teacher, train_loader(), teacher_epochs, optimizer=adamw(TEACHER_LR))
     train(scratch, train_loader(), epochs, optimizer=adamw(LR))
     kd = method("kd", T=KD_T, weight=KD_WEIGHT)
-    distiller = Distiller(teacher, distilled, methods=[kd], task_weight=TASK_WEIGHT, optimizer=adamw(LR))
+    # scheduler=None: the same constant-lr AdamW as the scratch student's train(), so the two runs
+    # differ only in their loss.
+    distiller = Distiller(teacher, distilled, methods=[kd], task_weight=TASK_WEIGHT, optimizer=adamw(LR),
+                          scheduler=None)
     distiller.fit(train_loader(), epochs)
     train_s = time.perf_counter() - start
 

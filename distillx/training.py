@@ -135,40 +135,20 @@ def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: 
     Each dict has ``epoch`` (0-based, like the ``distillx_on_epoch_end`` hook), the per-sample mean
     of every entry returned by ``compute_losses`` (``loss`` is the total that was backpropagated),
     and ``val_accuracy``/``val_loss`` when ``val_loader`` is given. ``model`` is put in train mode
-    for each epoch; evaluation restores it.
+    for each epoch; evaluation restores it. This is the engine's loop (:mod:`distillx.engine.loop`)
+    without schedules, checkpoints or augmentation, the one the Distiller runs with them.
     """
+    from .engine.loop import Phase, Runner
+
     epochs = check_epochs(epochs)
     check_loader(loader, "train_loader")
+    validate = None
     if val_loader is not None:
         check_loader(val_loader, "val_loader")
-    history: list[dict[str, float]] = []
-    for epoch in range(epochs):
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        n = 0
-        for batch in loader:
-            inputs, targets = unpack_batch(batch, device)
-            losses = compute_losses(inputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            size = len(targets)
-            for name, value in losses.items():
-                # detach: the running sums must not keep each step's graph alive
-                term = value.detach().double() * size
-                sums[name] = sums[name] + term if name in sums else term
-            n += size
-        if n == 0:
-            raise ValueError("train_loader is empty: it yields no batches")
-        metrics: dict[str, float] = {"epoch": epoch}
-        metrics.update({name: s.item() / n for name, s in sums.items()})
-        if val_loader is not None:
-            val = evaluate(model, val_loader, val_loss_fn, device)
-            metrics.update({f"val_{k}": v for k, v in val.items()})
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
-        history.append(metrics)
-    return history
+        validate = lambda: evaluate(model, val_loader, val_loss_fn, device)  # noqa: E731
+    phase = Phase("train", [model], optimizer, loader, epochs, lambda inputs, targets, _: compute_losses(inputs, targets),
+                  device, validate=validate)
+    return Runner(phase, on_epoch_end=on_epoch_end).run()
 
 
 def train(model: nn.Module, loader: Iterable, epochs: int, optimizer: OptimizerSpec = None,

@@ -1,5 +1,6 @@
-"""Distiller(transfer=...): the student is initialised from the teacher before training, the report is
-kept, a failing transfer leaves the student untouched, and bad values are clear errors."""
+"""Distiller(transfer=...): the student is initialised from the teacher when distillation starts (or on
+apply_transfer()), once; the report is kept, a failing transfer leaves the student untouched, and bad
+values are clear errors."""
 from __future__ import annotations
 
 import pytest
@@ -38,6 +39,8 @@ def state(model):
 def test_transfer_by_name_selects_teacher_slices(teacher):
     s = student()
     d = Distiller(teacher, s, [dx.method("kd")], transfer="select")
+    assert d.transfer_report is None, "nothing happens before distillation starts"
+    assert d.apply_transfer() is d.transfer_report
     assert isinstance(d.transfer_report, TransferReport)
     assert d.transfer_report.complete
     # Weight Selection keeps the teacher's output layer rows (10 classes) and a uniform choice of its
@@ -55,11 +58,23 @@ def test_transfer_object_with_options_and_training_runs(split, teacher):
     test = tensor_loader(split.x_test, split.y_test, 512)
     before = evaluate(s, test)["accuracy"]
     d = Distiller(teacher, s, [dx.method("kd")], transfer=dx.transfer("head_fit", calibration=calib))
+    d.apply_transfer()
     fitted = evaluate(s, test)["accuracy"]
     assert d.transfer_report.counts().get("fitted", 0) >= 1
     assert fitted > before + 0.2, (before, fitted)   # a fitted head beats a random one by far
+    report = d.transfer_report
     history = d.fit(tensor_loader(split.x_train, split.y_train, 64, shuffle=True, seed=0), epochs=2)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert d.transfer_report is report, "fit does not apply the transfer a second time"
+
+
+def test_fit_applies_the_transfer_before_training(split, teacher):
+    s = student()
+    d = Distiller(teacher, s, [dx.method("kd")], transfer="direct", scheduler=None,
+                  optimizer=lambda params: torch.optim.SGD(params, lr=0.0))   # lr 0: only the transfer moves weights
+    d.fit(tensor_loader(split.x_train, split.y_train, 64), epochs=1)
+    assert d.transfer_report is not None and d.transfer_report.counts()["copied"] == 1   # the output bias
+    assert torch.equal(s[2].bias, teacher[2].bias)
 
 
 def test_callable_transfer_and_its_return_value_is_checked(teacher):
@@ -71,16 +86,17 @@ def test_callable_transfer_and_its_return_value_is_checked(teacher):
 
     s = student()
     d = Distiller(teacher, s, [dx.method("kd")], transfer=custom)
+    d.apply_transfer()
     assert seen and seen[0][1] is s and d.transfer_report.complete
     with pytest.raises(TypeError, match="TransferReport"):
-        Distiller(teacher, student(), [dx.method("kd")], transfer=lambda t, s: None)
+        Distiller(teacher, student(), [dx.method("kd")], transfer=lambda t, s: None).apply_transfer()
 
 
 def test_failing_transfer_leaves_student_untouched(teacher):
     s = student()
     before = state(s)
     with pytest.raises(TransferError, match="transferred nothing"):
-        Distiller(teacher, s, [dx.method("kd")], transfer=dx.transfer("direct", mapping=lambda name: None))
+        Distiller(teacher, s, [dx.method("kd")], transfer=dx.transfer("direct", mapping=lambda name: None)).apply_transfer()
     after = state(s)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -91,9 +107,10 @@ def test_failing_transfer_leaves_student_untouched(teacher):
 ])
 def test_bad_transfer_values(teacher, value, error, match):
     with pytest.raises(error, match=match):
-        Distiller(teacher, student(), [dx.method("kd")], transfer=value)
+        Distiller(teacher, student(), [dx.method("kd")], transfer=value).apply_transfer()
 
 
 def test_ensemble_transfer_is_refused(teacher):
     with pytest.raises(ValueError, match="ensemble"):
-        Distiller(teacher, student(), [dx.method("kd")], transfer=dx.transfer("distribution", n=3, seed=0))
+        Distiller(teacher, student(), [dx.method("kd")],
+                  transfer=dx.transfer("distribution", n=3, seed=0)).apply_transfer()

@@ -160,7 +160,7 @@ def run_seed(seed: int, students: Sequence[tuple[int, ...]], inits: Sequence[str
                 else:
                     kd = method("kd", T=demo.KD_T, weight=demo.KD_WEIGHT)
                     with Distiller(teacher, model, methods=[kd], task_weight=demo.TASK_WEIGHT,
-                                   optimizer=_adamw(demo.LR)) as distiller:
+                                   optimizer=_adamw(demo.LR), scheduler=None) as distiller:
                         distiller.fit(train_loader(), epochs)
                 after[training] = evaluate(model, test_loader)["accuracy"]
             runs.append({

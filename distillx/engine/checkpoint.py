@@ -1,0 +1,132 @@
+"""Atomic checkpoints and the random-number state that exact resumption needs.
+
+A checkpoint is one ``torch.save`` file written to a temporary file in the same directory, flushed
+and fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so a
+crash or a second interruption never leaves a half-written checkpoint: the previous one stays.
+
+Exact resume (bitwise on CPU): the checkpoint holds, besides model/optimizer/scheduler/scaler
+states, every random generator training draws from — torch's global CPU (and CUDA) generator,
+Python's and NumPy's, the augmentation generator and any generator attached to the data loader or
+its sampler — both as they were when the epoch started (the loader's shuffle is drawn from them on
+its first batch) and as they are at the step the checkpoint was taken.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Iterable, Optional
+
+import torch
+
+FORMAT = "distillx-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not match the run; the message says what differs."""
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to a temporary file next to ``path``, then rename it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".distillx-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str) -> dict:
+    """Read a distillx checkpoint; :class:`CheckpointError` for a missing, corrupt or foreign file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc}); it may be "
+                              "truncated or not a distillx checkpoint") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not a distillx checkpoint (no format marker {FORMAT!r})")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {ckpt.get('version')!r}; this distillx "
+                              f"reads version {VERSION}")
+    return ckpt
+
+
+def check_state_dict(saved: dict, module: torch.nn.Module, what: str, path: str) -> None:
+    """Raise :class:`CheckpointError` naming the keys and shapes that differ between ``saved`` and ``module``."""
+    current = module.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in current.items() if k in saved and hasattr(saved[k], "shape")
+              and tuple(saved[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"not in the {what}: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes[:8]))
+    if problems:
+        raise CheckpointError(f"checkpoint {path!r} does not match the {what}: " + " | ".join(problems))
+
+
+def _numpy_random():
+    import sys
+    np = sys.modules.get("numpy")  # only if something imported it: no numpy dependency
+    return np.random if np is not None else None
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """Generators a DataLoader draws its shuffle (and worker seeds) from, if it has its own."""
+    gens = []
+    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
+            gens.append(g)
+    return gens
+
+
+def rng_state(extra: Iterable[torch.Generator] = ()) -> dict:
+    """Every generator's state (torch CPU/CUDA, Python, NumPy if imported, and ``extra``)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "extra": [g.get_state() for g in extra]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np_random = _numpy_random()
+    if np_random is not None:
+        state["numpy"] = np_random.get_state()
+    return state
+
+
+def set_rng_state(state: dict, extra: Iterable[torch.Generator] = ()) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_random = _numpy_random()
+    if "numpy" in state and np_random is not None:
+        np_random.set_state(state["numpy"])
+    extra = list(extra)
+    if len(extra) != len(state["extra"]):
+        raise CheckpointError(f"the checkpoint saved {len(state['extra'])} data/augmentation generator(s) but this "
+                              f"run has {len(extra)}: the data loader or augmentations differ from the saved run")
+    for g, s in zip(extra, state["extra"]):
+        g.set_state(s)
+
+
+def latest(directory: Optional[str]) -> Optional[str]:
+    """The checkpoint file of ``directory`` if it exists."""
+    if directory is None:
+        return None
+    path = os.path.join(directory, "checkpoint.pt")
+    return path if os.path.isfile(path) else None

@@ -1,0 +1,242 @@
+"""The epoch loop every training phase runs (teacher training, distillation, plain ``train``).
+
+One step: ``(inputs, targets[, indices])`` to the device → augmentations (with their own generator)
+→ losses under autocast (``amp``) → ``zero_grad`` → backward (through the ``GradScaler`` for
+float16) → optional gradient clipping → optimizer step → LR scheduler step. Per epoch: the
+per-sample means of every loss component (summed over ranks), validation, the ``on_epoch_end``
+callback, a checkpoint. SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
+position and raise :class:`TrainingInterrupted`; resuming from it continues bit for bit (see
+:mod:`distillx.engine.checkpoint`).
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .distributed import DistContext, set_epoch
+
+LossFn = Callable[..., dict]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint (``.path``) of the exact step."""
+
+    def __init__(self, message: str, path: Optional[str]):
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass
+class Phase:
+    """What one training phase needs; see :class:`Runner`."""
+
+    name: str
+    modules: list            # put in train() each epoch (their modes are the caller's to restore)
+    optimizer: torch.optim.Optimizer
+    loader: Iterable
+    epochs: int
+    compute_losses: LossFn   # (inputs, targets, indices) -> {"loss": total, component: value, ...}
+    device: torch.device
+    scheduler: Any = None
+    scaler: Any = None       # torch.amp.GradScaler for float16
+    amp_dtype: Optional[torch.dtype] = None
+    grad_clip: Optional[float] = None
+    augment: Optional[Callable] = None        # (inputs, targets, generator) -> (inputs, targets)
+    aug_generator: Optional[torch.Generator] = None
+    validate: Optional[Callable[[], dict]] = None
+    indexed: bool = False    # batches are (indices, inputs, targets)
+    params: list = field(default_factory=list)  # for gradient clipping
+    epoch_fraction: float = 0.0  # epoch + step / steps_per_epoch of the step running now (weight schedules)
+
+
+def _to(x, device):
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+
+def _unpack(batch, phase: Phase):
+    if phase.indexed:
+        indices, inputs, targets = batch
+    else:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError("each batch must be an (inputs, targets) pair, got "
+                            + (f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list))
+                               else f"a {type(batch).__name__}"))
+        indices, (inputs, targets) = None, batch
+    return indices, _to(inputs, phase.device), _to(targets, phase.device)
+
+
+class _SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now, the last checkpoint stays
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Runner:
+    """Runs a :class:`Phase` from a position (epoch, step) to its last epoch.
+
+    ``save(position) -> path`` writes a checkpoint for a position dict; ``metrics`` is a
+    :class:`distillx.reporting.MetricsLog` (or None); ``progress`` enables the progress bar (None:
+    when stderr is a terminal); ``on_epoch_end(epoch, metrics)`` is called on every rank.
+    """
+
+    def __init__(self, phase: Phase, ctx: DistContext = DistContext(), save: Optional[Callable] = None,
+                 metrics=None, progress: Optional[bool] = False,
+                 on_epoch_end: Optional[Callable[[int, dict], None]] = None, extra_generators: Iterable = ()):
+        self.phase, self.ctx, self.save, self.metrics = phase, ctx, save, metrics
+        self.progress = progress if ctx.is_main else False
+        self.on_epoch_end = on_epoch_end
+        self.generators = list(extra_generators)
+        try:
+            self.steps_per_epoch: Optional[int] = len(phase.loader)
+        except TypeError:
+            self.steps_per_epoch = None
+        self.last_path: Optional[str] = None
+
+    # -- one step ------------------------------------------------------------------------------
+    def _step(self, batch, epoch: int, step: int) -> tuple[dict, int]:
+        p = self.phase
+        p.epoch_fraction = epoch + step / self.steps_per_epoch if self.steps_per_epoch else float(epoch)
+        indices, inputs, targets = _unpack(batch, p)
+        if p.augment is not None:
+            inputs, targets = p.augment(inputs, targets, p.aug_generator)
+        autocast = (torch.autocast(p.device.type, dtype=p.amp_dtype) if p.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            losses = p.compute_losses(inputs, targets, indices)
+        p.optimizer.zero_grad(set_to_none=True)
+        if p.scaler is not None:
+            p.scaler.scale(losses["loss"]).backward()
+            if p.grad_clip:
+                p.scaler.unscale_(p.optimizer)
+                torch.nn.utils.clip_grad_norm_(p.params, p.grad_clip)
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+        else:
+            losses["loss"].backward()
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(p.params, p.grad_clip)
+            p.optimizer.step()
+        if p.scheduler is not None:
+            p.scheduler.step()
+        return losses, len(targets)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, position: Optional[dict] = None) -> list[dict]:
+        p = self.phase
+        start_epoch, start_step = (position["epoch"], position["step"]) if position else (0, 0)
+        history: list[dict] = []
+        with _SignalGuard() as guard:
+            for epoch in range(start_epoch, p.epochs):
+                resuming = position is not None and epoch == start_epoch
+                if resuming and start_step > 0:
+                    # The loader's shuffle is drawn from the generators' epoch-start state.
+                    ckpt.set_rng_state(position["epoch_rng"], self.generators)
+                elif resuming:
+                    ckpt.set_rng_state(position["step_rng"], self.generators)
+                epoch_rng = ckpt.rng_state(self.generators)
+                for m in p.modules:
+                    m.train()
+                set_epoch(p.loader, epoch)
+                batches = iter(p.loader)
+                sums: dict[str, torch.Tensor] = {}
+                n, step = 0, 0
+                if resuming and start_step > 0:
+                    for _ in range(start_step):
+                        next(batches)
+                    ckpt.set_rng_state(position["step_rng"], self.generators)
+                    sums = {k: torch.tensor(v, dtype=torch.float64, device=p.device) for k, v in position["sums"].items()}
+                    n, step = position["n"], start_step
+                bar = self._bar(epoch)
+                for batch in batches:
+                    try:
+                        losses, size = self._step(batch, epoch, step)
+                    except FloatingPointError as exc:  # NonFiniteLossError: nothing was stepped
+                        if bar is not None:
+                            bar.close()
+                        kept = (f"; the last checkpoint ({self.last_path}) is kept" if self.last_path
+                                else "")
+                        raise type(exc)(f"phase {p.name!r}, epoch {epoch}, step {step + 1}: {exc}{kept}") from None
+                    values = torch.stack([v.detach().double() for v in losses.values()])
+                    for name, v in zip(losses, values * size):
+                        sums[name] = sums[name] + v if name in sums else v
+                    n += size
+                    step += 1
+                    if self.metrics is not None or bar is not None:
+                        floats = dict(zip(losses, values.tolist()))
+                        if self.metrics is not None and self.ctx.is_main:
+                            self.metrics.log_step(p.name, epoch, step, **floats)
+                        if bar is not None:
+                            bar.update(size * self.ctx.world_size, **floats)
+                    if guard.signum is not None:
+                        if bar is not None:
+                            bar.close()
+                        path = self._save({"epoch": epoch, "step": step, "epoch_rng": epoch_rng,
+                                           "step_rng": ckpt.rng_state(self.generators),
+                                           "sums": {k: float(v) for k, v in sums.items()}, "n": n})
+                        raise TrainingInterrupted(
+                            f"training interrupted by signal {guard.signum} in phase {p.name!r} at epoch {epoch}, "
+                            f"step {step}" + (f"; checkpoint written to {path}" if path else " (no checkpoint_dir: "
+                                              "nothing was saved)"), path)
+                metrics = self._epoch_metrics(epoch, sums, n)
+                if bar is not None:
+                    bar.close(**{k: v for k, v in metrics.items() if k.startswith("val_")})
+                history.append(metrics)
+                if self.metrics is not None and self.ctx.is_main:
+                    self.metrics.log_epoch(p.name, epoch, **{k: v for k, v in metrics.items() if k != "epoch"})
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(epoch, metrics)
+                self._save({"epoch": epoch + 1, "step": 0, "epoch_rng": None,
+                            "step_rng": ckpt.rng_state(self.generators), "sums": None, "n": 0})
+        return history
+
+    def _epoch_metrics(self, epoch: int, sums: dict, n: int) -> dict:
+        p = self.phase
+        names = list(sums)
+        packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(n), dtype=torch.float64, device=p.device)])
+        packed = self.ctx.all_reduce_sum(packed)
+        total = float(packed[-1])
+        if total == 0:
+            raise ValueError("train_loader is empty: it yields no batches")
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics.update({k: float(v) / total for k, v in zip(names, packed[:-1])})
+        if p.validate is not None:
+            metrics.update({f"val_{k}": v for k, v in p.validate().items()})
+        return metrics
+
+    def _save(self, position: dict) -> Optional[str]:
+        if self.save is None or not self.ctx.is_main:
+            return None
+        self.last_path = self.save(self.phase.name, position)
+        return self.last_path
+
+    def _bar(self, epoch: int):
+        if self.progress is False:
+            return None
+        from ..reporting import ProgressBar
+
+        return ProgressBar(self.steps_per_epoch, f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}",
+                           enabled=self.progress)

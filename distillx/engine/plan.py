@@ -1,0 +1,120 @@
+"""Which features each method needs, how they map to the two models' extractors, and their views."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..features import FeatureExtractor, FeaturePathError, FeatureSpec, MissingFeatureError, resolve_module
+from ..features.spec import PENULTIMATE
+from ..methods import Method
+
+SIDES = ("student", "teacher")
+
+
+class FeaturePlan:
+    """Which features each method needs, how they map to the two extractors, and their views.
+
+    Capture keys are ``"<method key>.<request key>"``; a request identical to an earlier one (same
+    path, capture, selection and reduction on that side) reuses the earlier capture.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, methods: Sequence[Method], keys: Sequence[str]):
+        self.models = {"student": student, "teacher": teacher}
+        self.keys = list(keys)
+        self.requests: list[list] = []
+        # per method: {side: {request key: capture key}}
+        self.maps: list[dict[str, dict[str, str]]] = []
+        specs: dict[str, dict[str, FeatureSpec]] = {side: {} for side in SIDES}
+        self.paths: dict[str, dict[str, str]] = {side: {} for side in SIDES}  # capture key -> layer path
+        for mkey, m in zip(keys, methods):
+            requests = list(m.features())
+            self.requests.append(requests)
+            mapping: dict[str, dict[str, str]] = {side: {} for side in SIDES}
+            seen_keys = set()
+            for req in requests:
+                if req.key == "logits":
+                    raise ValueError(f"method {mkey!r}: feature key 'logits' is reserved for the model outputs")
+                if req.key in seen_keys:
+                    raise ValueError(f"method {mkey!r}: two feature requests share the key {req.key!r}")
+                seen_keys.add(req.key)
+                for side in SIDES:
+                    try:
+                        spec = FeatureSpec.from_request(req, side)
+                    except (TypeError, ValueError) as e:
+                        raise type(e)(f"method {mkey!r}, feature {req.key!r}: bad {side} request "
+                                      f"{req.path(side)!r}: {e}") from None
+                    if spec.path != PENULTIMATE:
+                        try:
+                            resolve_module(self.models[side], spec.path, name=side)
+                        except FeaturePathError as e:
+                            raise FeaturePathError(f"method {mkey!r}, feature {req.key!r}: unknown {side} layer "
+                                                   f"{spec.path!r}: {e}") from None
+                    bare = spec.with_key("_")
+                    existing = next((k for k, v in specs[side].items() if v.with_key("_") == bare), None)
+                    if existing is None:
+                        existing = f"{mkey}.{req.key}"
+                        specs[side][existing] = spec.with_key(existing)
+                        self.paths[side][existing] = spec.shorthand
+                    mapping[side][req.key] = existing
+            self.maps.append(mapping)
+        self.extractors: dict[str, Optional[FeatureExtractor]] = {
+            side: FeatureExtractor(self.models[side], specs[side], name=side, detach=side == "teacher")
+            if specs[side] else None for side in SIDES}
+
+    def capture_keys(self, side: str) -> list[str]:
+        """The capture keys of one side's extractor (what a teacher cache must hold besides logits)."""
+        ex = self.extractors[side]
+        return sorted(ex.specs) if ex is not None else []
+
+    def attach(self) -> None:
+        for ex in self.extractors.values():
+            if ex is not None and not ex.attached:
+                ex.attach()
+
+    def close(self) -> None:
+        for ex in self.extractors.values():
+            if ex is not None:
+                ex.close()
+                ex.clear()
+
+    def collect(self, side: str) -> dict:
+        ex = self.extractors[side]
+        if ex is None:
+            return {}
+        try:
+            return ex.collect()
+        except MissingFeatureError as e:
+            users = []
+            for mkey, mapping in zip(self.keys, self.maps):
+                for rkey, ckey in mapping[side].items():
+                    try:
+                        ex[ckey]
+                    except MissingFeatureError:
+                        users.append(f"method {mkey!r} (feature {rkey!r}, {side} layer {self.paths[side][ckey]!r})")
+            raise MissingFeatureError(f"{e}. Needed by: {'; '.join(users)}") from None
+
+    def views(self, i: int, student_logits, student_feats, teacher_logits, teacher_feats):
+        """The ``(student, teacher)`` dicts method ``i`` receives, under its own keys."""
+        s = {"logits": student_logits}
+        t = {"logits": teacher_logits}
+        for rkey, ckey in self.maps[i]["student"].items():
+            s[rkey] = student_feats[ckey]
+        for rkey, ckey in self.maps[i]["teacher"].items():
+            t[rkey] = teacher_feats[ckey]
+        return s, t
+
+    def non_finite(self, i: int, outs) -> Optional[str]:
+        """Where method ``i``'s inputs hold NaN/inf, teacher first, or None."""
+        student_logits, student_feats, teacher_logits, teacher_feats = outs
+        for side, logits, feats in (("teacher", teacher_logits, teacher_feats),
+                                    ("student", student_logits, student_feats)):
+            for rkey, ckey in self.maps[i][side].items():
+                value = feats[ckey]
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return (f"the {side} feature {rkey!r} captured at {side} layer {self.paths[side][ckey]!r} "
+                            "holds NaN/inf values")
+            if not bool(torch.isfinite(logits).all()):
+                return f"the {side} logits hold NaN/inf values"
+        return None

@@ -1,0 +1,33 @@
+"""Run by test_ddp.py: distil on the first 512 digits with a global batch of 64, either in one process
+(``single``) or under torchrun with 2 ranks of 32 samples each; rank 0 saves the student's weights."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import distillx as dx
+from distillx.data import digits_split
+
+
+def main(out: str, world: int) -> None:
+    torch.set_num_threads(1)
+    split = digits_split(0.25, 0)
+    x, y = split.x_train[:512], split.y_train[:512]
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    student = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    loader = DataLoader(TensorDataset(x, y), batch_size=64 // world, shuffle=False)
+    d = dx.Distiller(teacher, student, [dx.method("kd", T=2.0, weight=0.7), dx.method("sld")],
+                     optimizer=lambda p: torch.optim.SGD(p, lr=0.05), scheduler="cosine", warmup=2,
+                     checkpoint_dir=out + ".ckpt", progress=False)
+    history = d.fit(loader, 2)
+    if d.ctx.is_main:
+        torch.save({"student": student.state_dict(), "adapters": [m.state_dict() for m in d.methods],
+                    "history": history, "world": d.ctx.world_size}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
