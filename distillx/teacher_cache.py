@@ -62,7 +62,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -73,6 +72,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
+from ._atomic import atomic_open
 from .training import logits_of, resolve_device
 
 __all__ = ["TeacherCache", "CacheMismatchError", "IndexedDataset", "indexed_loader", "teacher_fingerprint",
@@ -838,17 +838,7 @@ def _fsync(path: str) -> None:
 
 
 def _write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON to a temporary file next to ``path``, fsync, rename over it, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".distillx-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync(directory)
+    """Write JSON atomically (temporary file, fsync, rename), then fsync the directory."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    _fsync(os.path.dirname(os.path.abspath(path)))

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Iterable, Optional
 
 import torch
+
+from .._atomic import save_atomic  # noqa: F401  (re-exported: checkpoints are written with it)
 
 FORMAT = "distillx-checkpoint"
 VERSION = 1
@@ -25,23 +26,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not match the run; the message says what differs."""
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to a temporary file next to ``path``, then rename it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".distillx-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load(path: str) -> dict:

@@ -34,7 +34,7 @@ import numbers
 import os
 from typing import Any, Optional, Union
 
-from ._atomic import PathLike, atomic_open
+from .._atomic import PathLike, atomic_open
 
 __all__ = ["MetricsLog", "FORMAT_VERSION", "encode_value", "decode_value"]
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-from ._atomic import PathLike, atomic_open
+from .._atomic import PathLike, atomic_open
 from .metrics import MetricsLog
 
 __all__ = ["plot_metrics", "INSTALL_HINT"]

@@ -20,11 +20,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .._atomic import save_atomic
 
 
 def _builder(spec: str, flag: str) -> Callable[[], nn.Module]:
@@ -77,22 +78,6 @@ def load_model(path: str, arch: str | None, allow_pickle: bool, side: str) -> tu
                 raise SystemExit(f"distillx transfer: --{side} {path!r} does not fit --{side}-arch {arch!r}: {exc}") from exc
             return model, "state_dict"
     raise SystemExit(f"distillx transfer: --{side} {path!r} holds a {type(obj).__name__}, not a model or a state dict")
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file next to ``path``, then rename over it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".distillx-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _option(text: str) -> tuple[str, Any]:

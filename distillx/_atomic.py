@@ -1,4 +1,5 @@
-"""Atomic file writes: write a temporary file in the target's directory, then ``os.replace`` it.
+"""Atomic file writes (checkpoints, caches, metrics, plots): write a temporary file in the target's
+directory, then ``os.replace`` it.
 
 A reader (or a crash) sees either the previous file or the complete new one, never a partial write;
 on any error the temporary file is removed and the previous file is left untouched.
@@ -47,3 +48,12 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_open`)."""
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
