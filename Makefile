@@ -17,7 +17,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cud
 $(BIN)/distillx: $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0 setuptools wheel ninja
-	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[plot]"
 	touch $@
 
 setup: $(BIN)/distillx

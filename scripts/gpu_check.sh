@@ -34,4 +34,9 @@ timeout 110 $PY -m distillx.cli bench --device cuda --no-isolate --cases logit_k
 step bench-linear
 timeout 70 $PY -m distillx.cli bench --device cuda --no-isolate --cases linear_kd --impls eager,distillx \
   --N 8192 --Hs 2048 --Ht 4096 --C 128256 --dtype bfloat16 --json "$OUT/bench_linear.json" 2>&1 | tee "$OUT/bench_linear.txt"
+step bench-features
+timeout 60 $PY -m distillx.cli bench --device cuda --no-isolate --cases gram_rbf --N 16384 --Ds 256 --Dt 1024 \
+  --json "$OUT/bench_gram.json" 2>&1 | tee "$OUT/bench_gram.txt"
+timeout 40 $PY -m distillx.cli bench --device cuda --no-isolate --cases attention_map --B 128 --Cs 256 --Ct 1024 \
+  --H 56 --W 56 --json "$OUT/bench_attention_map.json" 2>&1 | tee "$OUT/bench_attention_map.txt"
 step done

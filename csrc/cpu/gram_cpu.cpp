@@ -203,19 +203,13 @@ double panel_cpu(PanelArgs& a) {
 std::tuple<at::Tensor, at::Tensor> kernel_mmd_cpu(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weights,
                                                   int64_t kernel, const at::Tensor& params, int64_t panel_rows,
                                                   bool compute_grad) {
-  TORCH_CHECK(s.dim() == 2 && t.dim() == 2 && s.size(1) == t.size(1),
-              "distillx: kernel_mmd expects s (N, D) and t (M, D) of one width, got ", s.sizes(), " and ", t.sizes());
-  TORCH_CHECK(s.device() == t.device(), "distillx: s is on ", s.device(), " but t is on ", t.device());
-  const std::vector<double> p = gram_params(params);
-  const at::Tensor x = at::cat({s, t});
-  return gram_loss_panels(x, x, kernel, p, p, panel_rows, compute_grad, panel_cpu, weights, false, s.size(0));
+  return kernel_mmd_host(s, t, weights, kernel, params, panel_rows, compute_grad, panel_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
                                                    const at::Tensor& s_params, const at::Tensor& t_params,
                                                    bool normalize_rows, int64_t panel_rows, bool compute_grad) {
-  return gram_loss_panels(s, t, kernel, gram_params(s_params), gram_params(t_params), panel_rows, compute_grad,
-                          panel_cpu, at::Tensor(), normalize_rows);
+  return kernel_gram_host(s, t, kernel, s_params, t_params, normalize_rows, panel_rows, compute_grad, panel_cpu);
 }
 
 }  // namespace

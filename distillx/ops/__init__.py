@@ -11,6 +11,8 @@ from .. import _ext
 
 # Every op the compiled core registers, for `distillx info`.
 OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "kernel_mmd", "attention_map", "attention_relation")
+# Backward ops: served with their forward op; has_kernel answers for them too.
+BACKWARD_OPS = ("attention_map_backward", "attention_relation_backward")
 # Divergence codes of the C++ kernels (csrc/include/distillx/checks.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -20,7 +22,7 @@ def _kernel_table() -> dict:
     if not _ext.available():
         return {}
     return {(op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"distillx::{op}", key)
-            for op in OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+            for op in OPS + BACKWARD_OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 _KERNELS = _kernel_table()

@@ -189,4 +189,28 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   return {loss, grad};
 }
 
+// The two ops on top of the panel loop, for any device's panel function.
+template <typename PanelFn>
+std::tuple<at::Tensor, at::Tensor> kernel_gram_host(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
+                                                    const at::Tensor& s_params, const at::Tensor& t_params,
+                                                    bool normalize_rows, int64_t panel_rows, bool compute_grad,
+                                                    PanelFn&& panel) {
+  return gram_loss_panels(s, t, kernel, gram_params(s_params), gram_params(t_params), panel_rows, compute_grad, panel,
+                          at::Tensor(), normalize_rows);
+}
+
+template <typename PanelFn>
+std::tuple<at::Tensor, at::Tensor> kernel_mmd_host(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weights,
+                                                   int64_t kernel, const at::Tensor& params, int64_t panel_rows,
+                                                   bool compute_grad, PanelFn&& panel) {
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2 && s.size(1) == t.size(1),
+              "distillx: kernel_mmd expects s (N, D) and t (M, D) of one width, got ", s.sizes(), " and ", t.sizes());
+  TORCH_CHECK(s.device() == t.device(), "distillx: s is on ", s.device(), " but t is on ", t.device());
+  TORCH_CHECK(weights.device() == s.device(), "distillx: weights are on ", weights.device(), " but s is on ",
+              s.device());
+  const std::vector<double> p = gram_params(params);
+  const at::Tensor x = at::cat({s, t});
+  return gram_loss_panels(x, x, kernel, p, p, panel_rows, compute_grad, panel, weights, false, s.size(0));
+}
+
 }  // namespace distillx

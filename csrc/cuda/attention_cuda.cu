@@ -1,0 +1,63 @@
+// CUDA kernels of attention transfer (distillx::attention_map and its backward): checks here, the
+// streaming kernels in include/distillx/cuda/attention_map.cuh, launched on the current stream.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "distillx/cuda/attention_map.cuh"
+
+namespace distillx {
+namespace {
+
+void check_map(const at::Tensor& f) {
+  TORCH_CHECK(f.dim() == 4, "distillx: attention_map expects a (B, C, H, W) feature map, got shape ", f.sizes());
+  TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble,
+              "distillx: attention_map expects float32 or float64, got ", f.scalar_type());
+}
+
+at::Tensor attention_map_cuda(const at::Tensor& feature, double p) {
+  check_map(feature);
+  TORCH_CHECK(p > 0, "distillx: p must be > 0, got ", p);
+  const c10::cuda::CUDAGuard guard(feature.device());
+  const at::Tensor f = feature.contiguous();
+  const int64_t B = f.size(0), C = f.size(1), S = f.size(2) * f.size(3);
+  at::Tensor out = at::empty({B, f.size(2), f.size(3)}, f.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_cuda", [&] {
+    cuda::launch_attention_map<scalar_t>(f.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, C, S,
+                                         static_cast<scalar_t>(p), at::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Tensor& feature, double p) {
+  check_map(feature);
+  TORCH_CHECK(grad_map.device() == feature.device(), "distillx: grad_map is on ", grad_map.device(),
+              " but feature is on ", feature.device());
+  const c10::cuda::CUDAGuard guard(feature.device());
+  const at::Tensor f = feature.contiguous();
+  const int64_t B = f.size(0), C = f.size(1), S = f.size(2) * f.size(3);
+  TORCH_CHECK(grad_map.numel() == B * S, "distillx: grad_map must have ", B * S, " elements, got ", grad_map.numel());
+  const at::Tensor g = grad_map.to(f.scalar_type()).contiguous();
+  at::Tensor out = at::empty_like(f);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_backward_cuda", [&] {
+    cuda::launch_attention_map_backward<scalar_t>(g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                                                  out.mutable_data_ptr<scalar_t>(), B, C, S, static_cast<scalar_t>(p),
+                                                  at::cuda::getCurrentCUDAStream());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distillx, CUDA, m) {
+  m.impl("attention_map", &attention_map_cuda);
+  m.impl("attention_map_backward", &attention_map_backward_cuda);
+}
+
+}  // namespace distillx
