@@ -1,4 +1,4 @@
-"""The ``distillx`` command: ``info``, ``plugins``, ``demo``, ``bench``, ``transfer``.
+"""The ``distillx`` command: ``info``, ``plugins``, ``demo``, ``bench``, ``transfer``, ``run``.
 
 Each subcommand lives in its own module and owns its arguments; this file only dispatches.
 """
@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("distillx.demo", "train teacher and students on the bundled digits data and compare them"),
     "bench": ("distillx.bench", "time eager PyTorch, torch.compile and distillx side by side"),
     "transfer": ("distillx.transfer.cli", "initialise a student checkpoint from a teacher's weights and report it"),
+    "run": ("distillx.config.run", "run a whole distillation from a TOML/JSON config (distillx run digits)"),
 }
 
 

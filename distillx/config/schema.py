@@ -1,0 +1,538 @@
+"""The run-config schema: every key, its type, default and meaning, and :func:`validate`.
+
+A config is a TOML or JSON document. :func:`validate` checks it against :data:`SCHEMA` and returns
+the *resolved* config: a plain dict holding every key (defaults filled in, integers given for float
+keys turned into floats), the same whether the file was TOML or JSON. The resolved config is itself
+a valid config (``config.json`` in the output directory can be run again as is).
+
+Errors (all collected, then raised together as one :class:`ConfigError`): an unknown key at any
+level names the key and lists the valid keys at that level; a wrong type names the dotted key path
+(``teacher.optimizer.lr``, ``methods.0.name``), the expected type and the value; a missing required
+key names its dotted path. Values are checked here as far as the schema knows them; the options of
+methods, transfers, augmentations and builders are checked by whoever receives them.
+
+Key reference (``*`` = required; paths are dotted, list items by index: ``methods.0.T``)::
+
+    seed = 0                 int >= 0. torch.manual_seed(seed) before the data and the models are
+                             built (initial weights, dropout); also the Distiller's augmentation seed.
+    output_dir *             string. Where checkpoint.pt, metrics.json, metrics.png, student.pt,
+                             teacher.pt (when the teacher was trained) and config.json go; relative
+                             paths are relative to the current directory.
+    device = "cpu"           string, a torch device ("cpu", "cuda", "cuda:1").
+    threads                  int >= 1: torch.set_num_threads for the run (default: leave it as is).
+
+    [data] *
+    builder *                "module:callable"; callable(**options) returns {"train": loader, "val":
+                             loader or None} or a (train, val) pair. Built-in:
+                             "distillx.config.data:digits".
+    options = {}             table, keyword arguments of the builder.
+
+    [teacher] *
+    builder *                "module:callable"; callable(**options) returns the teacher nn.Module.
+    options = {}             table, keyword arguments of the builder.
+    checkpoint               string: a state dict file loaded into the built teacher
+                             (torch.load(weights_only=True); a {"state_dict": ...} or {"model": ...}
+                             wrapper is accepted).
+    epochs = 0               int >= 0: epochs of the teacher phase (task loss only); 0 = the teacher
+                             is used as built/loaded.
+    optimizer                table, see [*.optimizer] below.
+    scheduler                table, see [*.scheduler] below.
+
+    [student] *
+    builder *, options       as for the teacher.
+    epochs *                 int >= 1: distillation epochs.
+    optimizer, scheduler     tables, see below.
+    task_weight = 1.0        float >= 0: weight of the task (cross-entropy) loss; 0 = pure distillation.
+
+    [teacher.optimizer] / [student.optimizer]
+    name = "adamw"           "adamw", "adam" or "sgd".
+    lr = 0.001               float > 0.
+    weight_decay             float >= 0; default PyTorch's: 0.01 for adamw, 0.0 for adam and sgd.
+    betas = [0.9, 0.999]     two floats in [0, 1); adam and adamw only.
+    momentum = 0.0           float in [0, 1); sgd only.
+    nesterov = false         bool (needs momentum > 0); sgd only.
+
+    [teacher.scheduler] / [student.scheduler]   (the learning rate, per optimizer step)
+    name = "cosine"          "cosine" (warm-up, then cosine decay to 0), "linear" (warm-up, then
+                             linear decay to 0), "constant" (warm-up, then flat) or "none" (no
+                             scheduler; warmup is ignored).
+    warmup = 0.05            int >= 0 (steps) or float in [0, 1) (fraction of all steps).
+
+    [[methods]]              array of tables, default []: the distillation losses, in order.
+    name *                   a registered method ("kd", "at", ...; distillx plugins lists them).
+    (any other key)          an option of the method (dx.method(name, **options)), e.g. T, weight,
+                             student, teacher (feature layer paths).
+
+    [transfer]               optional table: initialise the student from the teacher's weights.
+    name *                   a registered weight transfer ("select", "direct", ...).
+    (any other key)          an option of the strategy (dx.transfer(name, **options)).
+
+    [[augmentations]]        optional array, default []: applied in order to every training batch.
+    name *                   a registered augmentation ("random_crop", "flip", "noise", "mixup", ...).
+    (any other key)          an option of the augmentation. A plain string is short for {name = ...}.
+
+    [weight_schedules]       optional table: loss term ("task" or a method's key: its name, "kd#2"
+                             for a second "kd") -> a schedule replacing that term's weight:
+    <term>.kind = "linear"   the only kind: start + (end - start) * min(epoch / epochs, 1), at the
+                             fractional epoch.
+    <term>.start *           float >= 0.
+    <term>.end *             float >= 0.
+    <term>.epochs *          float > 0.
+
+    [training]               optional Distiller settings
+    amp                      "bf16" (CPU or CUDA) or "fp16" (CUDA); default: off.
+    grad_clip                float > 0: clip the gradient norm; default: off.
+    cache_teacher = false    bool: compute the teacher's outputs once over the training set.
+    cache_dtype = "float16"  "float16" or "float32": storage of the teacher cache.
+    cache_top_k              int >= 1: keep only the k largest teacher logits in the cache.
+    progress                 bool: progress bars on/off; default: on when stderr is a terminal.
+                             (``distillx run --quiet`` or DISTILLX_QUIET=1 turn them off.)
+
+In JSON, ``null`` is accepted for the keys whose default is "off"/unset (threads, checkpoint,
+transfer, amp, grad_clip, cache_top_k, progress).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+from typing import Any, Callable, Optional
+
+__all__ = ["ConfigError", "SCHEMA", "validate", "check_path", "key_paths", "describe"]
+
+
+class ConfigError(ValueError):
+    """A config (or a ``--set`` override, or what a config names) is invalid; ``problems`` lists each."""
+
+    def __init__(self, problems, source: Optional[str] = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        if len(self.problems) == 1:
+            text = self.problems[0]
+            message = f"{source}: {text}" if source else text
+        else:
+            head = f"{source}: {len(self.problems)} problems" if source else f"{len(self.problems)} problems"
+            message = head + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table",
+               type(None): "null"}
+
+
+def describe(value: Any) -> str:
+    """``value`` as shown in error messages: its repr (shortened) and its TOML/JSON type."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({_TYPE_NAMES.get(type(value), type(value).__name__)})"
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _where(path: str) -> str:
+    return f"[{path}]" if path else "the top level"
+
+
+# -- value specs -------------------------------------------------------------------------------------
+class Spec:
+    """One kind of value. ``resolve`` returns the checked (normalised) value or appends to ``errors``."""
+
+    expected = "a value"
+
+    def resolve(self, value: Any, path: str, errors: list) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def fail(self, value: Any, path: str, errors: list, expected: Optional[str] = None) -> None:
+        errors.append(f"{path}: expected {expected or self.expected}, got {describe(value)}")
+
+    def child(self, key: str, path: str) -> "Optional[Spec]":
+        """The spec of ``key`` below this value (for ``--set`` paths); raise ConfigError if there is none."""
+        raise ConfigError(f"{path} is {self.expected}: it has no key {key!r}")
+
+
+class Int(Spec):
+    def __init__(self, minimum: Optional[int] = None):
+        self.minimum = minimum
+        self.expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+
+    def resolve(self, value, path, errors):
+        if isinstance(value, bool) or not isinstance(value, int) or (self.minimum is not None and value < self.minimum):
+            self.fail(value, path, errors)
+            return None
+        return value
+
+
+class Float(Spec):
+    """A finite number (an integer is accepted and turned into a float) within the bounds."""
+
+    def __init__(self, minimum: Optional[float] = None, exclusive_min: bool = False,
+                 maximum: Optional[float] = None, exclusive_max: bool = False):
+        self.minimum, self.exclusive_min = minimum, exclusive_min
+        self.maximum, self.exclusive_max = maximum, exclusive_max
+        bounds = []
+        if minimum is not None:
+            bounds.append(f"{'>' if exclusive_min else '>='} {minimum}")
+        if maximum is not None:
+            bounds.append(f"{'<' if exclusive_max else '<='} {maximum}")
+        self.expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+
+    def check(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.minimum is not None and (value <= self.minimum if self.exclusive_min else value < self.minimum):
+            return False
+        if self.maximum is not None and (value >= self.maximum if self.exclusive_max else value > self.maximum):
+            return False
+        return True
+
+    def resolve(self, value, path, errors):
+        if not self.check(value):
+            self.fail(value, path, errors)
+            return None
+        return float(value)
+
+
+class Bool(Spec):
+    expected = "a boolean (true or false)"
+
+    def resolve(self, value, path, errors):
+        if not isinstance(value, bool):
+            self.fail(value, path, errors)
+            return None
+        return value
+
+
+class Str(Spec):
+    def __init__(self, choices: Optional[tuple] = None, pattern: Optional[str] = None, what: Optional[str] = None,
+                 check: Optional[Callable[[str], Optional[str]]] = None):
+        self.choices = choices
+        self.pattern = re.compile(pattern) if pattern else None
+        self.check = check
+        if what:
+            self.expected = what
+        elif choices:
+            self.expected = "one of " + ", ".join(repr(c) for c in choices)
+        else:
+            self.expected = "a non-empty string"
+
+    def resolve(self, value, path, errors):
+        if not isinstance(value, str) or not value or (self.choices and value not in self.choices) or (
+                self.pattern and not self.pattern.fullmatch(value)):
+            self.fail(value, path, errors)
+            return None
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                errors.append(f"{path}: {problem}")
+                return None
+        return value
+
+
+class Warmup(Spec):
+    expected = "an integer >= 0 (steps) or a float in [0, 1) (a fraction of all steps)"
+
+    def resolve(self, value, path, errors):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(value, path, errors)
+            return None
+        if isinstance(value, int):
+            ok = value >= 0
+        else:
+            ok = math.isfinite(value) and 0 <= value < 1
+        if not ok:
+            self.fail(value, path, errors)
+            return None
+        return value
+
+
+class AnyTable(Spec):
+    """A table of free-form options (passed on as keyword arguments; checked by the receiver)."""
+
+    expected = "a table"
+
+    def resolve(self, value, path, errors):
+        if not isinstance(value, dict):
+            self.fail(value, path, errors)
+            return None
+        return copy.deepcopy(value)
+
+    def child(self, key, path):
+        return None  # anything goes below a free-form table
+
+
+class ListOf(Spec):
+    def __init__(self, item: Spec, expected: str):
+        self.item, self.expected = item, expected
+
+    def resolve(self, value, path, errors):
+        if not isinstance(value, list):
+            self.fail(value, path, errors)
+            return None
+        return [self.item.resolve(v, _join(path, i), errors) for i, v in enumerate(value)]
+
+    def child(self, key, path):
+        return self.item
+
+
+class MapOf(Spec):
+    """A table whose keys are free (names) and whose values all follow one spec."""
+
+    def __init__(self, value: Spec, expected: str):
+        self.value, self.expected = value, expected
+
+    def resolve(self, value, path, errors):
+        if not isinstance(value, dict):
+            self.fail(value, path, errors)
+            return None
+        return {k: self.value.resolve(v, _join(path, k), errors) for k, v in value.items()}
+
+    def child(self, key, path):
+        return self.value
+
+
+class Key:
+    """One key of a :class:`Table`: its spec, whether it is required, its default, its meaning."""
+
+    def __init__(self, spec: Spec, required: bool = False, default: Any = None, nullable: bool = False,
+                 doc: str = ""):
+        self.spec, self.required, self.default, self.nullable, self.doc = spec, required, default, nullable, doc
+
+    def default_for(self, table: dict) -> Any:
+        return self.default(table) if callable(self.default) else copy.deepcopy(self.default)
+
+
+class Table(Spec):
+    """A table with fixed keys; unknown keys are errors listing the valid ones. ``open=True``: other
+    keys are kept as they are (a plugin's options); ``post(resolved, given, path, errors)`` checks
+    the keys together and may drop keys that do not apply."""
+
+    def __init__(self, keys: dict, expected: str = "a table", open: bool = False,
+                 post: Optional[Callable] = None):
+        self.keys, self.expected, self.open, self.post = keys, expected, open, post
+
+    def resolve(self, value, path, errors):
+        if not isinstance(value, dict):
+            self.fail(value, path, errors)
+            return None
+        out: dict = {}
+        if not self.open:  # first, so a misspelt key is reported next to the "missing" it causes
+            errors.extend(self.unknown(name, path) for name in value if name not in self.keys)
+        for name, key in self.keys.items():
+            if name in value and not (value[name] is None and key.nullable):
+                out[name] = key.spec.resolve(value[name], _join(path, name), errors)
+            elif name in value or not key.required:
+                out[name] = None if name in value else key.default_for(value)
+            else:
+                errors.append(f"missing required key {_join(path, name)!r}"
+                              + (f" ({key.doc})" if key.doc else ""))
+        if self.open:
+            out.update({name: copy.deepcopy(v) for name, v in value.items() if name not in self.keys})
+        if self.post is not None:
+            self.post(out, value, path, errors)
+        return out
+
+    def unknown(self, name: str, path: str) -> str:
+        valid = list(self.keys)
+        close = difflib.get_close_matches(str(name), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key {_join(path, name)!r} in {_where(path)}{hint}; valid keys there: {', '.join(valid)}"
+
+    def child(self, key, path):
+        if key in self.keys:
+            return self.keys[key].spec
+        if self.open:
+            return None
+        raise ConfigError(self.unknown(key, path))
+
+
+class OneOf(Spec):
+    """A string (short for ``{name = ...}``) or a named table."""
+
+    def __init__(self, table: Table, expected: str):
+        self.table, self.expected = table, expected
+
+    def resolve(self, value, path, errors):
+        if isinstance(value, str) and value:
+            value = {"name": value}
+        if not isinstance(value, dict):
+            self.fail(value, path, errors)
+            return None
+        return self.table.resolve(value, path, errors)
+
+    def child(self, key, path):
+        return self.table.child(key, path)
+
+
+# -- the schema ------------------------------------------------------------------------------------
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "linear", "constant", "none")
+_BUILDER = r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*"
+
+
+def _check_device(text: str) -> Optional[str]:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        return f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {text!r}"
+    return None
+
+
+def _optimizer_post(out: dict, given: dict, path: str, errors: list) -> None:
+    name = out.get("name")
+    only = {"betas": ("adam", "adamw"), "momentum": ("sgd",), "nesterov": ("sgd",)}
+    for key, names in only.items():
+        if name in OPTIMIZERS and name not in names:
+            if key in given:
+                errors.append(f"{_join(path, key)}: applies to {' and '.join(names)} only, not {name!r}")
+            out.pop(key, None)
+    if name in OPTIMIZERS and "weight_decay" not in given:
+        out["weight_decay"] = 0.01 if name == "adamw" else 0.0
+    if name == "sgd" and out.get("nesterov") and not (out.get("momentum") or 0) > 0:
+        errors.append(f"{_join(path, 'nesterov')}: needs momentum > 0")
+
+
+class Betas(Spec):
+    expected = "an array of two floats in [0, 1)"
+
+    def resolve(self, value, path, errors):
+        item = Float(0.0, maximum=1.0, exclusive_max=True)
+        if not isinstance(value, list) or len(value) != 2 or not all(item.check(v) for v in value):
+            self.fail(value, path, errors)
+            return None
+        return [float(v) for v in value]
+
+
+def _optimizer(default_lr: float = 1e-3) -> Table:
+    return Table({
+        "name": Key(Str(OPTIMIZERS), default="adamw", doc="adamw, adam or sgd"),
+        "lr": Key(Float(0.0, exclusive_min=True), default=default_lr, doc="learning rate"),
+        "weight_decay": Key(Float(0.0), default=None, doc="0.01 for adamw, else 0"),
+        "betas": Key(Betas(), default=[0.9, 0.999], doc="adam/adamw"),
+        "momentum": Key(Float(0.0, maximum=1.0, exclusive_max=True), default=0.0, doc="sgd"),
+        "nesterov": Key(Bool(), default=False, doc="sgd"),
+    }, expected="a table (name, lr, weight_decay, betas, momentum, nesterov)", post=_optimizer_post)
+
+
+def _scheduler() -> Table:
+    return Table({
+        "name": Key(Str(SCHEDULERS), default="cosine"),
+        "warmup": Key(Warmup(), default=0.05),
+    }, expected="a table (name, warmup)")
+
+
+def _named(kind: str, example: str) -> Table:
+    return Table({"name": Key(Str(), required=True, doc=f"the registered {kind}, e.g. {example}")},
+                 expected=f"a table with name = <{kind}> and its options", open=True)
+
+
+def _model(student: bool) -> Table:
+    keys = {
+        "builder": Key(Str(pattern=_BUILDER, what='"module:callable" (e.g. "distillx.demo:mlp")'), required=True,
+                       doc='"module:callable" returning an nn.Module'),
+        "options": Key(AnyTable(), default={}),
+    }
+    if not student:
+        keys["checkpoint"] = Key(Str(), nullable=True)
+    keys["epochs"] = (Key(Int(1), required=True, doc="distillation epochs, an integer >= 1") if student
+                      else Key(Int(0), default=0))
+    keys["optimizer"] = Key(_optimizer(), default=lambda t: _default_of(_optimizer()))
+    keys["scheduler"] = Key(_scheduler(), default=lambda t: _default_of(_scheduler()))
+    if student:
+        keys["task_weight"] = Key(Float(0.0), default=1.0)
+    return Table(keys, expected="a table")
+
+
+def _default_of(table: Table) -> dict:
+    errors: list = []
+    out = table.resolve({}, "", errors)
+    assert not errors, errors
+    return out
+
+
+SCHEMA = Table({
+    "seed": Key(Int(0), default=0),
+    "output_dir": Key(Str(), required=True, doc="where checkpoints, metrics and the final student go"),
+    "device": Key(Str(check=_check_device, what="a torch device string"), default="cpu"),
+    "threads": Key(Int(1), nullable=True),
+    "data": Key(Table({
+        "builder": Key(Str(pattern=_BUILDER, what='"module:callable" (e.g. "distillx.config.data:digits")'),
+                       required=True, doc='"module:callable" returning {"train": loader, "val": loader}'),
+        "options": Key(AnyTable(), default={}),
+    }), required=True, doc='a table: [data] with builder = "module:callable"'),
+    "teacher": Key(_model(False), required=True, doc='a table: [teacher] with builder = "module:callable"'),
+    "student": Key(_model(True), required=True,
+                   doc='a table: [student] with builder = "module:callable" and epochs'),
+    "methods": Key(ListOf(_named("method", "kd"), "an array of tables ([[methods]] with name and options)"),
+                   default=[]),
+    "transfer": Key(_named("weight transfer", "select"), nullable=True),
+    "augmentations": Key(ListOf(OneOf(_named("augmentation", "flip"), "an augmentation name or a table with name "
+                                      "and options"),
+                                "an array of augmentations ([[augmentations]] with name and options)"), default=[]),
+    "weight_schedules": Key(MapOf(Table({
+        "kind": Key(Str(("linear",)), default="linear"),
+        "start": Key(Float(0.0), required=True),
+        "end": Key(Float(0.0), required=True),
+        "epochs": Key(Float(0.0, exclusive_min=True), required=True),
+    }, expected="a table (kind, start, end, epochs)"), "a table of loss term -> {kind, start, end, epochs}"),
+        default={}),
+    "training": Key(Table({
+        "amp": Key(Str(("bf16", "fp16")), nullable=True),
+        "grad_clip": Key(Float(0.0, exclusive_min=True), nullable=True),
+        "cache_teacher": Key(Bool(), default=False),
+        "cache_dtype": Key(Str(("float16", "float32")), default="float16"),
+        "cache_top_k": Key(Int(1), nullable=True),
+        "progress": Key(Bool(), nullable=True),
+    }), default=lambda t: _default_of(SCHEMA.keys["training"].spec)),
+})
+"""The whole schema (see the module docstring for every key)."""
+
+
+def validate(raw: Any, source: Optional[str] = None) -> dict:
+    """Check ``raw`` (a parsed TOML/JSON document) against :data:`SCHEMA`; return the resolved config.
+
+    Raises :class:`ConfigError` listing every problem found (``source`` prefixes the message).
+    """
+    errors: list = []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a table (a JSON object), got {describe(raw)}", source)
+    out = SCHEMA.resolve(raw, "", errors)
+    if errors:
+        raise ConfigError(errors, source)
+    return out
+
+
+def check_path(parts: list, raw: dict) -> None:
+    """Raise :class:`ConfigError` unless the dotted path ``parts`` names a key the schema allows
+    (used by ``--set``; list indices are checked against ``raw``'s lists by the caller)."""
+    spec: Optional[Spec] = SCHEMA
+    path = ""
+    for part in parts:
+        if spec is None:  # below a free-form table: anything goes
+            return
+        if isinstance(spec, ListOf) and not str(part).isdigit():
+            raise ConfigError(f"{path} is an array: index it with a number ({path}.0), not {part!r}")
+        spec = spec.child(str(part), path)
+        path = _join(path, part)
+
+
+def key_paths(spec: Spec = SCHEMA, path: str = "") -> list:
+    """Every documented key path of the schema (``teacher.optimizer.lr``, ``methods.N.name``...)."""
+    out = []
+    if isinstance(spec, Table):
+        for name, key in spec.keys.items():
+            sub = _join(path, name)
+            out.append(sub)
+            out.extend(key_paths(key.spec, sub))
+    elif isinstance(spec, ListOf):
+        out.extend(key_paths(spec.item, _join(path, "N")))
+    elif isinstance(spec, OneOf):
+        out.extend(key_paths(spec.table, path))
+    elif isinstance(spec, MapOf):
+        out.extend(key_paths(spec.value, _join(path, "TERM")))
+    return out
