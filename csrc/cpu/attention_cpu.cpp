@@ -39,13 +39,23 @@ at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
     using T = scalar_t;
     const T* x = f.const_data_ptr<T>();
     T* a = out.mutable_data_ptr<T>();
-    constexpr int64_t kBlock = 512;  // columns per task: the accumulator stays in L1 across channels
-    const int64_t blocks = (HW + kBlock - 1) / kBlock;
+    // Columns per task: whole rows when they fit and there are samples enough for every thread (one
+    // sequential stream per sample, which the prefetchers follow; half rows measured ~40% slower),
+    // else rows split so that each thread gets work. The accumulator stays in L1.
+    constexpr int64_t kMaxBlock = 4096;
+    const int64_t want_tasks = 2 * static_cast<int64_t>(at::get_num_threads());
+    int64_t block = std::min(kMaxBlock, std::max<int64_t>(HW, 1));
+    if (B < want_tasks) {
+      const int64_t split = (want_tasks + B - 1) / std::max<int64_t>(B, 1);
+      block = std::max<int64_t>(64, ((HW + split - 1) / split + 15) / 16 * 16);
+      block = std::min(block, kMaxBlock);
+    }
+    const int64_t blocks = (HW + block - 1) / block;
     const T pp = static_cast<T>(p), inv_c = T(1) / static_cast<T>(std::max<int64_t>(C, 1));
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      alignas(64) T acc[kBlock];
+      alignas(64) T acc[kMaxBlock];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, j0 = (task % blocks) * kBlock, n = std::min(kBlock, HW - j0);
+        const int64_t b = task / blocks, j0 = (task % blocks) * block, n = std::min(block, HW - j0);
         std::fill(acc, acc + n, T(0));
         for (int64_t c = 0; c < C; ++c) {
           const T* row = x + (b * C + c) * HW + j0;

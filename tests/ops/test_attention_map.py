@@ -181,13 +181,16 @@ def test_fused_attention_map_matches_reference(rng, p):
 
 
 @requires_kernel
-def test_threads(rng):
-    """Forward (column blocks of 512 over the batch) and backward (rows of at least 32K elements) of the
-    fused map on 2 threads equal the single-thread results and the reference."""
-    f = rng.randn(3, 64, 33, 40)
-    g = rng.randn(3, 33, 40)
+@pytest.mark.parametrize("shape", [(3, 64, 33, 40), (1, 8, 70, 70), (5, 4, 72, 64)],
+                         ids=["rows-split", "one-sample-over-4096", "whole-rows-over-4096"])
+def test_threads(rng, shape):
+    """Forward (whole rows per task, up to 4096 columns, or rows split when there are fewer samples than
+    2 × threads) and backward (rows of at least 32K elements) of the fused map on 1 and 2 threads equal
+    the reference."""
+    f = rng.randn(*shape)
+    g = rng.randn(shape[0], shape[2], shape[3])
     for p in (2.0, 1.5):
-        tag = rng.tag(p=p)
+        tag = rng.tag(p=p, shape=shape)
         outs = []
         for threads in (1, 2):
             with num_threads(threads):
