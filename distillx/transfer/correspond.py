@@ -15,7 +15,11 @@ Rules, first that applies wins:
    student layer ``i`` of a stack reads teacher layer ``layer_rule(stack, i, n_student,
    n_teacher)`` of the stack at the same path (``"first"``: ``i``; ``"uniform"``: evenly spaced;
    a ``layer_map``: given). A name match must also agree on the owning module's type, so a
-   BatchNorm weight never reads a convolution's bias because indices shifted.
+   BatchNorm weight never reads a convolution's bias because indices shifted;
+4. when that fails inside a mixed ``nn.Sequential``/``nn.ModuleList`` (a teacher with Dropout or
+   activation layers the student lacks shifts the indices), the **same-type ordinal**: the student's
+   k-th Linear (Conv, BatchNorm, ...) of that container reads the teacher's k-th module of the same
+   type in the container at the same path.
 
 Nothing here reads or writes values; strategies decide what to do with each :class:`Match`.
 """
@@ -147,6 +151,32 @@ def _translate(name: str, s_stacks: dict, t_stacks: dict, modules: dict, rule: L
     return ".".join(t_parts), "; ".join(via)
 
 
+def _ordinal(name: str, student: nn.Module, teacher: nn.Module) -> Optional[str]:
+    """Rule 4: the teacher tensor of the same-type module with the same ordinal in the same container."""
+    parts = name.split(".")
+    for k in range(len(parts) - 2, -1, -1):
+        if not parts[k].isdigit():
+            continue
+        parent = ".".join(parts[:k])
+        try:
+            s_parent, t_parent = student.get_submodule(parent), teacher.get_submodule(parent)
+        except AttributeError:
+            return None
+        if not isinstance(s_parent, (nn.Sequential, nn.ModuleList)) or type(t_parent) is not type(s_parent):
+            return None
+        s_children, t_children = list(s_parent.children()), list(t_parent.children())
+        index = int(parts[k])
+        if index >= len(s_children):
+            return None
+        kind = type(s_children[index])
+        ordinal = sum(1 for c in s_children[:index] if type(c) is kind)
+        same = [i for i, c in enumerate(t_children) if type(c) is kind]
+        if ordinal >= len(same):
+            return None
+        return ".".join(parts[:k] + [str(same[ordinal])] + parts[k + 1:])
+    return None
+
+
 def _governed(path: str, stacks: dict, modules: dict) -> bool:
     """Whether a module mapping or a layer stack already decides where ``path`` reads from: then the
     output-layer rule stays out (the last Linear of a stack of Linears is that stack's last layer)."""
@@ -210,6 +240,12 @@ def correspond(teacher: nn.Module, student: nn.Module, *, mapping: MappingSpec =
                     reason = (f"{t_name!r} belongs to a {type(t_owner).__name__} in the teacher, "
                               f"not a {type(s_owner).__name__}")
                     t_name = None
+        if t_name is None and not module_map and fn is None and name not in tensor_map:
+            alt = _ordinal(name, student, teacher)
+            if alt is not None and alt in t_tensors and alt not in reserved and alt != name and \
+                    type(owner(student, name)[0]) is type(owner(teacher, alt)[0]):
+                kind_name = type(owner(student, name)[0]).__name__
+                t_name, reason = alt, f"same-type ordinal: {name!r} <- {alt!r} (the same {kind_name} in order)"
         if t_name is None:
             matches.append(Match(name, tensor, kind, None, None, reason, output_pair))
         else:

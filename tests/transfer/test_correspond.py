@@ -132,3 +132,31 @@ def test_mapping_to_missing_names_lists_close_ones():
         correspond(teacher, student, mapping=lambda n: "nope")
     with pytest.raises(TypeError, match="mapping must be"):
         correspond(teacher, student, mapping=[("a", "b")])
+
+
+def test_same_type_ordinal_when_dropout_shifts_indices():
+    """A teacher Sequential with Dropout after each ReLU (Linears at 0/3/6) and a student without
+    (Linears at 0/2/4): the student's k-th Linear reads the teacher's k-th Linear, so a student of the
+    teacher's shapes gets every tensor copied; ReLU/Dropout positions never match a Linear."""
+    import torch
+    from torch import nn
+
+    import distillx as dx
+    from distillx.transfer import correspond
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU(),
+                            nn.Dropout(0.5), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    pairs = {m.name: m.teacher_name for m in correspond(teacher, student)}
+    assert pairs == {"0.weight": "0.weight", "0.bias": "0.bias", "2.weight": "3.weight", "2.bias": "3.bias",
+                     "4.weight": "6.weight", "4.bias": "6.bias"}
+    report = dx.transfer("direct", teacher, student)
+    assert report.counts()["copied"] == 6
+    assert torch.equal(student[2].weight, teacher[3].weight) and torch.equal(student[4].bias, teacher[6].bias)
+    # no same-type module at that ordinal in the teacher: left alone, with the name rule's reason
+    short = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    deep = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 3))
+    pairs = {m.name: m.teacher_name for m in correspond(short, deep)}
+    assert pairs["4.weight"] is None and pairs["6.weight"] == "2.weight"
