@@ -25,6 +25,8 @@ Every size key of every case becomes a ``distillx bench --KEY`` flag automatical
 """
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -211,7 +213,7 @@ def _build_gram(sizes, dtype, device, gen):
     })
 
 
-register_case(Case(
+GRAM_RBF = register_case(Case(
     name="gram_rbf",
     description="kernel Gram matching mean_ij (k(s_i,s_j) - k(t_i,t_j))^2, RBF kernel, mean-distance bandwidth",
     reference="distillx.ops.reference:kernel_gram_loss_reference",
@@ -225,18 +227,10 @@ register_case(Case(
 ))
 
 
-register_case(Case(
-    name="sp_rbf",
+register_case(dataclasses.replace(
+    GRAM_RBF, name="sp_rbf",
     description="row-normalised kernel Gram matching (SP-KD with any kernel), RBF kernel: two sweeps",
-    reference="distillx.ops.reference:kernel_gram_loss_reference",
-    fused="distillx.functional:kernel_gram_loss",
-    build=_build_gram,
-    sizes={"N": 4096, "Ds": 128, "Dt": 512},
-    quick={"N": 48, "Ds": 8, "Dt": 12},
-    params={"kernel": "rbf", "normalize_rows": True},
-    op="kernel_gram",
-    size_doc={"N": "rows (samples)", "Ds": "student width", "Dt": "teacher width"},
-))
+    params={"kernel": "rbf", "normalize_rows": True}))
 
 
 def _build_attention_map(sizes, dtype, device, gen):

@@ -12,6 +12,21 @@ from .report import TransferReport
 from .tensors import output_layer
 
 
+def settle_trivial(m: Match, report: TransferReport) -> bool:
+    """Skip a tensor without a teacher counterpart, copy one of the same shape; True when done, so a
+    strategy only has to decide what to do with the shapes that differ."""
+    shape = tuple(m.tensor.shape)
+    if m.teacher_tensor is None:
+        report.skipped(m.name, shape, m.reason)
+        return True
+    if tuple(m.teacher_tensor.shape) == shape:
+        with torch.no_grad():
+            m.tensor.copy_(m.teacher_tensor)
+        report.copied(m.name, shape, m.teacher_name, m.reason)
+        return True
+    return False
+
+
 @torch.no_grad()
 def copy_or_shrink(student: nn.Module, matches: list[Match], report: TransferReport, rule: Optional[str],
                    blocks: Optional[Mapping[str, int]] = None) -> TransferReport:
@@ -23,15 +38,9 @@ def copy_or_shrink(student: nn.Module, matches: list[Match], report: TransferRep
     """
     head = output_layer(student)
     for m in matches:
-        shape = tuple(m.tensor.shape)
-        if m.teacher_tensor is None:
-            report.skipped(m.name, shape, m.reason)
+        if settle_trivial(m, report):
             continue
-        t_shape = tuple(m.teacher_tensor.shape)
-        if t_shape == shape:
-            m.tensor.copy_(m.teacher_tensor)
-            report.copied(m.name, shape, m.teacher_name, m.reason)
-            continue
+        shape, t_shape = tuple(m.tensor.shape), tuple(m.teacher_tensor.shape)
         if rule is None:
             report.skipped(m.name, shape, f"{m.teacher_name} has shape {t_shape}, not {shape}, and adapt=None")
             continue

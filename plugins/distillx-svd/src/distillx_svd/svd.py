@@ -55,6 +55,7 @@ from torch import nn
 from distillx.transfer import (ShapeMismatch, TransferReport, check_models, correspond, layout_of,
                                output_layer, shrink, uniform_indices)
 from distillx.transfer.adapt import Layout
+from distillx.transfer.apply import settle_trivial
 from distillx.transfer.correspond import LayerRule, MappingSpec
 
 
@@ -139,15 +140,9 @@ def svd_transfer(teacher: nn.Module, student: nn.Module, *, layers: Union[str, L
     report = TransferReport.for_model("svd", student)
     head = output_layer(student)
     for m in correspond(teacher, student, mapping=mapping, layers=layers):
-        shape = tuple(m.tensor.shape)
-        if m.teacher_tensor is None:
-            report.skipped(m.name, shape, m.reason)
+        if settle_trivial(m, report):
             continue
-        t_shape = tuple(m.teacher_tensor.shape)
-        if t_shape == shape:
-            m.tensor.copy_(m.teacher_tensor)
-            report.copied(m.name, shape, m.teacher_name, m.reason)
-            continue
+        shape, t_shape = tuple(m.tensor.shape), tuple(m.teacher_tensor.shape)
         layout = layout_of(student, m.name, output_layer=head, blocks=blocks)
         try:
             if len(shape) >= 2:
