@@ -195,9 +195,17 @@ def run_linear(hs, ws, bs, ht, wt, bt, upstream=None, **kw):
 
 
 def reference_linear(hs, ws, bs, ht, wt, bt, upstream=None, *, temperature=1.0, divergence="kl", beta=0.5,
-                     reduction="batchmean", mask=None, chunk_size=None):
-    """float64 reference of linear_kd_loss on the values it sees; returns (loss, (g_hs, g_ws, g_bs))."""
+                     reduction="batchmean", mask=None, chunk_size=None, model_rounding=False):
+    """float64 reference of linear_kd_loss on the values it sees; returns (loss, (g_hs, g_ws, g_bs)).
+
+    ``model_rounding``: also round what the kernel keeps in the student dtype — the logits chunk (its
+    value; the gradient passes straight through) and the logits gradient it overwrites them with —
+    so the difference to the plain reference measures the error a correct kernel must have."""
     (hs64, ws64, bs64), ls, lt = linear_logits(hs, ws, bs, ht, wt, bt)
+    if model_rounding:
+        dtype = hs.dtype
+        ls = ls + (ls.detach().to(dtype).to(F64) - ls.detach())
+        ls.register_hook(lambda g: g.to(dtype).to(F64))
     m = None if mask is None else mask.reshape(-1)
     out = ref.kd_loss_reference(ls, lt, temperature, divergence, beta, reduction, m)
     g = torch.ones_like(out) if upstream is None else upstream.to(hs.dtype).to(F64).reshape(out.shape)
