@@ -5,7 +5,8 @@
   otherwise the (N, N) Gram matrices, which are then no larger than the inputs;
 * polynomial / rbf / chebyshev: ``distillx::kernel_gram`` tiles the (N, N) matrices in row panels
   (never materialised) and computes the gradient in the same pass; with ``normalize_rows`` a first
-  sweep gathers each Gram row's norm (and its dot with the teacher's row), a second the gradient;
+  sweep gathers each Gram row's norm (and its dot with the teacher's row), a second the gradient
+  (dense when N <= the width, where the Gram matrices are no larger than the inputs);
 * a kernel given as a callable (third-party kernels): the dense reference.
 """
 from __future__ import annotations
@@ -157,7 +158,13 @@ def kernel_gram_loss(s, t, kernel, normalize_rows, params):
         if kernel == "cosine":
             s, t = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
         return _linear_gram_loss(s, t, normalize_rows).to(out_dtype)
-    if not has_kernel("kernel_gram", s.device.type):
+    # Row-normalised with N <= width: the (N, N) Gram matrices are no larger than the inputs (the rule
+    # of the linear kernel's switch), and the dense form is better conditioned there: with one or two
+    # rows, a row of K_t is (nearly) proportional to its row of K_s and the tiled gradient
+    # γ_i K_s − α_i K_t cancels to float32 rounding of terms ~1/|K_s|, where normalising each row first
+    # cancels exactly.
+    dense = normalize_rows and s.shape[0] <= max(s.shape[1], t.shape[1])
+    if dense or not has_kernel("kernel_gram", s.device.type):
         return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows, **params).to(out_dtype)
     return _fused_gram_loss(s, t, kernel, normalize_rows, params).to(out_dtype)
 
