@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._atomic import save_atomic
 from .engine import checkpoint as ckpt
-from .engine.distributed import DistContext, init_from_env, shard_loader
+from .engine.distributed import init_from_env, shard_loader
 from .engine.loop import Phase, Runner
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
@@ -424,7 +425,7 @@ class Distiller:
             if self.checkpoint_dir is None:
                 return None
             path = os.path.join(self.checkpoint_dir, "checkpoint.pt")
-            ckpt.save_atomic(self._checkpoint(name, position, optimizer, scheduler, scaler), path)
+            save_atomic(self._checkpoint(name, position, optimizer, scheduler, scaler), path)
             return path
 
         return Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators)

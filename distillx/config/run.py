@@ -235,6 +235,7 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
     import torch
 
     from ..distiller import NonFiniteLossError
+    from .._atomic import save_atomic
     from ..engine import checkpoint as ckpt
     from ..engine.loop import TrainingInterrupted
     from .build import _message, build
@@ -304,10 +305,10 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
                     raise ConfigError(_message(exc)) from exc
                 seconds = time.perf_counter() - start
                 written = ["checkpoint.pt", "config.json", "student.pt"]
-                ckpt.save_atomic({k: v.detach().cpu() for k, v in run.student.state_dict().items()},
+                save_atomic({k: v.detach().cpu() for k, v in run.student.state_dict().items()},
                                  path["student.pt"])
                 if cfg["teacher"]["epochs"] > 0:
-                    ckpt.save_atomic({k: v.detach().cpu() for k, v in run.teacher.state_dict().items()},
+                    save_atomic({k: v.detach().cpu() for k, v in run.teacher.state_dict().items()},
                                      path["teacher.pt"])
                     written.append("teacher.pt")
                 d.save_metrics(path["metrics.json"])

@@ -18,8 +18,6 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .._atomic import save_atomic  # noqa: F401  (re-exported: checkpoints are written with it)
-
 FORMAT = "distillx-checkpoint"
 VERSION = 1
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch import nn
 
 from . import checkpoint as ckpt
 from .distributed import DistContext, set_epoch

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import distillx as dx
 from distillx.engine import CheckpointError, TrainingInterrupted
+from distillx._atomic import save_atomic
 from distillx.engine import checkpoint as ckpt
 
 from .helpers import data, loader, same, state, student, teacher
@@ -80,7 +81,7 @@ def test_checkpoint_every_epoch_is_atomic(tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    ckpt.save_atomic({"a": 1}, path)
+    save_atomic({"a": 1}, path)
 
     def broken(obj, f, *args, **kwargs):
         f.write(b"partial")
@@ -88,7 +89,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_atomic({"a": 2}, path)
+        save_atomic({"a": 2}, path)
     monkeypatch.undo()
     assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
 
