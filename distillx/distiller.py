@@ -41,7 +41,6 @@ the method and, when a feature holds NaN/inf, the model and layer; the last chec
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, Union
@@ -53,15 +52,16 @@ from torch import nn
 from ._atomic import save_atomic
 from .engine import checkpoint as ckpt
 from .engine.distributed import init_from_env, shard_loader
-from .engine.loop import Phase, Runner
+from .engine.arguments import (TASK, apply_transfer, build_augmentations, check_methods, check_weight, method_name,
+                               metric_keys)
+from .engine.loop import Phase, Runner, steps_per_epoch
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
 from .methods import Method
 from .plugin import get_plugin_manager
 from .training import (OptimizerSpec, build_optimizer, check_epochs, check_loader, evaluate, logits_of,
-                       resolve_device, unpack_batch)
+                       resolve_device, unpack_batch, validator)
 
-TASK = "task"  # metrics key of the weighted task loss
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -143,8 +143,8 @@ class Distiller:
         if shared:
             raise ValueError(f"teacher and student share {len(shared)} parameter tensor(s); training the "
                              "student would change the teacher. Give the student its own copy.")
-        self.methods = _check_methods(methods)
-        self.task_weight = _check_weight(task_weight, "task_weight")
+        self.methods = check_methods(methods)
+        self.task_weight = check_weight(task_weight, "task_weight")
         if self.task_weight == 0 and not any(m.weight != 0 for m in self.methods) and not weight_schedules:
             raise ValueError("task_weight is 0 and no method has a non-zero weight: there is nothing to train")
         if task_loss is not None and not callable(task_loss):
@@ -168,9 +168,9 @@ class Distiller:
         self.transfer_report = None
         self._phase: Optional[Phase] = None
         self._move_methods()
-        self._keys = _metric_keys(self.methods)
+        self._keys = metric_keys(self.methods)
         self.weight_schedules = check_weight_schedules(weight_schedules, [TASK, *self._keys])
-        self.augmentations = _build_augmentations(augmentations)
+        self.augmentations = build_augmentations(augmentations)
         self.cache_teacher = bool(cache_teacher)
         if self.cache_teacher:
             from .augment import any_changes_inputs
@@ -208,7 +208,7 @@ class Distiller:
                 self.setup(example_inputs)
             elif isinstance(optimizer, torch.optim.Optimizer):
                 raise ValueError(
-                    f"method(s) {', '.join(repr(_name(m)) for m in self._pending_setup())} build their adapters from "
+                    f"method(s) {', '.join(repr(method_name(m)) for m in self._pending_setup())} build their adapters from "
                     "the first features they see, so an optimizer built beforehand cannot hold them; pass a factory "
                     "such as `lambda params: torch.optim.SGD(params, lr=0.1)`, or example_inputs=<a batch of "
                     "inputs> to build the adapters now")
@@ -245,7 +245,7 @@ class Distiller:
             self._move_methods()
             still = self._pending_setup()
             if still:
-                raise RuntimeError(f"method(s) {', '.join(repr(_name(m)) for m in still)} still need setup after "
+                raise RuntimeError(f"method(s) {', '.join(repr(method_name(m)) for m in still)} still need setup after "
                                    "setup() ran (their needs_setup stayed True)")
         if self.optimizer is None:
             self.optimizer = build_optimizer(self._optimizer_spec, self._trainable_parameters())
@@ -256,7 +256,7 @@ class Distiller:
         if not self._transfer_done:
             self._plan.close()  # a transfer may run the models (head_fit) and deep-copies the student
             try:
-                self.transfer_report = _apply_transfer(self._transfer, self.teacher, self.student)
+                self.transfer_report = apply_transfer(self._transfer, self.teacher, self.student)
             finally:
                 self._plan.attach()
             self._transfer_done = True
@@ -349,7 +349,7 @@ class Distiller:
 
         phase = Phase("teacher", [self.teacher], optimizer, loader, epochs, losses, self.device, scheduler, scaler,
                       AMP[self.amp], self.grad_clip, self._augment(), self.aug_generator,
-                      _validator(val_loader, self.teacher, self.task_loss, self.device), params=params)
+                      validator(val_loader, self.teacher, self.task_loss, self.device), params=params)
         was_training = self.teacher.training
         base = len(self.teacher_history) if state is None else 0  # a resumed run returns its whole history
         self._plan.close()
@@ -397,7 +397,7 @@ class Distiller:
             hook.distillx_on_fit_start(distiller=self)
             phase = Phase("student", [self.student, *self.methods], self.optimizer, loader, epochs, self._losses,
                           self.device, scheduler, scaler, AMP[self.amp], self.grad_clip, self._augment(),
-                          self.aug_generator, _validator(val_loader, self.student, self.task_loss, self.device),
+                          self.aug_generator, validator(val_loader, self.student, self.task_loss, self.device),
                           indexed=self._cache is not None, params=self._trainable_parameters())
             base = len(self.history) if state is None else 0  # a resumed run returns its whole history
 
@@ -424,7 +424,7 @@ class Distiller:
         def save(name, position):
             if self.checkpoint_dir is None:
                 return None
-            path = os.path.join(self.checkpoint_dir, "checkpoint.pt")
+            path = os.path.join(self.checkpoint_dir, ckpt.FILENAME)
             save_atomic(self._checkpoint(name, position, optimizer, scheduler, scaler), path)
             return path
 
@@ -444,25 +444,8 @@ class Distiller:
         }
 
     def _resume_state(self, resume, want_phase: Optional[str]):
-        if resume is None or resume is False:
-            return None, None
-        path = os.path.join(self.checkpoint_dir, "checkpoint.pt") if resume is True and self.checkpoint_dir else resume
-        if resume is True and not self.checkpoint_dir:
-            raise ValueError("resume=True needs checkpoint_dir= (where checkpoint.pt is); or pass the checkpoint path")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"resume must be a checkpoint path or True, got {type(resume).__name__}")
-        state = ckpt.load(path)
-        if want_phase is not None and state["phase"] != want_phase:
-            raise ckpt.CheckpointError(f"checkpoint {path!r} is from the {state['phase']} phase, not the {want_phase} "
-                                       "phase; resume it with fit(..., resume=...)")
-        if state["method_keys"] != list(self._keys):
-            raise ckpt.CheckpointError(f"checkpoint {path!r} was written with methods {state['method_keys']}, this "
-                                       f"Distiller has {list(self._keys)}")
-        ckpt.check_state_dict(state["student"], self.student, "student", path)
-        if state.get("teacher") is not None:
-            ckpt.check_state_dict(state["teacher"], self.teacher, "teacher", path)
-        state["path"] = path
-        return state, state["position"]
+        state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher)
+        return state, (state["position"] if state is not None else None)
 
     def _load_common(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -473,7 +456,7 @@ class Distiller:
             try:
                 m.load_state_dict(sd)
             except RuntimeError as exc:
-                raise ckpt.CheckpointError(f"checkpoint {state['path']!r}: method {_name(m)!r} does not match its saved "
+                raise ckpt.CheckpointError(f"checkpoint {state['path']!r}: method {method_name(m)!r} does not match its saved "
                                            f"state: {exc}") from exc
         self.metrics.load_state_dict(state["metrics"])
         self.teacher_history = list(state["history"]["teacher"])
@@ -481,7 +464,6 @@ class Distiller:
         if state["phase"] == "student":
             # The saved student already holds the transfer's result: never apply it a second time.
             self._transfer_done = True
-            self.saved_transfer_report = state.get("transfer_report")
 
     # -- pieces ----------------------------------------------------------------------------------
     def _scaler(self):
@@ -608,23 +590,8 @@ class Distiller:
                                      + "; stopped before the optimizer step")
 
 
-def _validator(val_loader, model, loss_fn, device):
-    if val_loader is None:
-        return None
-    check_loader(val_loader, "val_loader")
-    return lambda: evaluate(model, val_loader, loss_fn, device)
-
-
-def _len_or_none(loader) -> Optional[int]:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
-
 def _total_steps(loader, epochs: int) -> int:
-    n = _len_or_none(loader)
-    return max(1, (n or 1) * epochs)
+    return max(1, (steps_per_epoch(loader) or 1) * epochs)
 
 
 def _load_optional(obj, state, what: str) -> None:
@@ -633,79 +600,3 @@ def _load_optional(obj, state, what: str) -> None:
     if state is None:
         raise ckpt.CheckpointError(f"the checkpoint has no {what} state but this run uses a {what}")
     obj.load_state_dict(state)
-
-
-def _build_augmentations(augmentations) -> list:
-    if augmentations is None:
-        return []
-    if isinstance(augmentations, (str, bytes)) or callable(augmentations):
-        augmentations = [augmentations]
-    from .augment import resolve
-
-    out = []
-    for i, a in enumerate(augmentations):
-        if isinstance(a, (str, dict)):
-            a = resolve(a)
-        if not callable(a):
-            raise TypeError(f"augmentations[{i}] must be a registered name, a {{'name': ..., **options}} mapping or a "
-                            f"callable (inputs, targets, generator) -> (inputs, targets), got {type(a).__name__}")
-        out.append(a)
-    return out
-
-
-def _apply_transfer(transfer, teacher: nn.Module, student: nn.Module):
-    """Run ``transfer`` (a name, a Transfer or a callable) on the models; return its report or None."""
-    if transfer is None:
-        return None
-    from . import transfer as transfers
-
-    if isinstance(transfer, str):
-        transfer = transfers.Transfer(transfer)
-    if isinstance(transfer, transfers.Transfer) and transfer.n is not None:
-        raise ValueError(f"transfer={transfer.name!r} with n={transfer.n} makes an ensemble of students; the "
-                         "Distiller trains one student: drop n= (or distil each ensemble member separately)")
-    if not callable(transfer):
-        raise TypeError("transfer must be a strategy name, a distillx.transfer.Transfer or a callable "
-                        f"(teacher, student) -> TransferReport, got {type(transfer).__name__}")
-    report = transfer(teacher, student)
-    if not isinstance(report, transfers.TransferReport):
-        raise TypeError(f"transfer returned {type(report).__name__}, expected a TransferReport")
-    return report
-
-
-def _check_weight(weight, name: str) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
-    return float(weight)
-
-
-def _check_methods(methods) -> list[Method]:
-    if methods is None:
-        return []
-    if isinstance(methods, Method):
-        raise TypeError("methods must be a list of methods; wrap the single method in a list: methods=[...]")
-    if isinstance(methods, (str, bytes)) or not isinstance(methods, Iterable):
-        raise TypeError(f"methods must be a list of distillx methods, got {type(methods).__name__}")
-    methods = list(methods)
-    for i, m in enumerate(methods):
-        if not isinstance(m, Method):
-            raise TypeError(f"methods[{i}] must be a distillx Method (build it with distillx.method(name, ...)), "
-                            f"got {type(m).__name__}")
-        _check_weight(m.weight, f"methods[{i}].weight ({_name(m)})")
-    return methods
-
-
-def _name(method: Method) -> str:
-    return getattr(method, "name", None) or type(method).__name__
-
-
-def _metric_keys(methods: Sequence[Method]) -> list[str]:
-    """One metrics key per method: its name, suffixed ``#2``, ``#3``… when a name repeats."""
-    keys, counts = [], {}
-    for m in methods:
-        base = _name(m)
-        counts[base] = counts.get(base, 0) + 1
-        keys.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
-    if TASK in keys or "loss" in keys:
-        raise ValueError(f"a method may not be named {TASK!r} or 'loss' (reserved metrics keys)")
-    return keys

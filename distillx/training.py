@@ -126,6 +126,15 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = N
     return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
 
 
+def validator(val_loader: Optional[Iterable], model: nn.Module, loss_fn: Optional[Callable],
+              device: torch.device) -> Optional[Callable[[], dict]]:
+    """``() -> evaluate(model, val_loader, ...)`` after checking ``val_loader``, or None without one."""
+    if val_loader is None:
+        return None
+    check_loader(val_loader, "val_loader")
+    return lambda: evaluate(model, val_loader, loss_fn, device)
+
+
 def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: LossFn,
                optimizer: torch.optim.Optimizer, device: torch.device, val_loader: Optional[Iterable] = None,
                val_loss_fn: Optional[Callable] = None,
@@ -142,12 +151,8 @@ def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: 
 
     epochs = check_epochs(epochs)
     check_loader(loader, "train_loader")
-    validate = None
-    if val_loader is not None:
-        check_loader(val_loader, "val_loader")
-        validate = lambda: evaluate(model, val_loader, val_loss_fn, device)  # noqa: E731
     phase = Phase("train", [model], optimizer, loader, epochs, lambda inputs, targets, _: compute_losses(inputs, targets),
-                  device, validate=validate)
+                  device, validate=validator(val_loader, model, val_loss_fn, device))
     return Runner(phase, on_epoch_end=on_epoch_end).run()
 
 

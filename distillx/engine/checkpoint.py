@@ -106,9 +106,30 @@ def set_rng_state(state: dict, extra: Iterable[torch.Generator] = ()) -> None:
         g.set_state(s)
 
 
-def latest(directory: Optional[str]) -> Optional[str]:
-    """The checkpoint file of ``directory`` if it exists."""
-    if directory is None:
+FILENAME = "checkpoint.pt"  # the one checkpoint of a run, in its checkpoint_dir
+
+
+def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str], method_keys: list,
+               student: torch.nn.Module, teacher: torch.nn.Module) -> Optional[dict]:
+    """The checkpoint ``resume`` names (a path, or True for ``checkpoint_dir``'s), checked against the
+    run: phase (when ``want_phase``), methods, and the student's and saved teacher's keys and shapes.
+    None when ``resume`` is None/False. ``state["path"]`` is where it was read."""
+    if resume is None or resume is False:
         return None
-    path = os.path.join(directory, "checkpoint.pt")
-    return path if os.path.isfile(path) else None
+    if resume is True and not checkpoint_dir:
+        raise ValueError("resume=True needs checkpoint_dir= (where checkpoint.pt is); or pass the checkpoint path")
+    path = os.path.join(checkpoint_dir, FILENAME) if resume is True else resume
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"resume must be a checkpoint path or True, got {type(resume).__name__}")
+    state = load(path)
+    if want_phase is not None and state["phase"] != want_phase:
+        raise CheckpointError(f"checkpoint {path!r} is from the {state['phase']} phase, not the {want_phase} "
+                              "phase; resume it with fit(..., resume=...)")
+    if state["method_keys"] != list(method_keys):
+        raise CheckpointError(f"checkpoint {path!r} was written with methods {state['method_keys']}, this "
+                              f"Distiller has {list(method_keys)}")
+    check_state_dict(state["student"], student, "student", path)
+    if state.get("teacher") is not None:
+        check_state_dict(state["teacher"], teacher, "teacher", path)
+    state["path"] = path
+    return state

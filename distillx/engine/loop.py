@@ -24,6 +24,14 @@ from .distributed import DistContext, set_epoch
 LossFn = Callable[..., dict]
 
 
+def steps_per_epoch(loader) -> Optional[int]:
+    """``len(loader)``, or None for an iterable without a length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint (``.path``) of the exact step."""
 
@@ -109,10 +117,7 @@ class Runner:
         self.progress = progress if ctx.is_main else False
         self.on_epoch_end = on_epoch_end
         self.generators = list(extra_generators)
-        try:
-            self.steps_per_epoch: Optional[int] = len(phase.loader)
-        except TypeError:
-            self.steps_per_epoch = None
+        self.steps_per_epoch = steps_per_epoch(phase.loader)
         self.last_path: Optional[str] = None
 
     # -- one step ------------------------------------------------------------------------------
