@@ -161,7 +161,8 @@ class Runner:
                     ckpt.set_rng_state(position["epoch_rng"], self.generators)
                 elif resuming:
                     ckpt.set_rng_state(position["step_rng"], self.generators)
-                epoch_rng = ckpt.rng_state(self.generators)
+                # Only a checkpoint needs it (a run without checkpoints skips the copy).
+                epoch_rng = ckpt.rng_state(self.generators) if self._saving else None
                 for m in p.modules:
                     m.train()
                 set_epoch(p.loader, epoch)
@@ -198,9 +199,9 @@ class Runner:
                     if guard.signum is not None:
                         if bar is not None:
                             bar.close()
-                        path = self._save({"epoch": epoch, "step": step, "epoch_rng": epoch_rng,
-                                           "step_rng": ckpt.rng_state(self.generators),
-                                           "sums": {k: float(v) for k, v in sums.items()}, "n": n})
+                        path = self._save(lambda: {"epoch": epoch, "step": step, "epoch_rng": epoch_rng,
+                                                   "step_rng": ckpt.rng_state(self.generators),
+                                                   "sums": {k: float(v) for k, v in sums.items()}, "n": n})
                         raise TrainingInterrupted(
                             f"training interrupted by signal {guard.signum} in phase {p.name!r} at epoch {epoch}, "
                             f"step {step}" + (f"; checkpoint written to {path}" if path else " (no checkpoint_dir: "
@@ -213,8 +214,8 @@ class Runner:
                     self.metrics.log_epoch(p.name, epoch, **{k: v for k, v in metrics.items() if k != "epoch"})
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics)
-                self._save({"epoch": epoch + 1, "step": 0, "epoch_rng": None,
-                            "step_rng": ckpt.rng_state(self.generators), "sums": None, "n": 0})
+                self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None,
+                                    "step_rng": ckpt.rng_state(self.generators), "sums": None, "n": 0})
         return history
 
     def _epoch_metrics(self, epoch: int, sums: dict, n: int) -> dict:
@@ -231,10 +232,15 @@ class Runner:
             metrics.update({f"val_{k}": v for k, v in p.validate().items()})
         return metrics
 
-    def _save(self, position: dict) -> Optional[str]:
-        if self.save is None or not self.ctx.is_main:
+    @property
+    def _saving(self) -> bool:
+        return self.save is not None and self.ctx.is_main
+
+    def _save(self, position: Callable[[], dict]) -> Optional[str]:
+        """Write a checkpoint of ``position()`` (built only when something is written)."""
+        if not self._saving:
             return None
-        self.last_path = self.save(self.phase.name, position)
+        self.last_path = self.save(self.phase.name, position())
         return self.last_path
 
     def _bar(self, epoch: int):
