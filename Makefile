@@ -9,7 +9,7 @@ export MAX_JOBS
 # Third-party plugin packages shipped as examples: installed (found through their entry points) and tested.
 PLUGINS := ./plugins/distillx-example ./plugins/distillx-rkd ./plugins/distillx-svd
 
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/distillx/*.h csrc/include/distillx/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/distillx/*.h csrc/include/distillx/cpu/*.h csrc/include/distillx/cuda/*.cuh)
 
 .PHONY: setup demo test bench clean
 

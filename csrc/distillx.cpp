@@ -1,5 +1,5 @@
 // distillx._C: every operator schema in one place, plus build information for `distillx info`.
-// Kernels register per device in csrc/cpu/*_cpu.cpp and csrc/cuda/*_cuda.cu.
+// Kernels register per device and family in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu.
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -1,7 +1,7 @@
 // Instantiates every CUDA kernel template for every dtype, so `nvcc -c` on this file (see
 // test_nvcc_compile.py) catches compile errors in csrc/include/distillx/cuda/*.cuh on machines
 // without a GPU or a CUDA build of torch.
-#include "distillx/cuda/divergence_row.cuh"
+#include "distillx/cuda/logit_divergence.cuh"
 
 namespace dc = distillx::cuda;
 template void dc::launch_logit_divergence<float, float>(const float*, const float*, const float*, float*, float*,
@@ -15,7 +15,7 @@ template void dc::launch_logit_divergence<__nv_bfloat16, float>(const __nv_bfloa
                                                                 float, float, int, cudaStream_t);
 
 #include "distillx/cuda/attention_map.cuh"
-#include "distillx/cuda/gram_panel.cuh"
+#include "distillx/cuda/kernel_gram.cuh"
 
 template void dc::launch_attention_map<float>(const float*, float*, int64_t, int64_t, int64_t, float, cudaStream_t);
 template void dc::launch_attention_map<double>(const double*, double*, int64_t, int64_t, int64_t, double, cudaStream_t);
@@ -30,7 +30,7 @@ template void dc::launch_gram_panel<double>(const dc::PanelPointers<double>&, in
                                             dc::SideParams<double>, int64_t, int64_t, int64_t, int, bool, double*,
                                             cudaStream_t);
 
-#include "distillx/cuda/relation.cuh"
+#include "distillx/cuda/attention_relation.cuh"
 
 template void dc::launch_relation_update<float>(const float*, const float*, const dc::RelationTile&, float*,
                                                 cudaStream_t);

@@ -31,14 +31,4 @@ inline void check_row_weight(const std::optional<at::Tensor>& w, const at::Tenso
   check_same_device(*w, ref, "row_weight", "student");
 }
 
-// Divergence codes shared with distillx/ops/logit_divergence.py.
-enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
-
-inline void check_divergence(int64_t divergence, double temperature, double beta) {
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "distillx: divergence code must be 0 (kl), 1 (reverse_kl) or 2 (jsd), got ",
-              divergence);
-  TORCH_CHECK(temperature > 0, "distillx: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(beta >= 0 && beta <= 1, "distillx: beta must be in [0, 1], got ", beta);
-}
-
 }  // namespace distillx

@@ -1,6 +1,5 @@
-// Host side of the logit-divergence family, device-agnostic: argument checks, contiguity, row
-// weights and outputs for distillx::logit_divergence, and the chunk loop of
-// distillx::linear_divergence. Each device supplies only its row kernel.
+// Host side of distillx::linear_divergence, device-agnostic: argument checks and the chunk loop.
+// Each device supplies only its row kernel (the logit-divergence family's, see logit_divergence.h).
 //
 // Fused linear divergence: rows are processed in chunks so that only
 // two (chunk, C) logit buffers ever exist. Per chunk: logits = hidden·Wᵀ + b for both sides (ATen
@@ -15,6 +14,7 @@
 #include <tuple>
 
 #include "distillx/checks.h"
+#include "distillx/logit_divergence.h"
 
 namespace distillx {
 
@@ -102,37 +102,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_l
   at::Tensor total = loss.sum();
   if (!compute_grad) return {total, loss, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
   return {total, loss, g_hs, g_ws.to(dtype), bs ? g_bs.to(dtype) : at::empty({0}, opts)};
-}
-
-// RowsFn(student, teacher, weight, loss_out, grad_out_or_undefined); AllocFn(sizes, options) makes
-// the (N, C) gradient (the CPU asks for huge pages).
-template <typename RowsFn, typename AllocFn>
-std::tuple<at::Tensor, at::Tensor> logit_divergence_host(const at::Tensor& student, const at::Tensor& teacher,
-                                                         const std::optional<at::Tensor>& row_weight,
-                                                         double temperature, int64_t divergence, double beta,
-                                                         bool compute_grad, RowsFn&& rows, AllocFn&& alloc) {
-  check_matrix(student, "student");
-  check_matrix(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "distillx: student and teacher logits must have the same shape, got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "distillx: student and teacher dtypes differ (",
-              student.scalar_type(), " vs ", teacher.scalar_type(), ")");
-  check_same_device(student, teacher, "student", "teacher");
-  check_row_weight(row_weight, student, student.size(0));
-  check_divergence(divergence, temperature, beta);
-  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
-  const int64_t N = s.size(0);
-  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor w = row_weight ? row_weight->to(acc).contiguous() : at::ones({N}, s.options().dtype(acc));
-  at::Tensor loss = at::empty({N}, w.options());
-  at::Tensor grad = compute_grad ? alloc(s.sizes(), s.options()) : at::Tensor();
-  if (N > 0 && s.size(1) > 0) {
-    rows(s, t, w, loss, grad);
-  } else {
-    loss.zero_();
-    if (compute_grad) grad.zero_();
-  }
-  return {loss, compute_grad ? grad : at::empty({0}, s.options())};
 }
 
 // distillx::linear_divergence for any device: the chunk loop with the device's row kernel.

@@ -1,5 +1,5 @@
-// CPU kernels of the logit-divergence family: distillx::logit_divergence and
-// distillx::linear_divergence (schemas in csrc/distillx.cpp, math in divergence_row_cpu.h).
+// CPU kernel of distillx::logit_divergence (schema in csrc/distillx.cpp, row math in
+// include/distillx/cpu/logit_divergence.h). Its row loop also serves distillx::linear_divergence.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -8,18 +8,15 @@
 
 #include <vector>
 
-#include "distillx/checks.h"
-#include "distillx/cpu_memory.h"
-#include "distillx/divergence_row_cpu.h"
-#include "distillx/divergence_host.h"
+#include "distillx/cpu/logit_divergence.h"
+#include "distillx/cpu/memory.h"
+#include "distillx/logit_divergence.h"
 
 namespace distillx {
-namespace {
 
-// Fills loss (n,) and, if compute_grad, grad (n,C) (which may be `student` itself). Inputs contiguous.
-void divergence_rows_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight,
-                         const at::Tensor& loss, const at::Tensor& grad, double temperature, int64_t divergence,
-                         double beta) {
+void cpu::divergence_rows(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& weight,
+                          const at::Tensor& loss, const at::Tensor& grad, double temperature, int64_t divergence,
+                          double beta) {
   const int64_t N = student.size(0), C = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "distillx_divergence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -41,6 +38,8 @@ void divergence_rows_cpu(const at::Tensor& student, const at::Tensor& teacher, c
   });
 }
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> logit_divergence_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                         const std::optional<at::Tensor>& row_weight,
                                                         double temperature, int64_t divergence, double beta,
@@ -48,29 +47,15 @@ std::tuple<at::Tensor, at::Tensor> logit_divergence_cpu(const at::Tensor& studen
   return logit_divergence_host(
       student, teacher, row_weight, temperature, divergence, beta, compute_grad,
       [&](const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& grad) {
-        divergence_rows_cpu(s, t, w, loss, grad, temperature, divergence, beta);
+        cpu::divergence_rows(s, t, w, loss, grad, temperature, divergence, beta);
       },
       cpu::empty_prefaulted);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_divergence_cpu(
-    const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
-    const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
-    const std::optional<at::Tensor>& row_weight, double temperature, int64_t divergence, double beta,
-    int64_t chunk_size, bool compute_grad) {
-  return linear_divergence_host(
-      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight,
-      temperature, divergence, beta, chunk_size, compute_grad, ChunkPolicy{int64_t{64} << 20, true},
-      [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& g) {
-        divergence_rows_cpu(ls, lt, w, loss, g, temperature, divergence, beta);
-      });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distillx, CPU, m) {
   m.impl("logit_divergence", &logit_divergence_cpu);
-  m.impl("linear_divergence", &linear_divergence_cpu);
 }
 
 }  // namespace distillx

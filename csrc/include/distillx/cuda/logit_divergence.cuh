@@ -1,5 +1,5 @@
 // CUDA row kernel of the logit divergence: one block per row, raw pointers only (no torch headers),
-// float accumulation (double for double). Same math and conventions as divergence_row_cpu.h:
+// float accumulation (double for double). Same math and conventions as include/distillx/cpu/logit_divergence.h:
 //   p = softmax(t/T), q = softmax(s/T); forward KL ∂/∂s = T(q − p);
 //   reverse KL ∂/∂s = T q (lq − lp − KL(q‖p)); JSD ∂/∂s = T(1−β) q (lq − lm − KL(q‖m)).
 // Sweeps: (1) online max/Σexp of both rows, (2) loss (and the forward-KL gradient), (3) for

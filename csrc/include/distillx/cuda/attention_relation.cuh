@@ -1,4 +1,4 @@
-// MiniLM attention-relation loss on CUDA, raw pointers (the CPU twin is csrc/cpu/relation_cpu.cpp).
+// MiniLM attention-relation loss on CUDA, raw pointers (the CPU twin is csrc/cpu/attention_relation.cpp).
 // The host computes (rows, nk) score tiles of both sides with batched GEMMs; these kernels do the
 // per-row work, one warp per query row:
 //   relation_update   fold one key block into the row's online-softmax state {m_s, l_s, m_t, l_t, A}

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "distillx/checks.h"
-#include "distillx/relation_checks.h"
+#include "distillx/attention_relation.h"
 
 namespace distillx {
 namespace {

@@ -1,5 +1,5 @@
 // CPU kernel of the kernel-Gram family (distillx::kernel_gram): the panel loop and GEMMs are the
-// device-agnostic code of include/distillx/gram_panels.h; the elementwise part of a panel (both
+// device-agnostic code of include/distillx/kernel_gram.h; the elementwise part of a panel (both
 // kernels, the difference, the loss and ∂loss/∂g) is one vectorised sweep here, in cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "distillx/gram_panels.h"
+#include "distillx/kernel_gram.h"
 
 namespace distillx {
 namespace {
@@ -153,7 +153,7 @@ double panel_cpu_typed(PanelArgs& a) {
             return;
           }
           if (normgrad) {
-            // D_ij = ½((γ_i + γ_j) Ks_ij − (α_i + α_j) Kt_ij), see gram_panels.h.
+            // D_ij = ½((γ_i + γ_j) Ks_ij − (α_i + α_j) Kt_ij), see kernel_gram.h.
             const Vec<T> gsum = Vec<T>::loadu(gam + j, count) + Vec<T>(coef_i[2 * i]);
             const Vec<T> asum = Vec<T>::loadu(alp + j, count) + Vec<T>(coef_i[2 * i + 1]);
             d = (gsum * k - asum * kv) * Vec<T>(T(0.5));

@@ -6,20 +6,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "distillx/attention_map.h"
 #include "distillx/cuda/attention_map.cuh"
 
 namespace distillx {
 namespace {
 
-void check_map(const at::Tensor& f) {
-  TORCH_CHECK(f.dim() == 4, "distillx: attention_map expects a (B, C, H, W) feature map, got shape ", f.sizes());
-  TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble,
-              "distillx: attention_map expects float32 or float64, got ", f.scalar_type());
-}
-
 at::Tensor attention_map_cuda(const at::Tensor& feature, double p) {
-  check_map(feature);
-  TORCH_CHECK(p > 0, "distillx: p must be > 0, got ", p);
+  check_attention_map(feature, p);
   const c10::cuda::CUDAGuard guard(feature.device());
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), S = f.size(2) * f.size(3);
@@ -34,13 +28,10 @@ at::Tensor attention_map_cuda(const at::Tensor& feature, double p) {
 }
 
 at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Tensor& feature, double p) {
-  check_map(feature);
-  TORCH_CHECK(grad_map.device() == feature.device(), "distillx: grad_map is on ", grad_map.device(),
-              " but feature is on ", feature.device());
+  check_attention_map_backward(grad_map, feature, p);
   const c10::cuda::CUDAGuard guard(feature.device());
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), S = f.size(2) * f.size(3);
-  TORCH_CHECK(grad_map.numel() == B * S, "distillx: grad_map must have ", B * S, " elements, got ", grad_map.numel());
   const at::Tensor g = grad_map.to(f.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(f);
   if (out.numel() == 0) return out;

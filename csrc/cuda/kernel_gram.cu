@@ -1,14 +1,14 @@
 // CUDA kernels of the kernel-Gram family (distillx::kernel_gram, distillx::kernel_mmd): the panel
-// loop, GEMMs (cuBLAS through ATen) and both ops' host code are include/distillx/gram_panels.h; the
-// elementwise part of a panel is the kernel of include/distillx/cuda/gram_panel.cuh, launched on the
+// loop, GEMMs (cuBLAS through ATen) and both ops' host code are include/distillx/kernel_gram.h; the
+// elementwise part of a panel is the kernel of include/distillx/cuda/kernel_gram.cuh, launched on the
 // current stream.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "distillx/cuda/gram_panel.cuh"
-#include "distillx/gram_panels.h"
+#include "distillx/cuda/kernel_gram.cuh"
+#include "distillx/kernel_gram.h"
 
 namespace distillx {
 namespace {

@@ -2,7 +2,7 @@
 // Same scheme as the CPU: tiles of (chunk of batch·heads) × (query block) × (key block) scores come
 // from batched GEMMs (cuBLAS through ATen) into reused buffers of at most 2M elements per side, so
 // memory is bounded whatever L; the per-row online softmax, the KL and the gradient are the kernels of
-// include/distillx/cuda/relation.cuh, on the current stream. The backward recomputes the tiles.
+// include/distillx/cuda/attention_relation.cuh, on the current stream. The backward recomputes the tiles.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,8 +11,8 @@
 #include <cmath>
 #include <limits>
 
-#include "distillx/cuda/relation.cuh"
-#include "distillx/relation_checks.h"
+#include "distillx/cuda/attention_relation.cuh"
+#include "distillx/attention_relation.h"
 
 namespace distillx {
 namespace {

@@ -9,8 +9,8 @@
 
 #include <algorithm>
 
-#include "distillx/checks.h"
-#include "distillx/cpu_memory.h"
+#include "distillx/attention_map.h"
+#include "distillx/cpu/memory.h"
 
 namespace distillx {
 namespace {
@@ -23,15 +23,8 @@ inline Vec<T> abs_pow(const Vec<T>& x, T p) {
   return p == T(2) ? x * x : (p == T(1) ? x.abs() : x.abs().pow(Vec<T>(p)));
 }
 
-void check_map(const at::Tensor& f) {
-  TORCH_CHECK(f.dim() == 4, "distillx: attention_map expects a (B, C, H, W) feature map, got shape ", f.sizes());
-  TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble,
-              "distillx: attention_map expects float32 or float64, got ", f.scalar_type());
-}
-
 at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
-  check_map(feature);
-  TORCH_CHECK(p > 0, "distillx: p must be > 0, got ", p);
+  check_attention_map(feature, p);
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
   at::Tensor out = at::empty({B, f.size(2), f.size(3)}, f.options());
@@ -74,10 +67,9 @@ at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
 }
 
 at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& feature, double p) {
-  check_map(feature);
+  check_attention_map_backward(grad_map, feature, p);
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
-  TORCH_CHECK(grad_map.numel() == B * HW, "distillx: grad_map must have ", B * HW, " elements, got ", grad_map.numel());
   const at::Tensor g = grad_map.to(f.scalar_type()).contiguous();
   at::Tensor out = cpu::empty_prefaulted(f.sizes(), f.options());
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_backward_cpu", [&] {

@@ -1,5 +1,5 @@
 // The elementwise part of one kernel-Gram panel on CUDA (the CPU twin is panel_cpu_typed in
-// csrc/cpu/gram_cpu.cpp; the panel loop and GEMMs are include/distillx/gram_panels.h). Raw pointers.
+// csrc/cpu/kernel_gram.cpp; the panel loop and GEMMs are include/distillx/kernel_gram.h). Raw pointers.
 // One thread per panel entry (i, j): both kernels from the GEMM results, then by mode
 //   plain:    Σ w_j D_ij² (w = 1 in the diagonal block, 2 right of it) into *total; with grad,
 //             gs ← D ∘ ∂k_s/∂g (and g1s ← D ∘ ∂k_s/∂g₁ for chebyshev)

@@ -19,7 +19,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "distillx/checks.h"
+#include "distillx/logit_divergence.h"
 
 namespace distillx {
 namespace cpu {
