@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
-from typing import Iterable
+from numbers import Integral, Real
+from typing import Iterable, Optional
 
 import torch
 
@@ -36,16 +36,58 @@ def choice(name: str, value, choices: Iterable[str]) -> str:
     return value
 
 
-def positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _bounds(gt, ge, lt, le) -> str:
+    parts = [f"{op} {b}" for op, b in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if b is not None]
+    return " and ".join(parts)
+
+
+def _within(value, gt, ge, lt, le) -> bool:
+    return ((gt is None or value > gt) and (ge is None or value >= ge) and (lt is None or value < lt)
+            and (le is None or value <= le))
+
+
+def number(name: str, value, *, gt=None, ge=None, lt=None, le=None, optional: bool = False) -> Optional[float]:
+    """``value`` as a float if it is a finite real number (not a bool) within the bounds (or None when
+    ``optional``), else a ``ValueError`` naming ``name``: "``name`` must be a finite number > 0, got -1"."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
+            or not _within(value, gt, ge, lt, le):
+        bounds = _bounds(gt, ge, lt, le)
+        what = "a finite number" + (f" {bounds}" if bounds else "") + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return float(value)
+
+
+def integer(name: str, value, *, ge=None, le=None, optional: bool = False) -> Optional[int]:
+    """``value`` as an int if it is an integer (not a bool) within the bounds (or None when
+    ``optional``), else a ``ValueError`` naming ``name``: "``name`` must be a positive int, got 0"."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or not _within(value, None, ge, None, le):
+        bounds = _bounds(None, ge, None, le)
+        what = "a positive int" if (ge, le) == (1, None) else "an int" + (f" {bounds}" if bounds else "")
+        raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
+def boolean(name: str, value) -> bool:
+    """``value`` if it is a bool; anything else (``"no"``, 0, None) is a ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def positive(name: str, value) -> float:
+    return number(name, value, gt=0)
+
+
+def finite(name: str, value) -> float:
+    return number(name, value)
 
 
 def unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+    return number(name, value, ge=0.0, le=1.0)
 
 
 def row_mask(mask, rows_shape: tuple, *, name: str = "mask") -> torch.Tensor:

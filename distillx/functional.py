@@ -1,33 +1,18 @@
 """User-facing distillation losses.
 
-Each function validates its arguments, then calls the fused ``distillx::*`` operator when the compiled
+Each function validates its arguments (errors name the argument and what was expected), then calls
+its op family in :mod:`distillx.ops`, which runs the fused ``distillx::*`` operator when the compiled
 core serves the inputs' device, else the pure-PyTorch reference in :mod:`distillx.ops.reference`
 (warning once). All are differentiable w.r.t. the student side only: teacher inputs are constants.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from . import _checks, _ext
-from .ops import DIVERGENCE_CODES, backend
+from . import _checks
+from .ops import attention_map, attention_relation, kernel_gram, linear_divergence, logit_divergence
 from .ops import reference as ref
 from .ops.reference import DIVERGENCES, REDUCTIONS
-
-_FALLBACK_WARNED: set = set()
-
-
-def _use_kernel(op: str, device: torch.device) -> bool:
-    if backend(op, device.type) == "compiled":
-        return True
-    if not _ext.available():
-        _ext.warn_missing_once()
-    elif (op, device.type) not in _FALLBACK_WARNED:
-        _FALLBACK_WARNED.add((op, device.type))
-        warnings.warn(f"distillx::{op} has no compiled kernel for {device.type}; running the reference",
-                      RuntimeWarning, stacklevel=3)
-    return False
 
 
 def _check_divergence_options(temperature, divergence, beta, reduction):
@@ -35,16 +20,6 @@ def _check_divergence_options(temperature, divergence, beta, reduction):
     _checks.choice("divergence", divergence, DIVERGENCES)
     _checks.unit_interval("beta", beta)
     _checks.choice("reduction", reduction, REDUCTIONS)
-
-
-def _reduce(total: torch.Tensor, kept: torch.Tensor | float, reduction: str, num_classes: int) -> torch.Tensor:
-    """Turn the sum of kept row losses into the requested scalar reduction (0 when no row is kept)."""
-    if reduction == "sum":
-        return total
-    denom = kept * num_classes if reduction == "mean" else kept
-    if isinstance(denom, torch.Tensor):
-        return total / denom.clamp(min=1)
-    return total / max(denom, 1)
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0, divergence="kl", beta=0.5, reduction="batchmean",
@@ -83,26 +58,11 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, divergence="kl", be
     t = _checks.floating_tensor("teacher_logits", teacher_logits)
     if s.shape != t.shape:
         raise ValueError(f"teacher_logits shape {tuple(t.shape)} must match student_logits shape {tuple(s.shape)}")
-    rows_shape, C = tuple(s.shape[:-1]), s.shape[-1]
+    rows_shape = tuple(s.shape[:-1])
     m = None if mask is None else _checks.row_mask(mask, rows_shape)
     _checks.same_device(student_logits=s, teacher_logits=t, mask=m)
     _check_divergence_options(temperature, divergence, beta, reduction)
-    t = t.detach()
-    if t.dtype != s.dtype:
-        t = t.to(s.dtype)
-    if not _use_kernel("logit_divergence", s.device):
-        return ref.kd_loss_reference(s, t, temperature, divergence, beta, reduction, mask=m)
-
-    s2, t2 = s.reshape(-1, C), t.reshape(-1, C)
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    weight = None if m is None else m.to(acc)
-    compute_grad = torch.is_grad_enabled() and s.requires_grad
-    rows, _ = torch.ops.distillx.logit_divergence(s2, t2, weight, float(temperature),
-                                                  DIVERGENCE_CODES[divergence], float(beta), compute_grad)
-    if reduction == "none":
-        return rows.reshape(rows_shape).to(s.dtype)
-    kept = float(s2.shape[0]) if m is None else weight.sum()
-    return _reduce(rows.sum(), kept, reduction, C).to(s.dtype)
+    return logit_divergence.kd_loss(s, t.detach().to(s.dtype), temperature, divergence, beta, reduction, m)
 
 
 def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
@@ -143,8 +103,8 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
             _checks.floating_tensor(name, b)
             if tuple(b.shape) != (C,):
                 raise ValueError(f"{name} must have shape ({C},), got {tuple(b.shape)}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        _checks.integer("chunk_size", chunk_size, ge=1)
     rows_shape = tuple(hs.shape[:-1])
     m = None if mask is None else _checks.row_mask(mask, rows_shape)
     _checks.same_device(student_hidden=hs, student_weight=ws, student_bias=student_bias, teacher_hidden=ht,
@@ -152,25 +112,10 @@ def linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weigh
     _check_divergence_options(temperature, divergence, beta, reduction)
     dtype = hs.dtype
     ws, bs = ws.to(dtype), None if student_bias is None else student_bias.to(dtype)
-    ht, wt = ht.detach(), wt.detach()
+    wt = wt.detach()
     bt = None if teacher_bias is None else teacher_bias.detach().to(wt.dtype)
-    ht = ht.to(wt.dtype)
-    if not _use_kernel("linear_divergence", hs.device):
-        return ref.linear_kd_loss_reference(hs, ws, ht, wt, bs, bt, temperature, divergence, beta, reduction, m)
-
-    hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    weight = None if m is None else m.to(acc)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, bs))
-    # Gradients fold into the forward pass only for scalar reductions; "none" recomputes in backward.
-    compute_grad = needs_grad and reduction != "none"
-    total, rows, *_ = torch.ops.distillx.linear_divergence(
-        hs2, ws, bs, ht2, wt, bt, weight, float(temperature), DIVERGENCE_CODES[divergence], float(beta),
-        int(chunk_size or 0), compute_grad)
-    if reduction == "none":
-        return rows.reshape(rows_shape).to(dtype)
-    kept = float(hs2.shape[0]) if m is None else weight.sum()
-    return _reduce(total, kept, reduction, C).to(dtype)
+    return linear_divergence.linear_kd_loss(hs, ws, ht.detach().to(wt.dtype), wt, bs, bt, temperature, divergence,
+                                            beta, reduction, m, chunk_size)
 
 
 # --- feature distillation --------------------------------------------------------------------
@@ -187,8 +132,9 @@ def kernel_gram_loss(s, t, kernel="rbf", normalize_rows=False, **kernel_params):
     further dimension is flattened, and the widths of ``s`` (N, Ds…) and ``t`` (N, Dt…) may differ (no
     adapter needed). Kernels: ``"linear"``, ``"polynomial"`` (degree=2, coef0=1: (⟨x,z⟩/D + c)^d),
     ``"rbf"`` (sigma2=None: the mean pairwise squared distance per side), ``"chebyshev"`` (order=3,
-    eps=1e-3; Ozer et al. 2011) and ``"cosine"``, or any kernel registered through
-    ``distillx_register_kernels`` (reference path). ``normalize_rows=True`` L2-normalises each Gram
+    eps=1e-3, scale=None: max|x|; Ozer et al. 2011) and ``"cosine"`` (:mod:`distillx.ops.kernel_table`),
+    or any callable ``k(x, z) -> (N, M)`` (reference path; a kernel a plugin registered is
+    ``distillx.plugin.kernel(name)``). ``normalize_rows=True`` L2-normalises each Gram
     row first; with the linear kernel that is Similarity-Preserving KD (Tung & Mori, ICCV 2019).
 
     Example::
@@ -196,13 +142,12 @@ def kernel_gram_loss(s, t, kernel="rbf", normalize_rows=False, **kernel_params):
         loss = kernel_gram_loss(h_s, h_t, kernel="rbf")              # KFD with the RBF kernel
         loss = kernel_gram_loss(f_s, f_t, "linear", normalize_rows=True)   # SP
     """
-    from .ops import gram
-
     s2, t2 = _rows("s", s), _rows("t", t)
     if s2.shape[0] != t2.shape[0]:
         raise ValueError(f"t has {t2.shape[0]} rows (samples) but s has {s2.shape[0]}; they must agree")
     _checks.same_device(s=s2, t=t2)
-    return gram.kernel_gram_loss(s2, t2.detach(), kernel, bool(normalize_rows), kernel_params)
+    _checks.boolean("normalize_rows", normalize_rows)
+    return kernel_gram.kernel_gram_loss(s2, t2.detach(), kernel, normalize_rows, kernel_params)
 
 
 def mmd_loss(s, t, kernel="polynomial", **kernel_params):
@@ -216,13 +161,11 @@ def mmd_loss(s, t, kernel="polynomial", **kernel_params):
 
         loss = mmd_loss(F.normalize(f_s[i].flatten(1), dim=1), F.normalize(f_t[i].flatten(1), dim=1))
     """
-    from .ops import gram
-
     s2, t2 = _rows("s", s), _rows("t", t)
     if s2.shape[1] != t2.shape[1]:
         raise ValueError(f"t has width {t2.shape[1]} but s has {s2.shape[1]}; MMD needs equal widths")
     _checks.same_device(s=s2, t=t2)
-    return gram.mmd_loss(s2, t2.detach(), kernel, kernel_params)
+    return kernel_gram.mmd_loss(s2, t2.detach(), kernel, kernel_params)
 
 
 def attention_map_loss(f_s, f_t, p=2.0):
@@ -236,8 +179,6 @@ def attention_map_loss(f_s, f_t, p=2.0):
 
         loss = attention_map_loss(student_layer3_out, teacher_layer3_out, p=2)
     """
-    from .ops import attention
-
     fs = _checks.floating_tensor("f_s", f_s, min_dim=4)
     ft = _checks.floating_tensor("f_t", f_t, min_dim=4)
     if fs.dim() != 4 or ft.dim() != 4:
@@ -246,7 +187,7 @@ def attention_map_loss(f_s, f_t, p=2.0):
         raise ValueError(f"f_t has batch {ft.shape[0]} but f_s has {fs.shape[0]}")
     _checks.positive("p", p)
     _checks.same_device(f_s=fs, f_t=ft)
-    return attention.attention_map_loss(fs, ft.detach(), float(p))
+    return attention_map.attention_map_loss(fs, ft.detach(), float(p))
 
 
 def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=None):
@@ -262,8 +203,6 @@ def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=None):
 
         loss = attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=attention_mask.bool())
     """
-    from .ops import relation
-
     names = ("q_s", "k_s", "q_t", "k_t")
     xs = [_checks.floating_tensor(n, x, min_dim=4) for n, x in zip(names, (q_s, k_s, q_t, k_t))]
     for n, x in zip(names, xs):
@@ -282,7 +221,7 @@ def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask=None):
             raise TypeError("key_padding_mask must be a bool tensor (True = real token)")
         if tuple(key_padding_mask.shape) != (B, L):
             raise ValueError(f"key_padding_mask must have shape ({B}, {L}), got {tuple(key_padding_mask.shape)}")
-    return relation.attention_relation_loss(xs[0], xs[1], xs[2].detach(), xs[3].detach(), key_padding_mask)
+    return attention_relation.attention_relation_loss(xs[0], xs[1], xs[2].detach(), xs[3].detach(), key_padding_mask)
 
 
 def split_relation_heads(x, num_heads):
@@ -290,6 +229,5 @@ def split_relation_heads(x, num_heads):
     x = _checks.floating_tensor("x", x, min_dim=3)
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, H) projections, got shape {tuple(x.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    _checks.integer("num_heads", num_heads, ge=1)
     return ref.split_relation_heads(x, num_heads)

@@ -1,42 +1,22 @@
-"""distillx operators: one module per op family (wrapper, fake kernel, autograd), plus references.
+"""distillx operators: one module per op family, each the same template (:mod:`distillx.ops._library`):
+its ``distillx::*`` schemas' fake kernels and autograd formulas, and wrappers that call the compiled op
+or the pure-PyTorch reference (:mod:`distillx.ops.reference`).
 
-Importing this package registers the Python side (fake kernels and autograd formulas) of every op
-whose schema the compiled core defines.
+=====================  ==========================================================================
+``logit_divergence``   forward/reverse KL, generalised JSD of logits (``kd_loss``)
+``linear_divergence``  the same on two linear output layers, no (N, C) logits (``linear_kd_loss``)
+``kernel_gram``        kernel Gram matching and kernel MMD, no (N, N) (kernels: ``kernel_table``)
+``attention_map``      attention transfer's channel reduction and loss
+``attention_relation`` MiniLM attention relations, no (L, L)
+=====================  ==========================================================================
+
+Importing this package registers the Python side of every op the compiled core defines. This layer
+imports nothing of distillx above ``_checks``/``_ext``.
 """
 from __future__ import annotations
 
-import torch
+from . import attention_map, attention_relation, kernel_gram, linear_divergence, logit_divergence  # noqa: F401
+from ._library import DIVERGENCE_CODES, backend, has_kernel, library_ops, missing_python_side, registered
 
-from .. import _ext
-
-# Every op the compiled core registers, for `distillx info`.
-OPS = ("logit_divergence", "linear_divergence", "kernel_gram", "kernel_mmd", "attention_map", "attention_relation")
-# Backward ops: served with their forward op; has_kernel answers for them too.
-BACKWARD_OPS = ("attention_map_backward", "attention_relation_backward")
-# Divergence codes of the C++ kernels (csrc/include/distillx/checks.h).
-DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
-
-
-def _kernel_table() -> dict:
-    # Looked up once: the dispatcher query is not traceable by torch.compile, a dict lookup is.
-    if not _ext.available():
-        return {}
-    return {(op, dev): torch._C._dispatch_has_kernel_for_dispatch_key(f"distillx::{op}", key)
-            for op in OPS + BACKWARD_OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
-
-
-_KERNELS = _kernel_table()
-
-
-def has_kernel(op: str, device_type: str) -> bool:
-    """True when ``distillx::op`` has a compiled kernel for ``device_type`` ("cpu", "cuda", ...)."""
-    return _KERNELS.get((op, device_type), False)
-
-
-def backend(op: str, device_type: str) -> str:
-    """Which implementation serves ``op`` on ``device_type``: "compiled" or "reference"."""
-    return "compiled" if has_kernel(op, device_type) else "reference"
-
-
-if _ext.available():
-    from . import attention, gram_op, logit_divergence, relation  # noqa: F401,E402  (register fake kernels + autograd)
+__all__ = ["backend", "has_kernel", "library_ops", "registered", "missing_python_side", "DIVERGENCE_CODES",
+           "attention_map", "attention_relation", "kernel_gram", "linear_divergence", "logit_divergence"]

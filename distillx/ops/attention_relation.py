@@ -1,43 +1,52 @@
-"""MiniLM attention-relation loss: ``distillx::attention_relation`` (C++: csrc/cpu/relation_cpu.cpp)
-is flash-attention style: the forward makes one online-softmax pass over key blocks and keeps only
-each row's log-sum-exps; ``distillx::attention_relation_backward`` recomputes the score tiles block
-by block. Neither holds an (L, L) matrix."""
+"""MiniLM attention-relation loss: ``distillx::attention_relation`` is flash-attention style: the
+forward makes one online-softmax pass over key blocks and keeps only each row's log-sum-exps;
+``distillx::attention_relation_backward`` recomputes the score tiles block by block. Neither holds
+an (L, L) matrix.
+
+C++: ``csrc/cpu/attention_relation.cpp``, ``csrc/cuda/attention_relation.cu``, checks in
+``csrc/include/distillx/attention_relation.h``.
+"""
 from __future__ import annotations
 
 import torch
 
-from . import has_kernel
 from . import reference as ref
+from ._library import acc_dtype, register, use_kernel
 
-if has_kernel("attention_relation", "cpu") or has_kernel("attention_relation", "cuda"):
+OP = "attention_relation"
 
-    @torch.library.register_fake("distillx::attention_relation")
-    def _relation_fake(q_s, k_s, q_t, k_t, key_padding_mask):
-        return q_s.new_empty(()), q_s.new_empty((*q_s.shape[:3], 2))
 
-    @torch.library.register_fake("distillx::attention_relation_backward")
-    def _relation_backward_fake(grad, q_s, k_s, q_t, k_t, key_padding_mask, stats):
-        return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+def _fake(q_s, k_s, q_t, k_t, key_padding_mask):
+    return q_s.new_empty(()), q_s.new_empty((*q_s.shape[:3], 2))
 
-    def _setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        q_s, k_s, q_t, k_t, mask = inputs
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, output[1])
 
-    def _backward(ctx, grad_loss, _grad_stats):
-        q_s, k_s, q_t, k_t, mask, stats = ctx.saved_tensors
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return None, None, None, None, None
-        gq, gk = torch.ops.distillx.attention_relation_backward(grad_loss, q_s, k_s, q_t, k_t, mask, stats)
-        return gq, gk, None, None, None
+def _backward_fake(grad, q_s, k_s, q_t, k_t, key_padding_mask, stats):
+    return q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
 
-    torch.library.register_autograd("distillx::attention_relation", _backward, setup_context=_setup)
+
+def _setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    q_s, k_s, q_t, k_t, mask = inputs
+    ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, output[1])
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    q_s, k_s, q_t, k_t, mask, stats = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None
+    gq, gk = torch.ops.distillx.attention_relation_backward(grad_loss, q_s, k_s, q_t, k_t, mask, stats)
+    return gq, gk, None, None, None
+
+
+register(OP, _fake, _backward, _setup)
+register("attention_relation_backward", _backward_fake)
 
 
 def attention_relation_loss(q_s, k_s, q_t, k_t, key_padding_mask):
-    if not has_kernel("attention_relation", q_s.device.type):
+    """:func:`distillx.functional.attention_relation_loss` on validated (B, A, L, d) inputs."""
+    if not use_kernel(OP, q_s.device):
         return ref.attention_relation_loss_reference(q_s, k_s, q_t, k_t, key_padding_mask)
-    acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q_s.dtype)
     loss, _ = torch.ops.distillx.attention_relation(q_s.to(acc), k_s.to(acc), q_t.to(acc).detach(),
                                                     k_t.to(acc).detach(), key_padding_mask)
     return loss.to(q_s.dtype)

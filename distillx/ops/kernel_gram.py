@@ -8,86 +8,48 @@
   sweep gathers each Gram row's norm (and its dot with the teacher's row), a second the gradient
   (dense when N <= the width, where the Gram matrices are no larger than the inputs);
 * a kernel given as a callable (third-party kernels): the dense reference.
+
+C++: ``csrc/cpu/kernel_gram.cpp``, ``csrc/cuda/kernel_gram.cu``; the panel loop and both ops' host
+code are ``csrc/include/distillx/kernel_gram.h``. ``distillx::kernel_gram`` and
+``distillx::kernel_mmd`` return the loss and, in the same pass, its gradient w.r.t. the student rows;
+backward only scales that gradient by the upstream scalar. Kernel names, codes and parameters come
+from :mod:`distillx.ops.kernel_table`.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
-from . import has_kernel
 from . import reference as ref
-
-BUILTIN = ("linear", "polynomial", "rbf", "chebyshev", "cosine")
-KERNEL_CODES = {"linear": 0, "polynomial": 1, "rbf": 2, "chebyshev": 3}
-_PARAMS = {
-    "linear": (),
-    "cosine": (),
-    "polynomial": ("degree", "coef0"),
-    "rbf": ("sigma2",),
-    "chebyshev": ("order", "eps", "scale"),
-}
+from ._library import acc_dtype, register_scalar_loss, use_kernel
+from .kernel_table import KERNELS, check_kernel, check_params
 
 
-def resolve_kernel(kernel):
-    """A built-in kernel name, a callable k(x, z) -> (N, M), or a name registered by a plugin.
-
-    Built-in names always mean the built-in (fused) kernels here; :func:`registered_kernel` gives a
-    plugin's replacement of a built-in name (the methods use it).
-    """
-    if callable(kernel) or kernel in BUILTIN:
-        return kernel
-    if isinstance(kernel, str):
-        from ..plugin import get_registries
-
-        kernels = get_registries().kernels
-        if kernel in kernels:
-            return kernels.get(kernel)
-        raise ValueError(f"kernel must be one of {', '.join(BUILTIN + tuple(kernels.names()))}; got {kernel!r}")
-    raise TypeError(f"kernel must be a name or a callable k(x, z), got {type(kernel).__name__}")
+def _loss_and_grad(x, compute_grad):
+    return x.new_empty(()), (x.new_empty(x.shape) if compute_grad else x.new_empty((0,)))
 
 
-def registered_kernel(name: str):
-    """What the kernels registry holds under ``name``: the name itself while it is the built-in
-    entry (fused path), else the plugin's callable (a plugin may replace a built-in with override)."""
-    from ..kernels import BuiltinKernel
-    from ..plugin import get_registries
-
-    kernels = get_registries().kernels
-    if name not in kernels:
-        return resolve_kernel(name)
-    entry = kernels.get(name)
-    return name if isinstance(entry, BuiltinKernel) else entry
+def _gram_fake(s, t, kernel, s_params, t_params, normalize_rows, panel_rows, compute_grad):
+    return _loss_and_grad(s, compute_grad)
 
 
-def check_params(kernel, params: dict):
-    """Validate parameters of a built-in kernel; bind them to a callable kernel (which rejects
-    parameters it does not take when called, rather than them being silently ignored)."""
+def _mmd_fake(s, t, weights, kernel, params, panel_rows, compute_grad):
+    return _loss_and_grad(s, compute_grad)
+
+
+register_scalar_loss("kernel_gram", _gram_fake, num_args=8, grad_args=(0,), compute_grad_arg=7)
+register_scalar_loss("kernel_mmd", _mmd_fake, num_args=7, grad_args=(0,), compute_grad_arg=6)
+
+
+def resolve(kernel, params: dict):
+    """``(kernel, params)`` checked: a built-in name with its validated parameters over their
+    defaults, or a callable with the parameters bound (it rejects any it does not take when called,
+    rather than them being silently ignored)."""
+    kernel = check_kernel(kernel)
     if callable(kernel):
         return (functools.partial(kernel, **params) if params else kernel), {}
-    allowed = _PARAMS[kernel]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for kernel {kernel!r}; it takes {list(allowed) or 'none'}")
-    for name, value in params.items():
-        if value is None:
-            continue
-        if name == "order":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"order must be an int >= 1 (the kernel needs T_0 and T_1), got {value!r}")
-        elif name == "degree":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"degree must be a number > 0, got {value!r}")
-        elif name in ("sigma2", "eps", "scale"):
-            if isinstance(value, torch.Tensor):
-                continue  # data-dependent values (e.g. a computed bandwidth) are the caller's business
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        elif name == "coef0":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"coef0 must be a finite number, got {value!r}")
-    return kernel, params
+    return kernel, check_params(kernel, params)
 
 
 def _linear_gram_loss(s, t, normalize_rows):
@@ -95,7 +57,7 @@ def _linear_gram_loss(s, t, normalize_rows):
     n = s.shape[0]
     if max(s.shape[1], t.shape[1]) >= n:
         return ref.kernel_gram_loss_reference(s, t, "linear", normalize_rows)
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s.dtype)
     s, t = s.to(acc), t.to(acc)
     if not normalize_rows:
         ss, tt, st = s.T @ s, t.T @ t, s.T @ t
@@ -118,13 +80,12 @@ def _side_params(kernel, x, params):
     """The op's parameter vector for one side (its own width D and, for rbf, its own σ²)."""
     D = x.shape[1]
     if kernel == "polynomial":
-        return torch.tensor([1.0 / D, float(params.get("coef0", 1.0)), float(params.get("degree", 2))],
-                            dtype=torch.float64)
+        return torch.tensor([1.0 / D, float(params["coef0"]), float(params["degree"])], dtype=torch.float64)
     if kernel == "rbf":
-        sigma2 = params.get("sigma2")
-        sigma2 = ref.rbf_mean_sigma2(x) if sigma2 is None else torch.as_tensor(float(sigma2), dtype=x.dtype)
+        sigma2 = params["sigma2"]
+        sigma2 = ref.rbf_mean_sigma2(x) if sigma2 is None else torch.as_tensor(sigma2, dtype=x.dtype)
         return (0.5 / sigma2).reshape(1).to(torch.float64)
-    return torch.tensor([float(D), float(params.get("eps", 1e-3))], dtype=torch.float64)
+    return torch.tensor([float(D), float(params["eps"])], dtype=torch.float64)
 
 
 def _center(x):
@@ -134,23 +95,23 @@ def _center(x):
 
 
 def _fused_gram_loss(s, t, kernel, normalize_rows, params):
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s.dtype)
     xs, xt = s.to(acc), t.to(acc)
     if kernel == "rbf":
         xs, xt = _center(xs), _center(xt)
     ps, pt = _side_params(kernel, xs, params), _side_params(kernel, xt, params)
     if kernel == "chebyshev":
-        order = int(params.get("order", 3))
-        scale = params.get("scale")
-        xs, xt = ref.chebyshev_features(xs, order, scale), ref.chebyshev_features(xt, order, scale)
+        xs, xt = (ref.chebyshev_features(x, params["order"], params["scale"]) for x in (xs, xt))
     compute_grad = torch.is_grad_enabled() and xs.requires_grad
-    loss, _ = torch.ops.distillx.kernel_gram(xs, xt, KERNEL_CODES[kernel], ps, pt, bool(normalize_rows), 0,
+    loss, _ = torch.ops.distillx.kernel_gram(xs, xt, KERNELS[kernel].code, ps, pt, bool(normalize_rows), 0,
                                              compute_grad)
     return loss
 
 
 def kernel_gram_loss(s, t, kernel, normalize_rows, params):
-    kernel, params = check_params(resolve_kernel(kernel), dict(params))
+    """:func:`distillx.functional.kernel_gram_loss` on validated rows ``s`` (N, Ds), ``t`` (N, Dt)
+    (detached); ``kernel`` a built-in name or a callable."""
+    kernel, params = resolve(kernel, dict(params))
     if callable(kernel):
         return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows)
     out_dtype = s.dtype
@@ -164,14 +125,15 @@ def kernel_gram_loss(s, t, kernel, normalize_rows, params):
     # γ_i K_s − α_i K_t cancels to float32 rounding of terms ~1/|K_s|, where normalising each row first
     # cancels exactly.
     dense = normalize_rows and s.shape[0] <= max(s.shape[1], t.shape[1])
-    if dense or not has_kernel("kernel_gram", s.device.type):
+    if dense or not use_kernel("kernel_gram", s.device):
         return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows, **params).to(out_dtype)
     return _fused_gram_loss(s, t, kernel, normalize_rows, params).to(out_dtype)
 
 
 def mmd_loss(s, t, kernel, params):
-    kernel, params = check_params(resolve_kernel(kernel), dict(params))
-    if callable(kernel) or not has_kernel("kernel_mmd", s.device.type):
+    """:func:`distillx.functional.mmd_loss` on validated rows ``s`` (N, D), ``t`` (M, D) (detached)."""
+    kernel, params = resolve(kernel, dict(params))
+    if callable(kernel) or not use_kernel("kernel_mmd", s.device):
         return ref.mmd_loss_reference(s, t, kernel, **params)
     return _fused_mmd_loss(s, t, kernel, params).to(s.dtype)
 
@@ -180,7 +142,7 @@ def _fused_mmd_loss(s, t, kernel, params):
     """MMD as the weighted Gram sum aᵀ K a over x = [s; t], a = [1/N…, −1/M…] (one σ² / Chebyshev
     scale for both sets, as in the reference), tiled by ``distillx::kernel_mmd``; only the student
     rows carry a gradient, so the teacher×teacher panels are loss-only."""
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s.dtype)
     x = torch.cat([s.to(acc), t.to(acc).detach()])
     if kernel == "rbf":
         # The shift is detached: the loss is translation-invariant, so the gradient through it is 0
@@ -195,8 +157,8 @@ def _fused_mmd_loss(s, t, kernel, params):
     else:
         p = _side_params(kernel, x, params)
     if kernel == "chebyshev":
-        x = ref.chebyshev_features(x, int(params.get("order", 3)), params.get("scale"))
+        x = ref.chebyshev_features(x, params["order"], params["scale"])
     xs, xt = x[:n], x[n:].detach()
     compute_grad = torch.is_grad_enabled() and xs.requires_grad
-    loss, _ = torch.ops.distillx.kernel_mmd(xs, xt, weights, KERNEL_CODES[kernel], p, 0, compute_grad)
+    loss, _ = torch.ops.distillx.kernel_mmd(xs, xt, weights, KERNELS[kernel].code, p, 0, compute_grad)
     return loss

@@ -1,72 +1,27 @@
-"""Python side of the logit-divergence family: fake kernels and autograd of
-``distillx::logit_divergence`` and ``distillx::linear_divergence`` (C++ in csrc/cpu/divergence_cpu.cpp).
+"""Logit divergence on two linear output layers, never materialising the (N, C) logits:
+``distillx::linear_divergence``.
 
-Both kernels compute the gradient in the same pass as the loss (every loss is a sum of row terms
-whose gradient needs only that row), so backward only scales what forward produced: by the per-row
-upstream gradient for logits, by the scalar upstream gradient for the fused linear op. When the
-forward ran without ``compute_grad`` (reduction "none" of the linear op), backward recomputes the
-chunks with the upstream gradient folded into the row weights.
+C++: ``csrc/cpu/linear_divergence.cpp``, ``csrc/cuda/linear_divergence.cu``; the chunk loop is
+``csrc/include/distillx/linear_divergence.h`` and the row kernels are the logit-divergence family's.
+Rows are processed in chunks: per chunk both logit blocks are GEMMs, the row kernel turns the
+student block into ∂loss/∂logits, and GEMMs fold it into the hidden/weight/bias gradients. For scalar
+reductions the gradient is computed in the forward pass and backward only scales it; for
+``reduction="none"`` backward recomputes the chunks with the upstream gradients folded into the row
+weights.
 """
 from __future__ import annotations
 
 import torch
 
-from .scalar_loss import non_differentiable
+from . import reference as ref
+from ._library import DIVERGENCE_CODES, acc_dtype, non_differentiable, reduce_total, register, use_kernel
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@torch.library.register_fake("distillx::logit_divergence")
-def _logit_divergence_fake(student, teacher, row_weight, temperature, divergence, beta, compute_grad):
-    rows = student.new_empty((student.shape[0],), dtype=_acc_dtype(student.dtype))
-    grad = student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
-    return rows, grad
+OP = "linear_divergence"
 
 
-def _logit_setup(ctx, inputs, output):
-    student, teacher, row_weight, temperature, divergence, beta, compute_grad = inputs
-    ctx.compute_grad = compute_grad
-    ctx.set_materialize_grads(False)
-    if compute_grad:
-        ctx.save_for_backward(output[1])
-    else:
-        ctx.save_for_backward(student, teacher, row_weight)
-        ctx.params = (temperature, divergence, beta)
-    non_differentiable(ctx, output[1])
-
-
-def _logit_backward(ctx, grad_rows, _grad_of_grad):
-    if grad_rows is None:
-        return (None,) * 7
-    if not ctx.compute_grad:
-        # Forward kept no gradient: recompute it with the upstream gradient folded into the weights.
-        student, teacher, row_weight = ctx.saved_tensors
-        weight = grad_rows if row_weight is None else grad_rows * row_weight
-        _, grad = torch.ops.distillx.logit_divergence(student, teacher, weight, *ctx.params, True)
-        return grad, None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    scale = grad_rows.unsqueeze(1).to(grad.dtype)
-    if _graph_is_freed_after_this_backward() and type(grad) is torch.Tensor:
-        # The saved gradient is ours alone and dies with the graph: scale it in place rather than
-        # allocate (and page-fault) another (N, C) tensor; that keeps peak memory at one gradient.
-        return grad.mul_(scale), None, None, None, None, None, None
-    # retain_graph/create_graph (e.g. gradcheck), or traced by torch.compile: stay functional.
-    return grad * scale, None, None, None, None, None, None
-
-
-def _graph_is_freed_after_this_backward() -> bool:
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not keep_graph()
-
-
-torch.library.register_autograd("distillx::logit_divergence", _logit_backward, setup_context=_logit_setup)
-
-
-@torch.library.register_fake("distillx::linear_divergence")
-def _linear_divergence_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                            teacher_bias, row_weight, temperature, divergence, beta, chunk_size, compute_grad):
-    acc = _acc_dtype(student_hidden.dtype)
+def _fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight,
+          temperature, divergence, beta, chunk_size, compute_grad):
+    acc = acc_dtype(student_hidden.dtype)
     total = student_hidden.new_empty((), dtype=acc)
     rows = student_hidden.new_empty((student_hidden.shape[0],), dtype=acc)
     if not compute_grad:
@@ -76,7 +31,7 @@ def _linear_divergence_fake(student_hidden, student_weight, student_bias, teache
             student_hidden.new_empty(student_weight.shape), g_bias)
 
 
-def _linear_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     hs, ws, bs, ht, wt, bt, row_weight, temperature, divergence, beta, chunk_size, compute_grad = inputs
     ctx.compute_grad = compute_grad
     ctx.has_bias = bs is not None
@@ -86,7 +41,7 @@ def _linear_setup(ctx, inputs, output):
     non_differentiable(ctx, *output[2:])
 
 
-def _linear_backward(ctx, grad_total, grad_rows, *_):
+def _backward(ctx, grad_total, grad_rows, *_):
     hs, ws, bs, ht, wt, bt, row_weight, *saved = ctx.saved_tensors
     grads = [None, None, None]
     if ctx.compute_grad and grad_total is not None:
@@ -107,4 +62,24 @@ def _linear_backward(ctx, grad_total, grad_rows, *_):
     return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("distillx::linear_divergence", _linear_backward, setup_context=_linear_setup)
+register(OP, _fake, _backward, _setup)
+
+
+def linear_kd_loss(hs, ws, ht, wt, bs, bt, temperature, divergence, beta, reduction, mask, chunk_size):
+    """:func:`distillx.functional.linear_kd_loss` on validated inputs (teacher side detached, in the
+    teacher weight's dtype; student weight and bias in the hidden states' dtype)."""
+    if not use_kernel(OP, hs.device):
+        return ref.linear_kd_loss_reference(hs, ws, ht, wt, bs, bt, temperature, divergence, beta, reduction, mask)
+    rows_shape, C, dtype = tuple(hs.shape[:-1]), ws.shape[0], hs.dtype
+    hs2, ht2 = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+    weight = None if mask is None else mask.to(acc_dtype(dtype))
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, bs))
+    # Gradients fold into the forward pass only for scalar reductions; "none" recomputes in backward.
+    compute_grad = needs_grad and reduction != "none"
+    total, rows, *_ = torch.ops.distillx.linear_divergence(
+        hs2, ws, bs, ht2, wt, bt, weight, float(temperature), DIVERGENCE_CODES[divergence], float(beta),
+        int(chunk_size or 0), compute_grad)
+    if reduction == "none":
+        return rows.reshape(rows_shape).to(dtype)
+    kept = float(hs2.shape[0]) if mask is None else weight.sum()
+    return reduce_total(total, kept, reduction, C).to(dtype)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .kernel_table import KERNELS
+
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -126,7 +128,6 @@ def linear_kd_loss_reference(student_hidden, student_weight, teacher_hidden, tea
 
 # --- kernel-function distillation (KFD) and MMD (NST) -------------------------------------------
 
-KERNELS = ("linear", "polynomial", "rbf", "chebyshev", "cosine")
 
 
 def rbf_mean_sigma2(x: torch.Tensor) -> torch.Tensor:
@@ -157,32 +158,39 @@ def chebyshev_features(x: torch.Tensor, order: int = 3, scale=None) -> torch.Ten
     return torch.cat(terms[: order + 1], dim=1)
 
 
-def kernel_matrix(x, z, kernel="rbf", *, degree=2, coef0=1.0, sigma2=None, order=3, eps=1e-3, scale=None):
-    """Dense kernel matrix k(x_i, z_j) (N, M) of rows of x (N, D) and z (M, D): the reference definition.
+def kernel_matrix(x, z, kernel="rbf", **params):
+    """Dense kernel matrix k(x_i, z_j) (N, M) of rows of x (N, D) and z (M, D): the reference definition
+    of the built-in kernels of :mod:`distillx.ops.kernel_table` (``params`` over its defaults).
 
     linear ⟨x,z⟩; polynomial (⟨x,z⟩/D + coef0)^degree; cosine ⟨x,z⟩/(‖x‖‖z‖); rbf exp(−‖x−z‖²/(2σ²))
     with σ² given or the mean pairwise squared distance of ``x`` (when x is z) / of both sets
     concatenated; chebyshev (generalised, Ozer et al. 2011): with x̃ = x/scale (default max|x|, detached),
     (1/D)·Σ_{i≤n} ⟨T_i(x̃),T_i(z̃)⟩ / sqrt(1 − ⟨x̃,z̃⟩/D + eps).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {tuple(KERNELS)}, got {kernel!r}")
+    unknown = sorted(set(params) - set(KERNELS[kernel].defaults))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for kernel {kernel!r}; it takes "
+                         f"{list(KERNELS[kernel].defaults) or 'none'}")
+    p = {**KERNELS[kernel].defaults, **params}
     D = x.shape[1]
     if kernel == "linear":
         return x @ z.T
     if kernel == "polynomial":
-        return (x @ z.T / D + coef0) ** degree
-    if kernel == "cosine":
-        return torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(z, dim=1).T
+        return (x @ z.T / D + p["coef0"]) ** p["degree"]
     if kernel == "rbf":
+        sigma2 = p["sigma2"]
         if sigma2 is None:
             sigma2 = rbf_mean_sigma2(x if x is z else torch.cat([x, z]))
         d2 = (x.pow(2).sum(1, keepdim=True) + z.pow(2).sum(1) - 2 * x @ z.T).clamp(min=0)
         return torch.exp(-d2 / (2 * sigma2))
     if kernel == "chebyshev":
-        both = chebyshev_features(x if x is z else torch.cat([x, z]), order, scale)
+        both = chebyshev_features(x if x is z else torch.cat([x, z]), p["order"], p["scale"])
         fx, fz = (both, both) if x is z else (both[: x.shape[0]], both[x.shape[0]:])
         ux, uz = fx[:, D:2 * D], fz[:, D:2 * D]
-        return (fx @ fz.T) / D / torch.sqrt(1 - ux @ uz.T / D + eps)
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        return (fx @ fz.T) / D / torch.sqrt(1 - ux @ uz.T / D + p["eps"])
+    return torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(z, dim=1).T  # cosine
 
 
 def kernel_gram_loss_reference(s, t, kernel="rbf", normalize_rows=False, **kernel_params):
