@@ -1,9 +1,9 @@
 """Data augmentations applied to the training batch both the teacher and the student see.
 
-This module is the built-in augmentations plugin: the plugin manager registers it (as
-``distillx.augment``) before any third-party plugin, and it adds its augmentations through the
-same ``distillx_register_augmentations`` hook a third-party plugin uses. Importing it registers
-nothing.
+The plugin manager registers :data:`BUILTIN_AUGMENTATIONS` as the built-in plugin
+``distillx.augment`` (:mod:`distillx.plugin.builtins`) before any third-party plugin, through the same
+``distillx_register_augmentations`` hook a third-party plugin uses. Importing this package registers
+nothing; :func:`distillx.plugin.augmentation` builds a registered augmentation by name.
 
 ===============  =======================================================================
 ``random_crop``  pad by ``padding``, crop back at a random offset per sample (:class:`RandomCrop`)
@@ -17,10 +17,10 @@ nothing.
 Every augmentation is called as ``aug(inputs, targets, generator) -> (inputs, targets)`` and takes
 all its randomness from ``generator`` (see :mod:`distillx.augment.base` for the contract)::
 
-    from distillx import augment
+    from distillx import augment, plugin
 
-    augs = [augment.build("random_crop", padding=4), augment.build("flip"),
-            augment.build("mixup", alpha=0.2, num_classes=100)]
+    augs = [plugin.augmentation("random_crop", padding=4), augment.Flip(),
+            plugin.augmentation("mixup", alpha=0.2, num_classes=100)]
     g = torch.Generator().manual_seed(0)          # checkpoint g.get_state() for exact resume
     x, y = augment.compose(augs, x, y, g)
     augment.any_changes_inputs(augs)             # True: teacher outputs cannot be cached
@@ -40,9 +40,8 @@ A third-party augmentation, registered as a :class:`Augmentation` subclass (or a
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
-from ..plugin.hookspecs import hookimpl
 from .base import Augmentation
 from .image import Flip, Noise, RandomCrop
 from .mixing import CutMix, Mixup
@@ -52,51 +51,6 @@ from .text import TokenMask
 BUILTIN_AUGMENTATIONS = MappingProxyType({cls.name: cls for cls in (
     RandomCrop, Flip, Noise, Mixup, CutMix, TokenMask)})
 """name -> :class:`Augmentation` subclass for the six built-in augmentations (read-only)."""
-
-
-@hookimpl
-def distillx_register_augmentations(registry):
-    for name, cls in BUILTIN_AUGMENTATIONS.items():
-        registry.add(name, cls)
-
-
-def build(name: str, **options: Any):
-    """Build the registered augmentation ``name`` with ``options``.
-
-    The registry entry may be an :class:`Augmentation` subclass (unknown options are a
-    ``TypeError`` listing the valid ones, bad values a ``ValueError`` naming the option), an
-    :class:`Augmentation` instance (returned as is, or rebuilt with ``options`` overriding its
-    own), or any factory ``(**options) -> callable`` whose result is called as
-    ``(inputs, targets, generator) -> (inputs, targets)``. An unknown ``name`` raises
-    :class:`distillx.plugin.UnknownNameError` listing the registered augmentations.
-    """
-    from ..plugin.manager import get_registries  # deferred: the manager imports this module as a plugin
-
-    entry = get_registries().augmentations.entry(name)
-    obj = entry.obj
-    if isinstance(obj, Augmentation):
-        aug = type(obj)(**{**obj.config(), **options}) if options else obj
-    else:
-        aug = obj(**options)
-    if not callable(aug):
-        raise TypeError(f"augmentation {name!r} (plugin {entry.provider!r}) built a {type(aug).__name__}, which is "
-                        "not callable as (inputs, targets, generator) -> (inputs, targets)")
-    return aug
-
-
-def resolve(spec: Any):
-    """An augmentation from a config entry: a name, ``{"name": ..., **options}``, or a callable (kept)."""
-    if isinstance(spec, str):
-        return build(spec)
-    if isinstance(spec, Mapping):
-        options = dict(spec)
-        if not isinstance(options.get("name"), str):
-            raise ValueError(f"an augmentation given as a mapping needs a 'name' string, got {spec!r}")
-        return build(options.pop("name"), **options)
-    if callable(spec):
-        return spec
-    raise TypeError(f"an augmentation must be a registered name, a mapping with 'name' and options, or a callable "
-                    f"(inputs, targets, generator) -> (inputs, targets); got {type(spec).__name__}")
 
 
 def _label(aug: Any) -> str:
@@ -125,4 +79,4 @@ def any_mixes_targets(augmentations: Iterable[Any]) -> bool:
 
 
 __all__ = ["Augmentation", "RandomCrop", "Flip", "Noise", "Mixup", "CutMix", "TokenMask", "BUILTIN_AUGMENTATIONS",
-           "build", "resolve", "compose", "any_changes_inputs", "any_mixes_targets", "sample_beta", "sample_gamma"]
+           "compose", "any_changes_inputs", "any_mixes_targets", "sample_beta", "sample_gamma"]

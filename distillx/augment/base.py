@@ -39,54 +39,30 @@ Contract (what the Distiller relies on):
 """
 from __future__ import annotations
 
-import copy
-import math
-import numbers
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
-# Names an option must not take: they would shadow the class's own attributes and methods.
-_RESERVED = frozenset({"name", "options", "changes_inputs", "mixes_targets"})
+from .._options import Options
 
 
-class Augmentation:
+class Augmentation(Options):
     """Base class of data augmentations (a plain callable, not an ``nn.Module``: no parameters).
 
     Subclasses set ``name`` (the registry name), declare their options in the class attribute
     ``options`` (name -> default; merged with those of base classes), check option values in
-    :meth:`validate`, and implement :meth:`apply`. Options become attributes (``self.alpha``).
+    :meth:`validate` (``check_number``, ``check_int``, ``check_bool``, ``check_choice``), and
+    implement :meth:`apply`. Options become attributes (``self.alpha``).
     """
 
-    name: ClassVar[str] = ""
-    options: ClassVar[dict[str, Any]] = {}
+    kind: ClassVar[str] = "augmentation"
     #: The inputs the models see differ from the dataset's (teacher outputs cannot be cached).
     changes_inputs: ClassVar[bool] = True
     #: The returned targets are soft (N, C) class-probability rows.
     mixes_targets: ClassVar[bool] = False
-    _defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        merged: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(klass.__dict__.get("options", {}))
-        reserved = (_RESERVED | set(dir(Augmentation))) - set(Augmentation._defaults)
-        for option in merged:
-            if not isinstance(option, str) or not option.isidentifier() or option.startswith("_"):
-                raise TypeError(f"{cls.__name__}.options: option names must be public identifiers, got {option!r}")
-            if option in reserved:
-                raise TypeError(f"{cls.__name__}.options: option {option!r} would shadow Augmentation.{option}")
-        cls._defaults = merged
 
     def __init__(self, **options: Any):
-        unknown = [k for k in options if k not in self._defaults]
-        if unknown:
-            valid = ", ".join(sorted(self._defaults)) or "none"
-            raise TypeError(f"augmentation {self.label!r} got an unknown option {unknown[0]!r}; valid options: {valid}")
-        # Defaults are copied so a mutable default is never shared by instances.
-        for option, value in {**copy.deepcopy(self._defaults), **options}.items():
-            setattr(self, option, value)
+        self._set_options(options)
         self.validate()
 
     # -- to override ------------------------------------------------------------------------
@@ -105,56 +81,8 @@ class Augmentation:
                             f"comes from it, so runs resume exactly), got {type(generator).__name__}")
         return self.apply(inputs, targets, generator)
 
-    @property
-    def label(self) -> str:
-        """The name used in messages: ``name``, or the class name when ``name`` is empty."""
-        return self.name or type(self).__name__
-
-    @classmethod
-    def default_options(cls) -> dict[str, Any]:
-        """Every option with its default."""
-        return dict(cls._defaults)
-
-    def config(self) -> dict[str, Any]:
-        """The current option values; ``type(self)(**a.config())`` rebuilds an equivalent augmentation."""
-        return {option: getattr(self, option) for option in self._defaults}
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self.config().items()) + ")"
-
-    # -- option checks ----------------------------------------------------------------------
-    def check_number(self, option: str, *, gt: float | None = None, ge: float | None = None,
-                     lt: float | None = None, le: float | None = None) -> None:
-        """Raise unless option ``option`` is a finite real number within the given bounds."""
-        value = getattr(self, option)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"augmentation {self.label!r}: option {option} must be a finite number, got {value!r}")
-        self._check_bounds(option, value, gt, ge, lt, le)
-
-    def check_int(self, option: str, *, ge: int | None = None, optional: bool = False) -> None:
-        """Raise unless option ``option`` is an int (not a bool) ``>= ge``; ``None`` too when ``optional``."""
-        value = getattr(self, option)
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            kind = "an int or None" if optional else "an int"
-            raise ValueError(f"augmentation {self.label!r}: option {option} must be {kind}, got {value!r}")
-        setattr(self, option, int(value))
-        self._check_bounds(option, value, None, ge, None, None)
-
-    def check_choice(self, option: str, choices: Iterable[Any]) -> None:
-        """Raise unless option ``option`` is one of ``choices``."""
-        value, choices = getattr(self, option), tuple(choices)
-        if value not in choices:
-            raise ValueError(f"augmentation {self.label!r}: option {option} must be one of {choices}, got {value!r}")
-
-    def _check_bounds(self, option, value, gt, ge, lt, le) -> None:
-        failed = ((gt is not None and not value > gt and f"> {gt}")
-                  or (ge is not None and not value >= ge and f">= {ge}")
-                  or (lt is not None and not value < lt and f"< {lt}")
-                  or (le is not None and not value <= le and f"<= {le}"))
-        if failed:
-            raise ValueError(f"augmentation {self.label!r}: option {option} must be {failed}, got {value!r}")
 
     # -- batch checks and random draws ------------------------------------------------------
     def batch_error(self, problem: str) -> ValueError:
@@ -203,3 +131,5 @@ class Augmentation:
         p = torch.randperm(n, generator=generator, device=generator.device)
         return p if device is None else p.to(device)
 
+
+Augmentation._root = Augmentation

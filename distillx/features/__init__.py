@@ -17,7 +17,7 @@ dotted path, optionally reduced on the spot so only the reduced tensor is kept.
             teacher(x)
     feats = ex.collect()     # every key, or MissingFeatureError saying which and why
 
-Pieces: :class:`FeatureSpec` (what to capture, with the ``"PATH[@input][:SELECT]"`` string
+Pieces: :class:`FeatureRequest` (what a method asks of both models), :class:`FeatureSpec` (what to capture, with the ``"PATH[@input][:SELECT]"`` string
 shorthand), :class:`FeatureExtractor` (hooks, lifecycle, reading), :func:`resolve_module`
 (dotted paths through DataParallel/DDP/``torch.compile`` wrappers, with close-match errors),
 :func:`find_penultimate` (the output-layer rule), and the capture-time :data:`REDUCTIONS`
@@ -29,10 +29,11 @@ from .extractor import FeatureCaptureError, FeatureExtractor, MissingFeatureErro
 from .paths import WRAPPER_ATTRS, FeaturePathError, resolve_module, unwrap_model
 from .penultimate import find_penultimate
 from .reductions import REDUCTIONS, ChannelStats, adaptive_pool, attention_map, channel_stats, l2_normalize
+from .request import CAPTURES, FeatureRequest
 from .spec import PENULTIMATE, FeatureSpec
 
 __all__ = [
-    "FeatureExtractor", "FeatureSpec", "PENULTIMATE",
+    "FeatureExtractor", "FeatureSpec", "FeatureRequest", "PENULTIMATE", "CAPTURES",
     "FeatureCaptureError", "FeaturePathError", "MissingFeatureError",
     "resolve_module", "unwrap_model", "find_penultimate", "WRAPPER_ATTRS",
     "REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize",

@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..ops.attention_map import attention_map as fused_attention_map
+
 ChannelStats = namedtuple("ChannelStats", ["mean", "var"])
 ChannelStats.__doc__ = "Per-channel statistics from :func:`channel_stats`: ``mean`` and ``var``, each of shape (C,)."
 
@@ -65,8 +67,6 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, channel_dim: int = 1, s
         raise ValueError(f"attention_map: p must be a finite number > 0, got {p!r}")
     if feature.dim() == 4 and channel_dim in (1, -3):
         # (B, C, H, W): the fused channel reduction reads the map once (distillx::attention_map)
-        from ..ops.attention import attention_map as fused_attention_map
-
         a = fused_attention_map(feature, float(p))
     else:
         x = _upcast(feature).abs()

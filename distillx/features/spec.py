@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
-from ..methods.base import CAPTURES
 from .reductions import REDUCTIONS
+from .request import CAPTURES
 
 PENULTIMATE = "penultimate"
 """Pseudo-path of the penultimate feature: the input of the model's output layer, found by tracing

@@ -1,8 +1,8 @@
 """Built-in distillation methods.
 
-This module is the built-in methods plugin: the plugin manager registers it (as
-``distillx.methods``) before any third-party plugin, and it adds its methods through the same
-``distillx_register_methods`` hook a third-party plugin uses. Importing it registers nothing.
+The plugin manager registers :data:`BUILTIN_METHODS` as the built-in plugin ``distillx.methods``
+(:mod:`distillx.plugin.builtins`) before any third-party plugin, through the same
+``distillx_register_methods`` hook a third-party plugin uses. Importing this package registers nothing.
 
 ==================  =====================================================================
 ``kd``              Hinton logit distillation (:class:`KD`)
@@ -18,7 +18,6 @@ This module is the built-in methods plugin: the plugin manager registers it (as
 """
 from __future__ import annotations
 
-from ..plugin.hookspecs import hookimpl
 from .at import AT
 from .base import FeatureRequest, FeatureShapeError, Method
 from .kd import KD
@@ -27,12 +26,6 @@ from .minilm import MiniLM, MiniLMv2, TinyBERTAttention
 from .sld import SLD
 
 BUILTIN_METHODS = (KD, SLD, KFD, SP, NST, AT, MiniLM, MiniLMv2, TinyBERTAttention)
-
-
-@hookimpl
-def distillx_register_methods(registry):
-    for cls in BUILTIN_METHODS:
-        registry.add(cls.name, cls)
 
 
 __all__ = ["Method", "FeatureRequest", "FeatureShapeError", "KD", "SLD", "KFD", "SP", "NST", "AT", "MiniLM",

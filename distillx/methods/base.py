@@ -36,25 +36,16 @@ method, the feature and its layers.
 """
 from __future__ import annotations
 
-import copy
-import math
-import numbers
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
-CAPTURES = ("output", "input")
-#: The penultimate pseudo-path (same value as :data:`distillx.features.PENULTIMATE`; defined here too
-#: because distillx.features imports this module).
-PENULTIMATE = "penultimate"
+from .._options import Options
+from ..features import PENULTIMATE, FeatureRequest  # noqa: F401  (part of this module's API)
+
 # Attributes nn.Module sets on instances (e.g. "training"); an option with such a name would clobber them.
 _MODULE_INSTANCE_ATTRS = frozenset(vars(nn.Module()))
-
-
-Selector = Union[int, str]
-SelectSpec = Union[None, Selector, Tuple[Selector, ...]]
 
 
 class FeatureShapeError(ValueError):
@@ -62,117 +53,29 @@ class FeatureShapeError(ValueError):
     the method, the feature key and the student/teacher layers."""
 
 
-def _check_select(value: Any, field_name: str) -> Any:
-    if value is None:
-        return None
-    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if not items or any(isinstance(s, bool) or not isinstance(s, (int, str)) or s == "" for s in items):
-        raise ValueError(f"FeatureRequest.{field_name} must be None, an int index, a non-empty name, or a "
-                         f"non-empty tuple of them, got {value!r}")
-    return items if isinstance(value, (tuple, list)) else value
-
-
-@dataclass(frozen=True)
-class FeatureRequest:
-    """An intermediate feature a method needs from both models.
-
-    ``key``: where the captured tensors appear in the ``student``/``teacher`` dicts given to
-    ``loss``. ``student``/``teacher``: dotted module paths (``"layer3"``, ``"blocks.-1"``,
-    ``"penultimate"``), optionally in the shorthand ``"PATH[@input][:SELECT]"`` of
-    :class:`distillx.features.FeatureSpec`, so each side may capture differently.
-    ``capture``: the module's ``"output"`` or its ``"input"``. ``reduction``: name of a
-    capture-time reduction (:data:`distillx.features.REDUCTIONS`, e.g. ``"attention_map"``) or a
-    callable ``f(feature, **reduction_kwargs)``, applied before the tensor is kept, or None.
-
-    ``select``: which part of a tuple/dict/dataclass output (or which input) to keep, for both
-    sides (an int index, a field/argument name, or a tuple of them applied in turn);
-    ``student_select``/``teacher_select`` override it for one side. ``reduction_kwargs``: options
-    of the reduction (``{"p": 2}``); ``student_reduction_kwargs``/``teacher_reduction_kwargs``
-    override them for one side. All four are optional, so ``FeatureRequest(key, student, teacher)``
-    and the positional ``(key, student, teacher, capture, reduction)`` form keep working.
-    """
-
-    key: str
-    student: str
-    teacher: str
-    capture: str = "output"
-    reduction: Union[None, str, Callable[..., Any]] = None
-    select: SelectSpec = None
-    reduction_kwargs: Optional[Mapping[str, Any]] = field(default=None, hash=False)
-    student_select: SelectSpec = None
-    teacher_select: SelectSpec = None
-    student_reduction_kwargs: Optional[Mapping[str, Any]] = field(default=None, hash=False)
-    teacher_reduction_kwargs: Optional[Mapping[str, Any]] = field(default=None, hash=False)
-
-    def __post_init__(self):
-        for name in ("key", "student", "teacher"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"FeatureRequest.{name} must be a non-empty string, got {value!r}")
-        if self.capture not in CAPTURES:
-            raise ValueError(f"FeatureRequest.capture must be one of {CAPTURES}, got {self.capture!r}")
-        if self.reduction is not None and not callable(self.reduction) and (
-                not isinstance(self.reduction, str) or not self.reduction):
-            raise ValueError(f"FeatureRequest.reduction must be None, a non-empty string or a callable, "
-                             f"got {self.reduction!r}")
-        for name in ("select", "student_select", "teacher_select"):
-            object.__setattr__(self, name, _check_select(getattr(self, name), name))
-        for name in ("reduction_kwargs", "student_reduction_kwargs", "teacher_reduction_kwargs"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, Mapping):
-                raise ValueError(f"FeatureRequest.{name} must be None or a mapping, got {type(value).__name__}")
-            if self.reduction is None:
-                raise ValueError(f"FeatureRequest.{name} given without a reduction")
-            object.__setattr__(self, name, dict(value))
-
-    def path(self, side: str) -> str:
-        """The ``student`` or ``teacher`` path."""
-        if side not in ("student", "teacher"):
-            raise ValueError(f"side must be 'student' or 'teacher', got {side!r}")
-        return getattr(self, side)
-
-
-class Method(nn.Module):
+class Method(Options, nn.Module):
     """Base class of distillation methods.
 
     Subclasses set ``name`` (the registry name), declare their options in the class attribute
     ``options`` (name -> default; merged with those of base classes, so ``weight`` is always there),
-    check option values in :meth:`validate`, and implement :meth:`loss`; feature methods also
+    check option values in :meth:`validate` (with :meth:`check_number`, :meth:`check_int`,
+    :meth:`check_bool`, :meth:`check_choice`), and implement :meth:`loss`; feature methods also
     override :meth:`features`. Options become attributes (``self.T``). A subclass that builds
     adapters overrides ``__init__(self, **options)``, calls ``super().__init__(**options)`` first,
     then creates its submodules.
+
+    ``registry_options`` names options whose string values are entries of a plugin registry
+    (``{"kernel": "kernels"}``): :func:`distillx.method` resolves them before the method is built.
     """
 
+    kind: ClassVar[str] = "method"
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {"weight": 1.0}
-    _defaults: ClassVar[dict[str, Any]] = {"weight": 1.0}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        merged: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(klass.__dict__.get("options", {}))
-        # An option named like a Module/Method attribute would shadow it (e.g. "training", "loss").
-        reserved = (set(dir(Method)) | _MODULE_INSTANCE_ATTRS) - set(Method._defaults)
-        for option in merged:
-            if not isinstance(option, str) or not option.isidentifier() or option.startswith("_"):
-                raise TypeError(f"{cls.__name__}.options: option names must be public identifiers, got {option!r}")
-            if option in reserved:
-                raise TypeError(f"{cls.__name__}.options: option {option!r} would shadow Method.{option}")
-        cls._defaults = merged
+    registry_options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **options: Any):
-        super().__init__()
-        label = self.name or type(self).__name__
-        unknown = [k for k in options if k not in self._defaults]
-        if unknown:
-            valid = ", ".join(sorted(self._defaults))
-            raise TypeError(f"method {label!r} got an unknown option {unknown[0]!r}; valid options: {valid}")
-        # Defaults are copied so a mutable default (a list of layers, say) is never shared by instances.
-        for option, value in {**copy.deepcopy(self._defaults), **options}.items():
-            setattr(self, option, value)
+        nn.Module.__init__(self)
+        self._set_options(options)
         self.check_number("weight", ge=0)
         self.validate()
 
@@ -209,15 +112,6 @@ class Method(nn.Module):
         """Same as :meth:`loss` (unweighted), so a method can be called like any module."""
         return self.loss(student, teacher, batch)
 
-    @classmethod
-    def default_options(cls) -> dict[str, Any]:
-        """Every option with its default, ``weight`` included."""
-        return dict(cls._defaults)
-
-    def config(self) -> dict[str, Any]:
-        """The current option values; ``type(self)(**m.config())`` rebuilds an equivalent method."""
-        return {option: getattr(self, option) for option in self._defaults}
-
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
@@ -239,7 +133,7 @@ class Method(nn.Module):
 
     def feature_error(self, key: str, problem: str, side: str | None = None) -> FeatureShapeError:
         """A :class:`FeatureShapeError` naming this method, the feature and its layers, then ``problem``."""
-        return FeatureShapeError(f"method {self.name!r}: {self.describe_feature(key, side)}: {problem}")
+        return FeatureShapeError(f"method {self.label!r}: {self.describe_feature(key, side)}: {problem}")
 
     def require_feature(self, outputs: Mapping[str, Any], key: str, side: str, *, ndim: Iterable[int] | None = None,
                         what: str = "") -> torch.Tensor:
@@ -254,24 +148,9 @@ class Method(nn.Module):
                                           f"{what or ' or '.join(f'{n}-D' for n in ndim)}", side)
         return x
 
-    def check_number(self, option: str, *, gt: float | None = None, ge: float | None = None,
-                     lt: float | None = None, le: float | None = None) -> None:
-        """Raise unless option ``option`` is a finite real number within the given bounds."""
-        value = getattr(self, option)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"method {self.name!r}: option {option} must be a finite number, got {value!r}")
-        failed = ((gt is not None and not value > gt and f"> {gt}")
-                  or (ge is not None and not value >= ge and f">= {ge}")
-                  or (lt is not None and not value < lt and f"< {lt}")
-                  or (le is not None and not value <= le and f"<= {le}"))
-        if failed:
-            raise ValueError(f"method {self.name!r}: option {option} must be {failed}, got {value!r}")
 
-    def check_choice(self, option: str, choices: Iterable[Any]) -> None:
-        """Raise unless option ``option`` is one of ``choices``."""
-        value, choices = getattr(self, option), tuple(choices)
-        if value not in choices:
-            raise ValueError(f"method {self.name!r}: option {option} must be one of {choices}, got {value!r}")
+Method._root = Method
+Method._reserved = _MODULE_INSTANCE_ATTRS
 
 
 def check_method_class(name: str, obj: Any) -> None:

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from ..ops import gram
+from ..ops.kernel_table import PARAMS, check_kernel, check_params
 from .base import PENULTIMATE, FeatureRequest, Method, layer_pairs
 
-#: Flat kernel options of the kernel methods -> the kernels that take them.
-KERNEL_OPTIONS = {"degree": ("polynomial",), "coef0": ("polynomial",), "sigma2": ("rbf",),
-                  "order": ("chebyshev",), "eps": ("chebyshev",)}
+#: Flat kernel options of the kernel methods -> the built-in kernels that take them (the kernel table's).
+KERNEL_OPTIONS = PARAMS
 
 
 class _PairsMethod(Method):
@@ -42,34 +41,30 @@ class _PairsMethod(Method):
 
 
 class _KernelMethod(_PairsMethod):
-    """Shared handling of the ``kernel`` option and the flat kernel parameters."""
+    """Shared handling of the ``kernel`` option and the flat kernel parameters.
+
+    ``kernel`` is a built-in name or a callable ``k(x, z) -> (N, M)``; :func:`distillx.method`
+    turns the name of a kernel a plugin registered into that callable (``registry_options``).
+    """
 
     kernel_defaults: dict[str, dict[str, Any]] = {}
+    registry_options = {"kernel": "kernels"}
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.kernel, str):
-            gram.resolve_kernel(self.kernel)  # unknown names fail here, listing the registered kernels
-        elif not callable(self.kernel):
-            raise ValueError(f"method {self.name!r}: option kernel must be a kernel name or a callable k(x, z), "
-                             f"got {self.kernel!r}")
+        try:
+            check_kernel(self.kernel)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method {self.name!r}: option {exc}") from None
         for option, kernels in KERNEL_OPTIONS.items():
             if getattr(self, option) is not None and self.kernel not in kernels:
                 raise ValueError(f"method {self.name!r}: option {option} applies to the "
                                  f"{' / '.join(kernels)} kernel, not to kernel={self.kernel!r}")
-        if self.degree is not None and (isinstance(self.degree, bool) or not isinstance(self.degree, int)
-                                        or self.degree < 1):
-            raise ValueError(f"method {self.name!r}: option degree must be a positive int, got {self.degree!r}")
-        if self.order is not None and (isinstance(self.order, bool) or not isinstance(self.order, int)
-                                       or self.order < 0):
-            raise ValueError(f"method {self.name!r}: option order must be an int >= 0, got {self.order!r}")
-        for option, bound in (("coef0", None), ("sigma2", 0), ("eps", 0)):
-            if getattr(self, option) is not None:
-                self.check_number(option, gt=bound) if bound is not None else self.check_number(option)
-
-    def loss_kernel(self):
-        """The kernel to compute with: a plugin's replacement of a built-in name is honoured."""
-        return gram.registered_kernel(self.kernel) if isinstance(self.kernel, str) else self.kernel
+        if isinstance(self.kernel, str):
+            try:
+                check_params(self.kernel, self.kernel_params())
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"method {self.name!r}: option {exc}") from None
 
     def kernel_params(self) -> dict[str, Any]:
         """The kernel parameters to pass: the options that are set, over this method's defaults."""
@@ -105,7 +100,8 @@ class KFD(_KernelMethod):
         kernel: kernel name or callable ``k(x, z) -> (N, M)`` (default ``"rbf"``).
         normalize_rows: L2-normalise Gram rows (default False).
         degree, coef0: polynomial kernel (defaults 2 and 1); sigma2: rbf bandwidth (default: the
-            mean pairwise squared distance); order, eps: Chebyshev kernel (defaults 3 and 1e-3).
+            mean pairwise squared distance); order, eps, scale: Chebyshev kernel (defaults 3, 1e-3 and
+            max|x| over the batch).
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -119,19 +115,17 @@ class KFD(_KernelMethod):
 
     name = "kfd"
     options = {"student": PENULTIMATE, "teacher": PENULTIMATE, "kernel": "rbf", "normalize_rows": False,
-               "degree": None, "coef0": None, "sigma2": None, "order": None, "eps": None}
+               **dict.fromkeys(KERNEL_OPTIONS)}
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.normalize_rows, bool):
-            raise ValueError(f"method {self.name!r}: option normalize_rows must be True or False, "
-                             f"got {self.normalize_rows!r}")
+        self.check_bool("normalize_rows")
 
     def pair_loss(self, key, student, teacher):
         s, t = self.rows(student, key, "student"), self.rows(teacher, key, "teacher")
         if s.shape[0] != t.shape[0]:
             raise self.feature_error(key, f"student batch {s.shape[0]} != teacher batch {t.shape[0]}")
-        return functional.kernel_gram_loss(s, t, self.loss_kernel(), self.normalize_rows, **self.kernel_params())
+        return functional.kernel_gram_loss(s, t, self.kernel, self.normalize_rows, **self.kernel_params())
 
 
 class SP(_PairsMethod):
@@ -197,8 +191,8 @@ class NST(_KernelMethod):
     Options:
         student, teacher: layer paths of feature maps (or lists paired by position); required.
         kernel: kernel name or callable (default ``"polynomial"``).
-        degree, coef0: polynomial kernel (defaults here 2 and 0, the paper's); sigma2, order, eps:
-            as in :class:`KFD`.
+        degree, coef0: polynomial kernel (defaults here 2 and 0, the paper's); sigma2, order, eps,
+            scale: as in :class:`KFD`.
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -210,8 +204,7 @@ class NST(_KernelMethod):
     """
 
     name = "nst"
-    options = {"student": None, "teacher": None, "kernel": "polynomial",
-               "degree": None, "coef0": None, "sigma2": None, "order": None, "eps": None}
+    options = {"student": None, "teacher": None, "kernel": "polynomial", **dict.fromkeys(KERNEL_OPTIONS)}
     kernel_defaults = {"polynomial": {"degree": 2, "coef0": 0.0}}
 
     def pair_loss(self, key, student, teacher):
@@ -228,8 +221,7 @@ class NST(_KernelMethod):
         s = F.normalize(s.flatten(2), dim=2)  # (B, Cs, HW): each channel's spatial pattern, unit norm
         t = F.normalize(t.detach().flatten(2), dim=2)
         params = self.kernel_params()
-        kernel = self.loss_kernel()
-        per_image = [functional.mmd_loss(s[b], t[b], kernel, **params) for b in range(s.shape[0])]
+        per_image = [functional.mmd_loss(s[b], t[b], self.kernel, **params) for b in range(s.shape[0])]
         return torch.stack(per_image).mean()
 
 

@@ -1,7 +1,7 @@
 """Weight transfer: initialise a student from a teacher's parameters.
 
-``distillx.transfer`` is both this package and a function: calling it runs a registered strategy
-(:func:`distillx.transfer.api.transfer`)::
+``distillx.transfer`` is both this package and a function: calling it runs a strategy registered by
+name (:func:`distillx.plugin.transfer`; ``import distillx`` makes the package callable)::
 
     import distillx as dx
     report = dx.transfer("select", teacher, student)          # writes into student, returns a TransferReport
@@ -24,9 +24,9 @@ Built-in strategies (each ``(teacher, student, **options) -> TransferReport``, w
                   calibration data (:func:`~distillx.transfer.head_fit.head_fit`)
 ================  =========================================================================
 
-This module is also the built-in transfers plugin (registered as ``distillx.transfer``): the
-strategies reach the registry through the same ``distillx_register_weight_transfers`` hook as
-third-party ones. Writing a strategy: build a :class:`TransferReport` with
+The plugin manager registers :data:`BUILTIN_TRANSFERS` as the built-in plugin ``distillx.transfer``
+(:mod:`distillx.plugin.builtins`): the strategies reach the registry through the same
+``distillx_register_weight_transfers`` hook as third-party ones. Writing a strategy: build a :class:`TransferReport` with
 ``TransferReport.for_model(name, student)``, record every student tensor once, and reuse
 :func:`correspond` (which teacher tensor goes with which student tensor), :func:`shrink`,
 :func:`uniform_indices` and :func:`layout_of` (fused q/k/v blocks, kept vocabulary rows) as the
@@ -34,12 +34,8 @@ built-ins do; the ``svd`` strategy of ``plugins/distillx-svd`` is an example.
 """
 from __future__ import annotations
 
-import sys
-import types
-
-from ..plugin.hookspecs import hookimpl
 from .adapt import Layout, ShapeMismatch, layout_of, shrink, uniform_indices
-from .api import EnsembleMember, Transfer, transfer
+from .api import EnsembleMember, Transfer, run_strategy
 from .correspond import Match, correspond, layer_stacks
 from .direct import direct
 from .distribution import distribution
@@ -58,26 +54,8 @@ BUILTIN_TRANSFERS: dict = {  # name -> strategy (teacher, student, **options) ->
     "head_fit": head_fit,
 }
 
-
-@hookimpl
-def distillx_register_weight_transfers(registry):
-    for name, strategy in BUILTIN_TRANSFERS.items():
-        registry.add(name, strategy)
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``distillx.transfer(...)`` call :func:`transfer` while ``distillx.transfer`` stays this
-    package. Binding the function to the name ``distillx.transfer`` instead would hide the package
-    from ``import distillx.transfer.report as r`` and from ``distillx.transfer.TransferReport``."""
-
-    def __call__(self, name, teacher=None, student=None, **options):
-        return transfer(name, teacher, student, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
 __all__ = [
-    "transfer", "Transfer", "EnsembleMember", "TransferReport", "TensorRecord", "TransferError", "ACTIONS",
+    "run_strategy", "Transfer", "EnsembleMember", "TransferReport", "TensorRecord", "TransferError", "ACTIONS",
     "BUILTIN_TRANSFERS", "direct", "distribution", "select", "layer_map", "head_fit",
     "correspond", "Match", "layer_stacks", "output_layer", "transferable_tensors",
     "shrink", "uniform_indices", "layout_of", "Layout", "ShapeMismatch", "check_models",

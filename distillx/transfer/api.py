@@ -1,4 +1,6 @@
-"""``distillx.transfer(name, teacher, student, **options)``: run a registered weight transfer safely."""
+"""Run a weight transfer strategy safely: on a copy of the student, checked, copied back only on
+success (:func:`run_strategy`), or later (:class:`Transfer`). ``distillx.transfer(name, ...)`` looks the
+strategy up by name (:func:`distillx.plugin.transfer`) and calls these."""
 from __future__ import annotations
 
 import copy
@@ -23,13 +25,7 @@ class EnsembleMember(NamedTuple):
     report: TransferReport
 
 
-def _strategy(name: str) -> Callable[..., TransferReport]:
-    from ..plugin import get_registries  # the registries are built on first use, not at import
-
-    return get_registries().transfers.get(name)
-
-
-def _check_options(name: str, strategy: Callable, options: dict[str, Any], n: Optional[int]) -> None:
+def check_options(name: str, strategy: Callable, options: dict[str, Any], n: Optional[int]) -> None:
     """Unknown options are a TypeError naming them and the valid ones (checked before any work)."""
     try:
         params = list(inspect.signature(strategy).parameters.values())[2:]
@@ -93,14 +89,10 @@ def _load(student: nn.Module, source: nn.Module) -> None:
         tensor.copy_(values[name][0])
 
 
-def transfer(name: str, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None, *,
-             n: Optional[int] = None, allow_empty: bool = False, **options: Any
-             ) -> Union[TransferReport, list[EnsembleMember], "Transfer"]:
-    """Run the weight transfer ``name`` from ``teacher`` into ``student``.
-
-    The strategy comes from the plugin registry (built-ins: ``direct``, ``distribution``,
-    ``select``, ``layer_map``, ``head_fit``; plugins add more; ``distillx plugins`` lists them).
-    ``options`` go to the strategy; unknown ones are a ``TypeError`` before anything runs.
+def run_strategy(name: str, strategy: Callable[..., TransferReport], teacher: nn.Module, student: nn.Module, *,
+                 n: Optional[int] = None, allow_empty: bool = False, **options: Any
+                 ) -> Union[TransferReport, list[EnsembleMember]]:
+    """Run weight transfer ``strategy`` (registered as ``name``) from ``teacher`` into ``student``.
 
     - ``n=None`` (default): the strategy runs on a deep copy of ``student``; only when it succeeds
       (and its report names every student tensor exactly once) are the copy's values copied into
@@ -110,28 +102,14 @@ def transfer(name: str, teacher: Optional[nn.Module] = None, student: Optional[n
       :class:`EnsembleMember` ``(student, report)``, each a new deep copy of ``student`` drawn with
       seed ``seed + i`` (member 0 equals a single transfer with ``seed``); with ``seed=None`` each
       member gets a fresh random seed, recorded in its report. ``student`` itself is not modified.
-    - no ``teacher``/``student``: returns a :class:`Transfer`, the validated transfer to apply later
-      (``dx.Distiller(..., transfer=dx.transfer("select"))``; call it with ``(teacher, student)``).
 
     ``allow_empty``: a transfer that moves nothing at all (every tensor skipped) means the models do
-    not correspond and raises :class:`TransferError`, unless this is true.
-
-    Raises :class:`~distillx.plugin.UnknownNameError` for an unknown ``name``, ``TypeError`` for
-    non-module models or unknown options, :class:`TransferError` (a ``ValueError``) when the
-    transfer cannot be done, and whatever the strategy raises.
-
-    >>> report = dx.transfer("select", teacher, student)                   # doctest: +SKIP
-    >>> print(report)                                                      # doctest: +SKIP
-    >>> students = [m.student for m in dx.transfer("distribution", teacher, student, n=4, seed=0)]  # doctest: +SKIP
+    not correspond and raises :class:`TransferError`, unless this is true. Unknown options are a
+    ``TypeError`` before anything runs.
     """
-    strategy = _strategy(name)
-    _check_options(name, strategy, options, n)
+    check_options(name, strategy, options, n)
     if not isinstance(allow_empty, bool):
         raise TypeError(f"allow_empty must be a bool, got {allow_empty!r}")
-    if teacher is None and student is None:
-        return Transfer(name, dict(options), n, allow_empty)
-    if teacher is None or student is None:
-        raise TypeError("distillx.transfer needs both teacher and student (or neither, for a deferred Transfer)")
     check_models(teacher, student)
     if n is None:
         work = _copy(student)
@@ -154,14 +132,21 @@ def transfer(name: str, teacher: Optional[nn.Module] = None, student: Optional[n
 class Transfer:
     """A weight transfer chosen and validated now, applied later: ``Transfer(...)(teacher, student)``.
 
-    Made by ``distillx.transfer(name, **options)`` without models; calling it is
-    ``distillx.transfer(name, teacher, student, **options)``.
+    Made by ``distillx.transfer(name, **options)`` without models, which resolves ``name`` to its
+    ``strategy``; calling it is :func:`run_strategy` with the stored options.
     """
 
     name: str
+    strategy: Callable[..., TransferReport]
     options: dict[str, Any] = field(default_factory=dict)
     n: Optional[int] = None
     allow_empty: bool = False
 
+    def __post_init__(self):
+        check_options(self.name, self.strategy, self.options, self.n)
+        if not isinstance(self.allow_empty, bool):
+            raise TypeError(f"allow_empty must be a bool, got {self.allow_empty!r}")
+
     def __call__(self, teacher: nn.Module, student: nn.Module) -> Union[TransferReport, list[EnsembleMember]]:
-        return transfer(self.name, teacher, student, n=self.n, allow_empty=self.allow_empty, **self.options)
+        return run_strategy(self.name, self.strategy, teacher, student, n=self.n, allow_empty=self.allow_empty,
+                     **self.options)
