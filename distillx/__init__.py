@@ -1,19 +1,35 @@
 """distillx: knowledge distillation for PyTorch.
 
 Importing distillx loads the compiled core (if built) and no third-party plugin; the plugin manager is
-created on first use (``distillx.method``, ``distillx.plugin.get_registries``).
+created on first use (``distillx.method``, ``distillx.transfer``, ``distillx.plugin.get_registries``).
+The code's map is ``docs/architecture.md``.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import types
 
-from . import functional  # noqa: E402
-from .functional import kd_loss, linear_kd_loss  # noqa: E402
-from .plugin import method  # noqa: E402
-from .distiller import Distiller  # noqa: E402
-from . import engine  # noqa: E402
-from . import transfer  # noqa: E402  (a callable package: dx.transfer(name, teacher, student, **options))
-from .transfer import TransferError, TransferReport  # noqa: E402
+from ._version import __version__
+from . import functional
+from .functional import kd_loss, linear_kd_loss
+from . import transfer
+from .transfer import TransferError, TransferReport
+from . import plugin
+from .plugin import method
+from . import engine
+from .distiller import Distiller
+
+
+class _CallableTransferPackage(types.ModuleType):
+    """``distillx.transfer(name, teacher, student, **options)`` runs a strategy by name
+    (:func:`distillx.plugin.transfer`) while ``distillx.transfer`` stays the package of strategies,
+    reports and helpers (``distillx.transfer.TransferReport``)."""
+
+    def __call__(self, name, teacher=None, student=None, **options):
+        return plugin.transfer(name, teacher, student, **options)
+
+
+# The package sits below the plugin layer, so the name lookup is attached here, at the top.
+transfer.__class__ = _CallableTransferPackage
 
 __all__ = ["functional", "kd_loss", "linear_kd_loss", "method", "Distiller", "transfer", "TransferReport",
-           "TransferError", "__version__"]
+           "TransferError", "plugin", "engine", "__version__"]

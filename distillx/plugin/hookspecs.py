@@ -28,8 +28,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # -- registration hooks ----------------------------------------------------------------------
-# Each runs once per plugin, when that plugin is registered, with the provider of every entry set
-# to that plugin's name. If it raises, everything the plugin added is withdrawn and the plugin is
+# All four are historic and work the same way: each runs once per plugin, when that plugin is
+# registered (before or after the manager was built), with the provider of every entry set to that
+# plugin's name. If it raises, everything the plugin added is withdrawn and the plugin is
 # reported as failed; the other plugins are unaffected.
 
 
@@ -56,26 +57,25 @@ def distillx_register_weight_transfers(registry):
     """
 
 
-@hookspec
+@hookspec(historic=True)
 def distillx_register_kernels(registry):
     """Add kernel functions (for kernel-function distillation and MMD) to ``registry``.
 
     A kernel is a callable ``(x, z) -> Tensor`` returning the (N, M) kernel matrix of the rows of
     ``x`` (N, D) and ``z`` (M, D). Third-party kernels run on the pure-PyTorch path.
 
-    Not historic, but the plugin manager calls it for each plugin as that plugin is registered, so
-    it behaves the same way; do not call it yourself (entries would be added twice).
+    Historic: plugins registered after the plugin manager was built still get this call.
     """
 
 
-@hookspec
+@hookspec(historic=True)
 def distillx_register_augmentations(registry):
     """Add data augmentations applied to batches during distillation to ``registry``.
 
-    An augmentation is a callable; the Distiller documents the signature it calls it with.
+    An augmentation is an :class:`distillx.augment.Augmentation` subclass, or any factory
+    ``(**options) -> callable(inputs, targets, generator) -> (inputs, targets)``.
 
-    Not historic, but the plugin manager calls it for each plugin as that plugin is registered, so
-    it behaves the same way; do not call it yourself (entries would be added twice).
+    Historic: plugins registered after the plugin manager was built still get this call.
     """
 
 

@@ -4,28 +4,25 @@ Nothing here runs at import: :func:`get_plugin_manager` builds the manager the f
 needs a registry (``distillx.method(...)``, the Distiller, ``distillx plugins``), so ``import
 distillx`` never imports third-party code. Building it
 
-1. registers the built-in plugins (:data:`BUILTIN_PLUGINS`) through the same hooks as anyone else;
+1. registers the built-in plugins (:data:`distillx.plugin.builtins.BUILTIN_PLUGINS`) through the
+   same hooks as anyone else;
 2. loads each entry point of group ``distillx`` on its own and registers it under the entry-point
    name, unless ``DISTILLX_DISABLE_PLUGINS`` says otherwise;
 3. calls ``check_pending()`` so a hook implementation with a misspelt name is an error; each plugin
    is already checked as it registers, so that error is reported against the one plugin at fault.
 
-A plugin that fails to import, or raises while registering, is withdrawn (its registry entries are
-undone), reported with :class:`PluginLoadWarning` naming it, and recorded in ``manager.failed``;
-the other plugins keep working.
+A plugin that fails to import, or raises while registering (anything but ``KeyboardInterrupt``: a
+plugin that calls ``sys.exit`` or ``argparse`` at import included), is withdrawn (its registry
+entries are undone), reported with :class:`PluginLoadWarning` naming it, and recorded in
+``manager.failed``; the other plugins keep working.
 
 ``DISTILLX_DISABLE_PLUGINS``: unset, empty or ``0`` loads every entry point; ``1`` (or ``true``,
 ``all``) loads none; anything else is a comma-separated list of entry-point names to skip. Built-ins
 always load.
-
-``main(argv)`` implements ``distillx plugins``.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import importlib.metadata
-import json
 import os
 import threading
 import warnings
@@ -34,15 +31,18 @@ from typing import Any
 
 import pluggy
 
+from .._version import __version__
+from ..methods.base import check_method_class
 from . import hookspecs
+from .builtins import BUILTIN_PLUGINS
 from .registry import Registries
 
 ENTRY_POINT_GROUP = "distillx"
 DISABLE_ENV = "DISTILLX_DISABLE_PLUGINS"
-#: Module names of the built-in plugins, registered (under these names) before any entry point.
-BUILTIN_PLUGINS = ("distillx.methods", "distillx.transfer", "distillx.kernels", "distillx.augment")
-# Registration hooks pluggy does not replay itself (not historic): hook name -> registry attribute.
-_NON_HISTORIC_REGISTRATION = {
+# Registration hook -> the registry it fills.
+_REGISTRATION_HOOKS = {
+    "distillx_register_methods": "methods",
+    "distillx_register_weight_transfers": "transfers",
     "distillx_register_kernels": "kernels",
     "distillx_register_augmentations": "augmentations",
 }
@@ -64,13 +64,22 @@ class PluginInfo:
     version: str | None = None
     target: str | None = None  # the entry point's "module:attr", or the module of a built-in
 
+    def origin(self) -> str:
+        """Where it comes from: ``built-in``, ``distillx-example-plugin 0.1.0`` or ``registered at run time``."""
+        return provenance(self.source, self.distribution, self.version)
+
     def label(self) -> str:
         """Human-readable provenance, e.g. ``example (distillx-example-plugin 0.1.0)``."""
-        if self.source == "builtin":
-            return f"{self.name} (built-in)"
-        if self.distribution:
-            return f"{self.name} ({self.distribution} {self.version})"
-        return f"{self.name} (registered at run time)"
+        return f"{self.name} ({self.origin()})"
+
+
+def provenance(source: str | None, distribution: str | None, version: str | None) -> str:
+    """The one formatting of where a plugin comes from (warnings, ``distillx plugins``, errors)."""
+    if source == "builtin":
+        return "built-in"
+    if distribution:
+        return f"{distribution} {version}"
+    return "registered at run time"
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,8 @@ class DistillxPluginManager(pluggy.PluginManager):
         self.failed: list[FailedPlugin] = []
         self.disabled: list[str] = []  # entry-point names skipped because of DISTILLX_DISABLE_PLUGINS
         # Historic calls with no plugin yet: pluggy replays them to each plugin as it registers.
-        self.hook.distillx_register_methods.call_historic(kwargs={"registry": registries.methods})
-        self.hook.distillx_register_weight_transfers.call_historic(kwargs={"registry": registries.transfers})
+        for hook_name, kind in _REGISTRATION_HOOKS.items():
+            getattr(self.hook, hook_name).call_historic(kwargs={"registry": getattr(registries, kind)})
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         name = name or self.get_canonical_name(plugin)
@@ -111,7 +120,6 @@ class DistillxPluginManager(pluggy.PluginManager):
             try:
                 super().register(plugin, name)  # runs the historic registration hooks
                 self._check_pending_for(plugin)
-                self._run_non_historic_registration(plugin)
             except BaseException:
                 if self.get_plugin(name) is plugin:
                     self.unregister(name=name)
@@ -137,18 +145,11 @@ class DistillxPluginManager(pluggy.PluginManager):
                     plugin, f"unknown hook {caller.name!r}: not one of distillx's hooks (misspelt?); "
                             "mark it @hookimpl(optionalhook=True) if it is meant for another plugin")
 
-    def _run_non_historic_registration(self, plugin: Any) -> None:
-        for hook_name, kind in _NON_HISTORIC_REGISTRATION.items():
-            kwargs = {"registry": getattr(self.registries, kind)}
-            for impl in getattr(self.hook, hook_name).get_hookimpls():
-                if impl.plugin is plugin:
-                    impl.function(*(kwargs[arg] for arg in impl.argnames))
-
     # -- loading ---------------------------------------------------------------------------
     def load_builtins(self) -> None:
-        for module_name in BUILTIN_PLUGINS:
-            info = PluginInfo(module_name, "builtin", "distillx", _distillx_version(), module_name)
-            self._load(info, lambda m=module_name: importlib.import_module(m))
+        for plugin in BUILTIN_PLUGINS:
+            info = PluginInfo(plugin.name, "builtin", "distillx", __version__, plugin.module)
+            self._load(info, lambda p=plugin: p)
 
     def load_entry_points(self, disable: str | None = None) -> None:
         """Register every ``distillx`` entry point except those ``disable`` (the env value) names."""
@@ -177,13 +178,15 @@ class DistillxPluginManager(pluggy.PluginManager):
             self.plugin_info[info.name] = info
             if self.register(plugin, info.name) is None:  # blocked with set_blocked()
                 self.plugin_info.pop(info.name, None)
-        except Exception as exc:  # a broken plugin must not take the others down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (SystemExit included) must not take the others down
             if self.plugin_info.get(info.name) is info and not self.has_plugin(info.name):
                 del self.plugin_info[info.name]
             failure = FailedPlugin(info.name, stage, f"{type(exc).__name__}: {exc}", info.distribution, info.version)
             self.failed.append(failure)
             third_party = info.distribution and info.source != "builtin"
-            where = f" from {info.distribution} {info.version}" if third_party else ""
+            where = f" from {info.origin()}" if third_party else ""
             action = "failed to import" if stage == "import" else "failed to register"
             warnings.warn(f"distillx plugin {info.name!r}{where} {action} and was skipped: {failure.error}",
                           PluginLoadWarning, stacklevel=3)
@@ -214,12 +217,6 @@ class DistillxPluginManager(pluggy.PluginManager):
         }
 
 
-def _distillx_version() -> str:
-    from distillx import __version__  # deferred: this module is imported while distillx initialises
-
-    return __version__
-
-
 def _qualname(obj: Any) -> str:
     module = getattr(obj, "__module__", None)
     name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
@@ -243,12 +240,6 @@ def _entry_points(group: str) -> list:
     return list(eps.get(group, ()))  # Python 3.9: a dict of group -> entry points
 
 
-def _check_method(name: str, obj: Any) -> None:
-    from distillx.methods.base import check_method_class  # deferred: methods import distillx.functional
-
-    check_method_class(name, obj)
-
-
 # -- the process-wide manager ------------------------------------------------------------------
 _manager: DistillxPluginManager | None = None
 # Re-entrant: a plugin's registration hook may itself call distillx.method()/get_registries().
@@ -260,7 +251,7 @@ def get_plugin_manager() -> DistillxPluginManager:
     global _manager
     with _lock:
         if _manager is None:
-            pm = DistillxPluginManager(Registries(method_check=_check_method))
+            pm = DistillxPluginManager(Registries(method_check=check_method_class))
             # Published before loading so a re-entrant call from a plugin sees it instead of recursing.
             _manager = pm
             try:
@@ -283,52 +274,3 @@ def reset_plugins() -> None:
     global _manager
     with _lock:
         _manager = None
-
-
-# -- `distillx plugins` --------------------------------------------------------------------------
-def main(argv=None) -> int:
-    """``distillx plugins [--json]``: list registered extensions and failed plugins.
-
-    Exit status 1 when some plugin failed to load, so CI can check that plugins install cleanly.
-    """
-    parser = argparse.ArgumentParser(
-        prog="distillx plugins",
-        description="List every registered method, weight transfer, kernel and augmentation with the plugin "
-                    f"that provides it, and plugins that failed to load. {DISABLE_ENV}=1 skips entry points.")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    args = parser.parse_args(argv)
-    report = get_plugin_manager().describe()
-    print(json.dumps(report, indent=2) if args.json else _format(report))
-    return 1 if report["failed"] else 0
-
-
-def _format(report: dict[str, Any]) -> str:
-    def provenance(item: dict[str, Any]) -> str:
-        text = item["provider"]
-        if item["source"] == "builtin":
-            text += " (built-in)"
-        elif item["distribution"]:
-            text += f" ({item['distribution']} {item['version']})"
-        return text + (f", overrides {item['overrides']}" if item["overrides"] else "")
-
-    lines = ["plugins:"]
-    for p in report["plugins"]:
-        where = "built-in" if p["source"] == "builtin" else (
-            f"{p['distribution']} {p['version']}" if p["distribution"] else "registered at run time")
-        target = f"  [{p['target']}]" if p["source"] == "entrypoint" else ""
-        lines.append(f"  {p['name']:<24} {where}{target}")
-    titles = {"methods": "methods", "transfers": "weight transfers", "kernels": "kernels",
-              "augmentations": "augmentations"}
-    for kind in Registries.KINDS:
-        lines.append(f"{titles[kind]}:")
-        items = report[kind]
-        width = max((len(i["name"]) for i in items), default=0)
-        lines += [f"  {i['name']:<{width}}  {provenance(i)}" for i in items] or ["  (none)"]
-    if report["disabled"]:
-        lines.append(f"disabled by {DISABLE_ENV}: " + ", ".join(report["disabled"]))
-    if report["failed"]:
-        lines.append("failed to load:")
-        for f in report["failed"]:
-            dist = f" ({f['distribution']} {f['version']})" if f["distribution"] else ""
-            lines.append(f"  {f['name']}{dist}: {f['stage']}: {f['error']}")
-    return "\n".join(lines)
