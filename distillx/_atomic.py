@@ -12,6 +12,8 @@ import secrets
 from collections.abc import Iterator
 from typing import IO, Union
 
+import torch
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -52,8 +54,6 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
 
 def save_atomic(obj, path: PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_open`)."""
-    import torch
-
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)

@@ -8,19 +8,16 @@
 
 Phases: with ``teacher_epochs > 0`` (or :meth:`Distiller.train_teacher`) an untrained teacher is
 trained first on the task loss (its own optimizer and schedule); then the weight transfer (if any)
-initialises the student; then distillation. Each phase: AdamW (lr 1e-3) with linear warm-up over
-5% of the steps and cosine decay by default.
+initialises the student; then distillation. Both phases run the same setup (:meth:`Distiller._run_phase`)
+and the engine's epoch loop (:mod:`distillx.engine.loop`); each: AdamW (lr 1e-3) with linear warm-up
+over 5% of the steps and cosine decay by default. A distillation step is
+:class:`distillx.engine.step.DistillStep` (both models' forward passes, the methods' losses,
+weights, non-finite diagnostics); after the augmentations both models see the same batch.
 
-Per batch ``(inputs, targets)`` of distillation, after the augmentations (both models see the
-augmented batch):
-
-    loss = w_task(e) · task_loss(student_logits, targets) + Σ_i w_i(e) · method_i.loss(s_i, t_i, batch)
-
-with ``w(e)`` the term's weight, or its schedule's value at the fractional epoch ``e``
-(``weight_schedules``); ``s_i``/``t_i`` hold the logits and the features method ``i`` asked for
-(:meth:`Method.features`) under its own keys. The teacher runs in ``eval()`` mode under
-``torch.no_grad()``, or not at all with ``cache_teacher=True``: its logits and captured features
-are computed once over the training set, kept memory-mapped on disk and looked up by sample index.
+This module is a facade over the engine: argument checks (:mod:`~distillx.engine.arguments`),
+checkpoints (:mod:`~distillx.engine.checkpoint`), DDP (:mod:`~distillx.engine.distributed`), the
+feature plan (:mod:`~distillx.engine.plan`) and the teacher cache
+(:func:`distillx.teacher_cache.cache_for_run`).
 
 Every term is logged per step and per epoch (``d.metrics``, a
 :class:`~distillx.reporting.MetricsLog`; ``d.save_metrics(path)`` JSON, ``d.plot(path)`` PNG); a
@@ -49,37 +46,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
 from ._atomic import save_atomic
+from .augment import compose
 from .engine import checkpoint as ckpt
-from .engine.distributed import init_from_env, shard_loader
-from .engine.arguments import (TASK, apply_transfer, build_augmentations, check_methods, check_weight, method_name,
-                               metric_keys)
+from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, cache_options, check_amp,
+                               check_grad_clip, check_methods, check_models, check_weight, method_name, metric_keys)
+from .engine.batches import check_loader, logits_of, unpack_batch
+from .engine.distributed import Trainable, init_from_env, shard_loader, wrap
 from .engine.loop import Phase, Runner, steps_per_epoch
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
+from .engine.step import DistillStep, NonFiniteLossError
+from .engine.training import OptimizerSpec, build_optimizer, check_epochs, evaluate, resolve_device, validator
 from .methods import Method
 from .plugin import get_plugin_manager
-from .training import (OptimizerSpec, build_optimizer, check_epochs, check_loader, evaluate, logits_of,
-                       resolve_device, unpack_batch, validator)
+from .reporting import MetricsLog, plot_metrics
+from .teacher_cache import cache_for_run
 
-AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN/inf; the message names the method and, when a captured feature holds
-    non-finite values, the model and layer."""
-
-
-class _Trainable(nn.Module):
-    """The student and the methods (their adapters) as one module, so DDP averages every gradient."""
-
-    def __init__(self, student: nn.Module, methods: Sequence[Method]):
-        super().__init__()
-        self.student = student
-        self.methods = nn.ModuleList(methods)
-
-    def forward(self, inputs):
-        return self.student(inputs)
+__all__ = ["Distiller", "NonFiniteLossError"]
 
 
 class Distiller:
@@ -97,7 +82,7 @@ class Distiller:
             that already holds the student's and the methods' parameters.
         device: where to train; default the student's device.
         example_inputs: a batch for the dry forward pass that builds shape-dependent adapters now.
-        check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss term (one device
+        check_finite: stop with :class:`~distillx.engine.NonFiniteLossError` on a NaN/inf loss term (one device
             synchronisation per step).
         transfer: initialise the student from the teacher's weights at the start of distillation: a
             strategy name (``"select"``), a :class:`distillx.transfer.Transfer`
@@ -134,15 +119,7 @@ class Distiller:
                  cache_teacher: bool = False, cache_dir: Optional[str] = None, cache_dtype: str = "float16",
                  cache_top_k: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  progress: Optional[bool] = None, seed: Optional[int] = None):
-        for name, model in (("teacher", teacher), ("student", student)):
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-        if teacher is student:
-            raise ValueError("teacher and student are the same module; the student needs its own parameters")
-        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
-        if shared:
-            raise ValueError(f"teacher and student share {len(shared)} parameter tensor(s); training the "
-                             "student would change the teacher. Give the student its own copy.")
+        check_models(teacher, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
         if self.task_weight == 0 and not any(m.weight != 0 for m in self.methods) and not weight_schedules:
@@ -150,53 +127,32 @@ class Distiller:
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be callable (logits, targets) -> Tensor, got {type(task_loss).__name__}")
         self.task_loss = F.cross_entropy if task_loss is None else task_loss
-        self.check_finite = bool(check_finite)
         self.device = resolve_device(student, device)
-        if amp not in AMP:
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-        if amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("amp='fp16' needs CUDA (float16 training needs a gradient scaler); use amp='bf16' on CPU")
-        self.amp = amp
-        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                      or not grad_clip > 0):
-            raise ValueError(f"grad_clip must be a number > 0 or None, got {grad_clip!r}")
-        self.grad_clip = grad_clip
+        self.amp = check_amp(amp, self.device)
+        self.grad_clip = check_grad_clip(grad_clip)
         self.teacher = teacher.to(self.device)
         self.student = student.to(self.device)
-        self._transfer = transfer
-        self._transfer_done = transfer is None
-        self.transfer_report = None
-        self._phase: Optional[Phase] = None
+        self._transfer, self._transfer_done, self.transfer_report = transfer, transfer is None, None
         self._move_methods()
         self._keys = metric_keys(self.methods)
         self.weight_schedules = check_weight_schedules(weight_schedules, [TASK, *self._keys])
         self.augmentations = build_augmentations(augmentations)
-        self.cache_teacher = bool(cache_teacher)
-        if self.cache_teacher:
-            from .augment import any_changes_inputs
-            if any_changes_inputs(self.augmentations):
-                raise ValueError("cache_teacher=True stores the teacher's outputs for the original inputs, but "
-                                 "augmentations that change the inputs are set, so the cached outputs would not "
-                                 "match what the student sees; drop the augmentations or cache_teacher")
-        if cache_dtype not in ("float16", "float32"):
-            raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {cache_dtype!r}")
-        self._cache_opts = {"directory": cache_dir, "dtype": getattr(torch, cache_dtype), "top_k": cache_top_k}
-        self._cache = None
-        self.checkpoint_dir = checkpoint_dir
-        self.progress = progress
-        self._sched = {"student": (scheduler, warmup), "teacher": (teacher_scheduler, teacher_warmup)}
-        self._teacher_optimizer_spec = teacher_optimizer
-        # Not drawn from the global generator: constructing a Distiller must not shift the user's randomness.
-        gen_seed = torch.initial_seed() if seed is None else int(seed)
+        self._cache_opts = cache_options(cache_teacher, self.augmentations, cache_dir, cache_dtype, cache_top_k)
+        self.cache_teacher = self._cache_opts is not None
+        self.checkpoint_dir, self.progress = checkpoint_dir, progress
+        self._phase_specs = {"student": (optimizer, scheduler, warmup),
+                             "teacher": (teacher_optimizer, teacher_scheduler, teacher_warmup)}
         self.ctx = init_from_env(self.device)
-        # One stream per rank: each rank augments its own shard.
+        # Not drawn from the global generator: constructing a Distiller must not shift the user's
+        # randomness. One stream per rank: each rank augments its own shard.
+        gen_seed = torch.initial_seed() if seed is None else int(seed)
         self.aug_generator = torch.Generator().manual_seed(gen_seed + self.ctx.rank)
         self._plan = FeaturePlan(self.teacher, self.student, self.methods, self._keys)
         self._plan.attach()
-        self._optimizer_spec = optimizer
+        self._step = DistillStep(self.teacher, self.student, self.methods, self._keys, self._plan, self.task_loss,
+                                 self.task_weight, self.weight_schedules, bool(check_finite), self.device)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._ddp = None
-        from .reporting import MetricsLog
         self.metrics = MetricsLog()
         self.history: list[dict[str, float]] = []
         self.teacher_history: list[dict[str, float]] = []
@@ -215,6 +171,10 @@ class Distiller:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def check_finite(self) -> bool:
+        return self._step.check_finite
 
     # -- public API ------------------------------------------------------------------------------
     def setup(self, inputs: torch.Tensor) -> torch.optim.Optimizer:
@@ -235,7 +195,7 @@ class Distiller:
                 self.teacher.eval()
                 self.student.eval()
                 with torch.no_grad():
-                    outs = self._forward(inputs, None, live_teacher=True)
+                    outs = self._step.forward(inputs, None, live_teacher=True)
                     for i, m in enumerate(self.methods):
                         if m in pending:
                             m.setup(*self._plan.views(i, *outs))
@@ -248,7 +208,7 @@ class Distiller:
                 raise RuntimeError(f"method(s) {', '.join(repr(method_name(m)) for m in still)} still need setup after "
                                    "setup() ran (their needs_setup stayed True)")
         if self.optimizer is None:
-            self.optimizer = build_optimizer(self._optimizer_spec, self._trainable_parameters())
+            self.optimizer = build_optimizer(self._phase_specs["student"][0], self._trainable_parameters())
         return self.optimizer
 
     def apply_transfer(self):
@@ -279,8 +239,7 @@ class Distiller:
         ``distillx_on_fit_start``, ``distillx_on_epoch_end`` and ``distillx_on_fit_end``.
         """
         check_epochs(epochs)
-        if isinstance(teacher_epochs, bool) or not isinstance(teacher_epochs, int) or teacher_epochs < 0:
-            raise ValueError(f"teacher_epochs must be an integer >= 0, got {teacher_epochs!r}")
+        _checks.integer("teacher_epochs", teacher_epochs, ge=0)
         check_loader(train_loader, "train_loader")
         if val_loader is not None:
             check_loader(val_loader, "val_loader")
@@ -305,7 +264,6 @@ class Distiller:
     def plot(self, path: str) -> str:
         """Write a PNG of the loss components and validation accuracy per epoch of both phases."""
         if self.ctx.is_main:
-            from .reporting import plot_metrics
             plot_metrics(self.metrics, path)
         return path
 
@@ -331,31 +289,18 @@ class Distiller:
         params = [p for p in self.teacher.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the teacher has no trainable parameters: it cannot be trained")
-        optimizer = build_optimizer(self._teacher_optimizer_spec, params)
-        scheduler = build_scheduler(self._sched["teacher"][0], optimizer, _total_steps(loader, epochs),
-                                    self._sched["teacher"][1])
-        scaler = self._scaler()
-        model = self.teacher
-        if self.ctx.enabled:
-            model = nn.parallel.DistributedDataParallel(self.teacher, **self._ddp_kwargs())
-        if state is not None:
-            self._load_common(state)
-            optimizer.load_state_dict(state["optimizer"])
-            _load_optional(scheduler, state.get("scheduler"), "scheduler")
-            _load_optional(scaler, state.get("scaler"), "scaler")
+        optimizer = build_optimizer(self._phase_specs["teacher"][0], params)
+        model = wrap(self.teacher, self.ctx, self.device)
 
         def losses(inputs, targets, indices):
             return {"loss": self.task_loss(logits_of(model(inputs), "teacher"), targets)}
 
-        phase = Phase("teacher", [self.teacher], optimizer, loader, epochs, losses, self.device, scheduler, scaler,
-                      AMP[self.amp], self.grad_clip, self._augment(), self.aug_generator,
-                      validator(val_loader, self.teacher, self.task_loss, self.device), params=params)
         was_training = self.teacher.training
         base = len(self.teacher_history) if state is None else 0  # a resumed run returns its whole history
         self._plan.close()
         try:
-            self._runner(phase, loader, optimizer, scheduler, scaler,
-                         on_epoch_end=lambda epoch, metrics: self.teacher_history.append(metrics)).run(position)
+            self._run_phase("teacher", [self.teacher], params, optimizer, loader, epochs, losses, self.teacher,
+                            val_loader, state, position, on_epoch_end=lambda e, m: self.teacher_history.append(m))
         finally:
             self.teacher.train(was_training)
             self._plan.attach()
@@ -378,36 +323,28 @@ class Distiller:
                 self.setup(unpack_batch(first, self.device)[0])
                 if batches is loader:  # a one-shot iterator: do not lose the batch we looked at
                     loader = itertools.chain([first], batches)
-            if self.cache_teacher:
-                loader = self._build_cache(loader)
-            scheduler = build_scheduler(self._sched["student"][0], self.optimizer, _total_steps(loader, epochs),
-                                        self._sched["student"][1])
-            scaler = self._scaler()
+            if self._cache_opts is not None:
+                opts = dict(self._cache_opts)
+                self._step.cache, loader = cache_for_run(
+                    self.teacher, loader, directory=opts.pop("directory"), checkpoint_dir=self.checkpoint_dir,
+                    feature_keys=self._plan.capture_keys("teacher"), collect=lambda: self._plan.collect("teacher"),
+                    ctx=self.ctx, device=self.device, **opts)
             if self.ctx.enabled and self._ddp is None:
-                self._ddp = nn.parallel.DistributedDataParallel(_Trainable(self.student, self.methods),
-                                                                **self._ddp_kwargs())
-            if state is not None:
-                self._load_common(state)
-                self.optimizer.load_state_dict(state["optimizer"])
-                _load_optional(scheduler, state.get("scheduler"), "scheduler")
-                _load_optional(scaler, state.get("scaler"), "scaler")
+                self._ddp = wrap(Trainable(self.student, self.methods), self.ctx, self.device)
+            self._step.student = self._ddp if self._ddp is not None else self.student
             # eval(): dropout off and BatchNorm statistics frozen, so the teacher's targets are
             # deterministic and its buffers never change.
             self.teacher.eval()
-            hook.distillx_on_fit_start(distiller=self)
-            phase = Phase("student", [self.student, *self.methods], self.optimizer, loader, epochs, self._losses,
-                          self.device, scheduler, scaler, AMP[self.amp], self.grad_clip, self._augment(),
-                          self.aug_generator, validator(val_loader, self.student, self.task_loss, self.device),
-                          indexed=self._cache is not None, params=self._trainable_parameters())
             base = len(self.history) if state is None else 0  # a resumed run returns its whole history
 
             def on_epoch_end(epoch, metrics):
                 self.history.append(metrics)  # before the checkpoint of this epoch is written
                 hook.distillx_on_epoch_end(distiller=self, epoch=epoch, metrics=metrics)
 
-            runner = self._runner(phase, loader, self.optimizer, scheduler, scaler, on_epoch_end=on_epoch_end)
-            self._phase = phase
-            runner.run(position)
+            self._run_phase("student", [self.student, *self.methods], self._trainable_parameters(), self.optimizer,
+                            loader, epochs, self._step, self.student, val_loader, state, position, on_epoch_end,
+                            indexed=self._step.cache is not None,
+                            on_start=lambda: hook.distillx_on_fit_start(distiller=self))
         finally:
             self.teacher.train(teacher_mode)
             self.student.train(student_mode)
@@ -416,104 +353,54 @@ class Distiller:
         hook.distillx_on_fit_end(distiller=self, metrics=dict(history[-1]) if history else {})
         return history
 
-    def _runner(self, phase, loader, optimizer, scheduler, scaler, on_epoch_end=None) -> Runner:
-        from .engine.checkpoint import loader_generators
+    def _run_phase(self, name: str, modules: list, params: list, optimizer, loader, epochs: int, losses: Callable,
+                   val_model: nn.Module, val_loader, state: Optional[dict], position: Optional[dict],
+                   on_epoch_end: Callable, indexed: bool = False, on_start: Optional[Callable] = None) -> None:
+        """The setup both phases share: LR schedule, gradient scaler, the resumed state, the loop."""
+        _, sched, warmup = self._phase_specs[name]
+        scheduler = build_scheduler(sched, optimizer, max(1, (steps_per_epoch(loader) or 1) * epochs), warmup)
+        scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        if state is not None:
+            self._teacher_trained |= ckpt.restore(state, student=self.student, teacher=self.teacher,
+                                                  methods=self.methods, method_keys=self._keys, metrics=self.metrics,
+                                                  optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            self.teacher_history = list(state["history"]["teacher"])
+            self.history = list(state["history"]["student"])
+            # The saved student already holds the transfer's result: never apply it a second time.
+            self._transfer_done |= state["phase"] == "student"
+        if on_start is not None:
+            on_start()
+        phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, AMP[self.amp],
+                      self.grad_clip, self._augment(), self.aug_generator,
+                      validator(val_loader, val_model, self.task_loss, self.device), indexed=indexed, params=params)
+        self._step.epoch_fraction = lambda: phase.epoch_fraction
 
-        generators = loader_generators(loader) + [self.aug_generator]
-
-        def save(name, position):
+        def save(phase_name, at):
             if self.checkpoint_dir is None:
                 return None
             path = os.path.join(self.checkpoint_dir, ckpt.FILENAME)
-            save_atomic(self._checkpoint(name, position, optimizer, scheduler, scaler), path)
+            teacher = self.teacher if (self._teacher_trained or phase_name == "teacher") else None
+            save_atomic(ckpt.build(phase_name, at, student=self.student, methods=self.methods, method_keys=self._keys,
+                                   teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   metrics=self.metrics,
+                                   history={"teacher": self.teacher_history, "student": self.history},
+                                   transfer_report=(self.transfer_report.to_dict()
+                                                    if self.transfer_report is not None else None)), path)
             return path
 
-        return Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators)
+        generators = ckpt.loader_generators(loader) + [self.aug_generator]
+        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators).run(position)
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def _checkpoint(self, phase: str, position: dict, optimizer, scheduler, scaler) -> dict:
-        return {
-            "format": ckpt.FORMAT, "version": ckpt.VERSION, "phase": phase, "position": position,
-            "student": self.student.state_dict(), "methods": [m.state_dict() for m in self.methods],
-            "method_keys": list(self._keys),
-            "teacher": self.teacher.state_dict() if (self._teacher_trained or phase == "teacher") else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "scaler": scaler.state_dict() if scaler else None, "metrics": self.metrics.state_dict(),
-            "history": {"teacher": self.teacher_history, "student": self.history},
-            "transfer_report": self.transfer_report.to_dict() if self.transfer_report is not None else None,
-        }
-
+    # -- pieces ----------------------------------------------------------------------------------
     def _resume_state(self, resume, want_phase: Optional[str]):
         state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher)
         return state, (state["position"] if state is not None else None)
 
-    def _load_common(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        if state.get("teacher") is not None:
-            self.teacher.load_state_dict(state["teacher"])
-            self._teacher_trained = True
-        for m, sd in zip(self.methods, state["methods"]):
-            try:
-                m.load_state_dict(sd)
-            except RuntimeError as exc:
-                raise ckpt.CheckpointError(f"checkpoint {state['path']!r}: method {method_name(m)!r} does not match its saved "
-                                           f"state: {exc}") from exc
-        self.metrics.load_state_dict(state["metrics"])
-        self.teacher_history = list(state["history"]["teacher"])
-        self.history = list(state["history"]["student"])
-        if state["phase"] == "student":
-            # The saved student already holds the transfer's result: never apply it a second time.
-            self._transfer_done = True
-
-    # -- pieces ----------------------------------------------------------------------------------
-    def _scaler(self):
-        if self.amp == "fp16":
-            return torch.amp.GradScaler("cuda")
-        return None
-
-    def _ddp_kwargs(self) -> dict:
-        if self.device.type == "cuda":
-            return {"device_ids": [self.device.index if self.device.index is not None else torch.cuda.current_device()]}
-        return {}
-
     def _augment(self):
         if not self.augmentations:
             return None
-        from .augment import compose
-
         augs = self.augmentations
         return lambda inputs, targets, generator: compose(augs, inputs, targets, generator)
-
-    def _build_cache(self, loader):
-        from .teacher_cache import TeacherCache, indexed_loader
-
-        opts = dict(self._cache_opts)
-        directory = opts.pop("directory") or (os.path.join(self.checkpoint_dir, "teacher_cache")
-                                              if self.checkpoint_dir else None)
-        if directory is None:
-            raise ValueError("cache_teacher=True needs a place for the cache: pass cache_dir= or checkpoint_dir=")
-        indexed = indexed_loader(loader)
-        was = self.teacher.training
-        self.teacher.eval()
-
-        def capture(inputs):
-            logits = logits_of(self.teacher(inputs), "teacher")
-            return {"logits": logits, **self._plan.collect("teacher")}
-
-        keys = ["logits", *self._plan.capture_keys("teacher")]
-        try:
-            if self.ctx.is_main:
-                # Iterating the cache's own loader draws a seed from the global generator: fork it, so
-                # a run sees the same random stream with and without the cache.
-                with torch.random.fork_rng(devices=[]):
-                    self._cache = TeacherCache.build_or_open(self.teacher, indexed, directory, capture=capture,
-                                                             device=self.device, expect_keys=keys, **opts)
-            self.ctx.barrier()  # the other ranks open what rank 0 built
-            if not self.ctx.is_main:
-                self._cache = TeacherCache.open(directory, expect_keys=keys)
-        finally:
-            self.teacher.train(was)
-        return indexed
 
     def _move_methods(self) -> None:
         # Adapters live with the student (built lazily, so move them whenever new ones appear).
@@ -530,73 +417,3 @@ class Distiller:
                 seen.add(id(p))
                 params.append(p)
         return params
-
-    def _forward(self, inputs: torch.Tensor, indices=None, live_teacher: bool = False):
-        if self._cache is not None and not live_teacher:
-            cached = self._cache.lookup(indices, device=self.device)
-            teacher_logits = cached.pop("logits")
-            teacher_feats = {k: v for k, v in cached.items() if not k.startswith("topk_")}
-        else:
-            with torch.no_grad():
-                teacher_logits = logits_of(self.teacher(inputs), "teacher")
-            teacher_feats = self._plan.collect("teacher")
-        student = self._ddp if self._ddp is not None else self.student
-        student_logits = logits_of(student(inputs), "student")
-        student_feats = self._plan.collect("student")
-        return student_logits, student_feats, teacher_logits, teacher_feats
-
-    def _weight(self, key: str, base: float) -> float:
-        sched = self.weight_schedules.get(key)
-        if sched is None:
-            return base
-        phase = self._phase
-        return float(sched(phase.epoch_fraction if phase is not None else 0.0))
-
-    def _losses(self, inputs: torch.Tensor, targets: torch.Tensor, indices=None) -> dict[str, torch.Tensor]:
-        """Weighted loss terms of one batch; ``loss`` is their sum."""
-        outs = self._forward(inputs, indices)
-        student_logits = outs[0]
-        batch = (inputs, targets)
-        terms: dict[str, torch.Tensor] = {}
-        zero = student_logits.new_zeros((), dtype=torch.float32)
-        # A zero weight skips the computation: a non-finite loss times 0 would still be NaN.
-        w = self._weight(TASK, self.task_weight)
-        terms[TASK] = w * self.task_loss(student_logits, targets) if w else zero
-        for i, (key, m) in enumerate(zip(self._keys, self.methods)):
-            w = self._weight(key, m.weight)
-            if w:
-                s, t = self._plan.views(i, *outs)
-                terms[key] = w * m.loss(s, t, batch)
-            else:
-                terms[key] = zero
-        if self.check_finite:
-            self._check_finite(terms, outs)
-        return {"loss": sum(terms.values()), **terms}
-
-    def _check_finite(self, terms: dict[str, torch.Tensor], outs) -> None:
-        flags = torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()])
-        if bool(flags.all()):  # the one synchronisation per step
-            return
-        bad = [key for key, ok in zip(terms, flags.tolist()) if not ok]
-        for key in bad:
-            if key == TASK:
-                where = " (the student logits hold NaN/inf)" if not bool(torch.isfinite(outs[0]).all()) else ""
-                raise NonFiniteLossError(f"the task loss is {terms[key].item()}{where}; stopped before the "
-                                         "optimizer step")
-            i = self._keys.index(key)
-            problem = self._plan.non_finite(i, outs)
-            raise NonFiniteLossError(f"method {key!r}: its loss is {terms[key].item()}"
-                                     + (f"; {problem}" if problem else " although its inputs are finite")
-                                     + "; stopped before the optimizer step")
-
-
-def _total_steps(loader, epochs: int) -> int:
-    return max(1, (steps_per_epoch(loader) or 1) * epochs)
-
-
-def _load_optional(obj, state, what: str) -> None:
-    if obj is None:
-        return
-    if state is None:
-        raise ckpt.CheckpointError(f"the checkpoint has no {what} state but this run uses a {what}")
-    obj.load_state_dict(state)

@@ -1,13 +1,18 @@
-"""The training engine behind :class:`distillx.Distiller` and :func:`distillx.training.train`.
+"""The training engine behind :class:`distillx.Distiller` and :func:`distillx.engine.train`.
 
-``loop`` (the epoch loop every phase runs), ``schedules`` (LR and loss-weight schedules),
-``checkpoint`` (atomic checkpoints, random state for exact resume), ``distributed`` (torchrun/DDP),
-``plan`` (which features each method needs).
+``loop`` (the epoch loop every phase runs), ``step`` (the per-batch distillation loss),
+``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields),
+``schedules`` (LR and loss-weight schedules), ``checkpoint`` (atomic checkpoints, build/restore,
+random state for exact resume), ``distributed`` (torchrun/DDP), ``plan`` (which features each method
+needs), ``arguments`` (the Distiller's argument checks).
 """
 from __future__ import annotations
 
 from .checkpoint import CheckpointError
 from .loop import TrainingInterrupted
 from .schedules import LinearRamp, linear
+from .step import NonFiniteLossError
+from .training import evaluate, train
 
-__all__ = ["CheckpointError", "TrainingInterrupted", "LinearRamp", "linear"]
+__all__ = ["CheckpointError", "TrainingInterrupted", "NonFiniteLossError", "LinearRamp", "linear", "train",
+           "evaluate"]

@@ -1,15 +1,60 @@
-"""The Distiller's arguments turned into objects, with errors that name the argument: methods and
-their weights (and their metric keys), augmentations, the weight transfer."""
+"""The Distiller's arguments checked and turned into objects, with errors that name the argument:
+the models, methods and their weights (and their metric keys), AMP, gradient clipping, the teacher
+cache's options, augmentations, the weight transfer."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
+from typing import Optional
 
+import torch
 from torch import nn
 
+from .. import _checks
+from ..augment import any_changes_inputs
 from ..methods import Method
+from ..plugin import resolve_augmentation, transfer as resolve_transfer
+from ..transfer import Transfer, TransferReport
+from .step import TASK
 
-TASK = "task"  # metrics key of the weighted task loss
+AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_models(teacher, student) -> None:
+    for name, model in (("teacher", teacher), ("student", student)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if teacher is student:
+        raise ValueError("teacher and student are the same module; the student needs its own parameters")
+    shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    if shared:
+        raise ValueError(f"teacher and student share {len(shared)} parameter tensor(s); training the "
+                         "student would change the teacher. Give the student its own copy.")
+
+
+def check_amp(amp, device: torch.device) -> Optional[str]:
+    if amp not in AMP:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs CUDA (float16 training needs a gradient scaler); use amp='bf16' on CPU")
+    return amp
+
+
+def check_grad_clip(grad_clip) -> Optional[float]:
+    return None if grad_clip is None else _checks.positive("grad_clip", grad_clip)
+
+
+def cache_options(cache_teacher, augmentations, cache_dir, cache_dtype, cache_top_k) -> Optional[dict]:
+    """The teacher cache's options, or None without ``cache_teacher``."""
+    _checks.boolean("cache_teacher", cache_teacher)
+    if cache_dtype not in ("float16", "float32"):
+        raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {cache_dtype!r}")
+    if not cache_teacher:
+        return None
+    if any_changes_inputs(augmentations):
+        raise ValueError("cache_teacher=True stores the teacher's outputs for the original inputs, but "
+                         "augmentations that change the inputs are set, so the cached outputs would not "
+                         "match what the student sees; drop the augmentations or cache_teacher")
+    return {"directory": cache_dir, "dtype": getattr(torch, cache_dtype), "top_k": cache_top_k}
 
 
 def build_augmentations(augmentations) -> list:
@@ -17,12 +62,10 @@ def build_augmentations(augmentations) -> list:
         return []
     if isinstance(augmentations, (str, bytes)) or callable(augmentations):
         augmentations = [augmentations]
-    from ..augment import resolve
-
     out = []
     for i, a in enumerate(augmentations):
         if isinstance(a, (str, dict)):
-            a = resolve(a)
+            a = resolve_augmentation(a)
         if not callable(a):
             raise TypeError(f"augmentations[{i}] must be a registered name, a {{'name': ..., **options}} mapping or a "
                             f"callable (inputs, targets, generator) -> (inputs, targets), got {type(a).__name__}")
@@ -34,26 +77,22 @@ def apply_transfer(transfer, teacher: nn.Module, student: nn.Module):
     """Run ``transfer`` (a name, a Transfer or a callable) on the models; return its report or None."""
     if transfer is None:
         return None
-    from .. import transfer as transfers
-
     if isinstance(transfer, str):
-        transfer = transfers.Transfer(transfer)
-    if isinstance(transfer, transfers.Transfer) and transfer.n is not None:
+        transfer = resolve_transfer(transfer)
+    if isinstance(transfer, Transfer) and transfer.n is not None:
         raise ValueError(f"transfer={transfer.name!r} with n={transfer.n} makes an ensemble of students; the "
                          "Distiller trains one student: drop n= (or distil each ensemble member separately)")
     if not callable(transfer):
         raise TypeError("transfer must be a strategy name, a distillx.transfer.Transfer or a callable "
                         f"(teacher, student) -> TransferReport, got {type(transfer).__name__}")
     report = transfer(teacher, student)
-    if not isinstance(report, transfers.TransferReport):
+    if not isinstance(report, TransferReport):
         raise TypeError(f"transfer returned {type(report).__name__}, expected a TransferReport")
     return report
 
 
 def check_weight(weight, name: str) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
-    return float(weight)
+    return _checks.number(name, weight, ge=0)
 
 
 def check_methods(methods) -> list[Method]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from typing import Any, Iterable, Optional
 
 import torch
@@ -63,7 +64,6 @@ def check_state_dict(saved: dict, module: torch.nn.Module, what: str, path: str)
 
 
 def _numpy_random():
-    import sys
     np = sys.modules.get("numpy")  # only if something imported it: no numpy dependency
     return np.random if np is not None else None
 
@@ -133,3 +133,42 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
         check_state_dict(state["teacher"], teacher, "teacher", path)
     state["path"] = path
     return state
+
+
+def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list, method_keys: list,
+          teacher: Optional[torch.nn.Module], optimizer, scheduler, scaler, metrics, history: dict,
+          transfer_report: Optional[dict]) -> dict:
+    """The checkpoint of a distillation run at ``position`` of ``phase`` (``teacher`` None when its
+    weights need not be saved: an untrained teacher is the user's own)."""
+    return {
+        "format": FORMAT, "version": VERSION, "phase": phase, "position": position,
+        "student": student.state_dict(), "methods": [m.state_dict() for m in methods],
+        "method_keys": list(method_keys), "teacher": teacher.state_dict() if teacher is not None else None,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "scaler": scaler.state_dict() if scaler else None, "metrics": metrics.state_dict(),
+        "history": history, "transfer_report": transfer_report,
+    }
+
+
+def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, methods: list, method_keys: list,
+            metrics, optimizer, scheduler, scaler) -> bool:
+    """Load a checkpoint :func:`for_resume` returned into the run's objects; True when it held
+    the teacher's weights (a trained teacher)."""
+    student.load_state_dict(state["student"])
+    if state.get("teacher") is not None:
+        teacher.load_state_dict(state["teacher"])
+    for key, m, sd in zip(method_keys, methods, state["methods"]):
+        try:
+            m.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {state['path']!r}: method {key!r} does not match its saved "
+                                  f"state: {exc}") from exc
+    metrics.load_state_dict(state["metrics"])
+    optimizer.load_state_dict(state["optimizer"])
+    for obj, saved, what in ((scheduler, state.get("scheduler"), "scheduler"), (scaler, state.get("scaler"), "scaler")):
+        if obj is None:
+            continue
+        if saved is None:
+            raise CheckpointError(f"checkpoint {state['path']!r} has no {what} state but this run uses a {what}")
+        obj.load_state_dict(saved)
+    return state.get("teacher") is not None

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,28 @@ def init_from_env(device: torch.device) -> DistContext:
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size())
     return DistContext()
+
+
+class Trainable(nn.Module):
+    """The student and the methods (their adapters) as one module, so DDP averages every gradient."""
+
+    def __init__(self, student: nn.Module, methods):
+        super().__init__()
+        self.student = student
+        self.methods = nn.ModuleList(methods)
+
+    def forward(self, inputs):
+        return self.student(inputs)
+
+
+def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """``module`` in DistributedDataParallel when ``ctx`` has several ranks (on ``device``), else itself."""
+    if not ctx.enabled:
+        return module
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
+    return nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
 def shard_loader(loader, ctx: DistContext, shuffle: Optional[bool] = None, seed: int = 0):

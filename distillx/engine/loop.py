@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from ..reporting import ProgressBar
 from . import checkpoint as ckpt
+from .batches import split, to_device
 from .distributed import DistContext, set_epoch
 
 LossFn = Callable[..., dict]
@@ -63,20 +65,12 @@ class Phase:
     epoch_fraction: float = 0.0  # epoch + step / steps_per_epoch of the step running now (weight schedules)
 
 
-def _to(x, device):
-    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-
-
 def _unpack(batch, phase: Phase):
     if phase.indexed:
         indices, inputs, targets = batch
     else:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError("each batch must be an (inputs, targets) pair, got "
-                            + (f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list))
-                               else f"a {type(batch).__name__}"))
-        indices, (inputs, targets) = None, batch
-    return indices, _to(inputs, phase.device), _to(targets, phase.device)
+        indices, (inputs, targets) = None, split(batch)
+    return indices, to_device(inputs, phase.device), to_device(targets, phase.device)
 
 
 class _SignalGuard:
@@ -246,7 +240,5 @@ class Runner:
     def _bar(self, epoch: int):
         if self.progress is False:
             return None
-        from ..reporting import ProgressBar
-
         return ProgressBar(self.steps_per_epoch, f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}",
                            enabled=self.progress)

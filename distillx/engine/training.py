@@ -1,4 +1,5 @@
-"""The training step shared by plain supervised training and distillation, plus evaluation.
+"""Plain supervised training and evaluation on the engine's loop, and the optimizer/device helpers
+the Distiller shares.
 
 :func:`run_epochs` owns the loop (device transfer, zero_grad/backward/step, per-epoch averages,
 validation); callers only say how a batch turns into losses. :func:`train` uses it with the task
@@ -14,6 +15,10 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import _checks
+from .batches import check_loader, logits_of, unpack_batch
+from .loop import Phase, Runner
 
 # (inputs, targets) -> {"loss": total to backpropagate, other names: components for logging}
 LossFn = Callable[[torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
@@ -58,41 +63,7 @@ def build_optimizer(optimizer: OptimizerSpec, params: list[nn.Parameter]) -> tor
 
 def check_epochs(epochs: Any) -> int:
     """Return ``epochs`` if it is an int >= 1 (bools excluded), else raise ``ValueError``."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    return epochs
-
-
-def unpack_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a batch into ``(inputs, targets)`` on ``device``."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError("each batch must be an (inputs, targets) pair, got "
-                        + (f"a {type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list))
-                           else f"a {type(batch).__name__}"))
-    inputs, targets = batch
-    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-
-
-def logits_of(output: Any, who: str) -> torch.Tensor:
-    """The logits in a model output: a tensor, or a mapping with a ``"logits"`` entry."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    raise TypeError(f"{who} must return a logits tensor or a mapping with a 'logits' tensor, "
-                    f"got {type(output).__name__}")
-
-
-def check_loader(loader: Any, name: str) -> None:
-    """Raise unless ``loader`` is iterable and, when it has a length, non-empty."""
-    if not isinstance(loader, Iterable):
-        raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(loader).__name__}")
-    try:
-        empty = len(loader) == 0  # type: ignore[arg-type]
-    except TypeError:  # iterable without __len__: emptiness is detected after the first pass
-        empty = False
-    if empty:
-        raise ValueError(f"{name} is empty: it yields no batches")
+    return _checks.integer("epochs", epochs, ge=1)
 
 
 @torch.no_grad()
@@ -147,8 +118,6 @@ def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: 
     for each epoch; evaluation restores it. This is the engine's loop (:mod:`distillx.engine.loop`)
     without schedules, checkpoints or augmentation, the one the Distiller runs with them.
     """
-    from .engine.loop import Phase, Runner
-
     epochs = check_epochs(epochs)
     check_loader(loader, "train_loader")
     phase = Phase("train", [model], optimizer, loader, epochs, lambda inputs, targets, _: compute_losses(inputs, targets),

@@ -137,7 +137,7 @@ class MetricsLog:
     def log_epoch(self, phase: str, epoch: int, **values: Any) -> None:
         """Record ``{"phase", "epoch", **values}``; replaces an existing record of the same phase and epoch.
 
-        To log a :func:`distillx.training.run_epochs` metrics dict ``m`` (which holds ``"epoch"``):
+        To log a :func:`distillx.engine.training.run_epochs` metrics dict ``m`` (which holds ``"epoch"``):
         ``log.log_epoch(phase, m["epoch"], **{k: v for k, v in m.items() if k != "epoch"})``.
         """
         record = {"phase": _check_phase(phase), "epoch": _check_index("epoch", epoch)}

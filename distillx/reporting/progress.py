@@ -19,7 +19,7 @@ the eta, plus its ``final`` values) and a newline; it is never cut, as it is not
 ``total`` counts *steps* (calls to :meth:`ProgressBar.update`, i.e. batches: ``len(loader)``);
 ``None`` when unknown (no bar, no eta). Components are shown as per-sample running means over the
 bar's lifetime (each step weighted by its ``n_samples``, like the epoch averages of
-:func:`distillx.training.run_epochs`); throughput is samples per second since the bar was created.
+:func:`distillx.engine.training.run_epochs`); throughput is samples per second since the bar was created.
 
 Cost: a disabled bar returns from :meth:`~ProgressBar.update` at once. An enabled one does a little
 float arithmetic per step and redraws at most once per ``min_interval`` seconds. Components may be

@@ -57,8 +57,9 @@ Concurrency: building is not locked. With several processes (DDP ranks) build on
 from __future__ import annotations
 
 from .cache import TeacherCache, teacher_fingerprint
+from .for_run import cache_for_run
 from .indexed import IndexedDataset, indexed_loader
 from .storage import FORMAT, FORMAT_VERSION, MANIFEST, CacheMismatchError
 
-__all__ = ["TeacherCache", "CacheMismatchError", "IndexedDataset", "indexed_loader", "teacher_fingerprint",
+__all__ = ["TeacherCache", "cache_for_run", "CacheMismatchError", "IndexedDataset", "indexed_loader", "teacher_fingerprint",
            "FORMAT", "FORMAT_VERSION", "MANIFEST"]

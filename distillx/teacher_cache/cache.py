@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-from ..training import logits_of, resolve_device
+from ..engine.batches import logits_of
+from ..engine.training import resolve_device
 from .indexed import IndexedDataset, _IndexedCollate, _check_loader, _loader_options
 from .storage import (_DTYPES, FORMAT, FORMAT_VERSION, LOGITS, MANIFEST, TOPK_INDICES, TOPK_VALUES,
                       CacheMismatchError, _check_dtype, _check_top_k, _dtype_name, _lookup_keys, _map_arrays,

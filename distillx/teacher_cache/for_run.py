@@ -1,0 +1,47 @@
+"""The cache a distillation run uses (``Distiller(cache_teacher=True)``): built once over the
+training set on rank 0 (others wait, then open it), with the teacher's logits and every feature the
+methods capture from it, and the indexed loader that looks its rows up."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..engine.batches import logits_of
+from ..engine.distributed import DistContext
+from .cache import TeacherCache
+from .indexed import indexed_loader
+
+
+def cache_for_run(teacher: nn.Module, loader: Any, *, directory: Optional[str], checkpoint_dir: Optional[str],
+                  feature_keys: list[str], collect: Callable[[], Mapping[str, torch.Tensor]], ctx: DistContext,
+                  device: torch.device, dtype: torch.dtype, top_k: Optional[int]) -> tuple[TeacherCache, Any]:
+    """``(cache, indexed loader)``: ``directory`` or ``<checkpoint_dir>/teacher_cache``; ``collect()``
+    returns the teacher features captured by the last forward pass (the run's feature hooks)."""
+    directory = directory or (os.path.join(checkpoint_dir, "teacher_cache") if checkpoint_dir else None)
+    if directory is None:
+        raise ValueError("cache_teacher=True needs a place for the cache: pass cache_dir= or checkpoint_dir=")
+    indexed = indexed_loader(loader)
+    was = teacher.training
+    teacher.eval()
+
+    def capture(inputs):
+        return {"logits": logits_of(teacher(inputs), "teacher"), **collect()}
+
+    keys = ["logits", *feature_keys]
+    try:
+        cache = None
+        if ctx.is_main:
+            # Iterating the cache's own loader draws a seed from the global generator: fork it, so
+            # a run sees the same random stream with and without the cache.
+            with torch.random.fork_rng(devices=[]):
+                cache = TeacherCache.build_or_open(teacher, indexed, directory, capture=capture, device=device,
+                                                   expect_keys=keys, dtype=dtype, top_k=top_k)
+        ctx.barrier()  # the other ranks open what rank 0 built
+        if not ctx.is_main:
+            cache = TeacherCache.open(directory, expect_keys=keys)
+    finally:
+        teacher.train(was)
+    return cache, indexed
