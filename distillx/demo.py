@@ -16,9 +16,7 @@ whatever the run gives, including a distilled student that loses to the scratch 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import time
 from contextlib import contextmanager
@@ -29,8 +27,8 @@ from torch import nn
 
 from .data import digits_split, tensor_loader
 from .distiller import Distiller
+from .engine.training import evaluate, train
 from .plugin import method
-from .training import evaluate, train
 
 # The recipe: a student of 2,410 parameters (64-32-10) against a teacher of 85,002 (64-256-256-10).
 # Chosen by test accuracy on seeds 0-4 (KD gained +0.22..+1.11 points there); on seeds 5-9, which
@@ -153,26 +151,3 @@ def format_table(result: dict) -> str:
                  f"distilled vs scratch: {gain:+.2f} points; latency on a batch of {result['latency_batch']}; "
                  f"training took {result['train_seconds']:.1f} s")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="distillx demo",
-        description="Train a teacher, a scratch student and a distilled student on the bundled 8x8 digits "
-                    "and compare parameters, test accuracy and CPU latency.")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="student epochs (default %(default)s)")
-    parser.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS,
-                        help="teacher epochs (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initial weights and data order")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    args = parser.parse_args(argv)
-    for name in ("epochs", "teacher_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    with single_thread():
-        result = run(args.epochs, args.seed, args.teacher_epochs)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0

@@ -1,4 +1,4 @@
-"""Machinery behind ``distillx bench`` (the command itself lives in :mod:`distillx.bench`).
+"""Machinery behind ``distillx bench`` (the command itself lives in :mod:`distillx.cli.bench`).
 
 - :mod:`.cases`   the declarative table of benchmark cases (one row per op; add a row to add a case);
 - :mod:`.timing`  forward+backward timing (``time.perf_counter`` on CPU, CUDA events on GPU);

@@ -24,6 +24,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .. import _ext, ops
+from .._version import __version__
 from . import memory, timing
 from .cases import get_case, load_callable
 
@@ -167,11 +169,7 @@ def _run(spec: Dict) -> Dict:
 
 
 def op_backend(op: Optional[str], device: torch.device) -> str:
-    """"compiled" or "reference": what serves ``distillx::op`` on ``device`` (or "unknown")."""
-    try:
-        from distillx import _ext, ops
-    except Exception as exc:  # pragma: no cover - reported, not fatal
-        return f"unknown ({type(exc).__name__}: {exc})"
+    """"compiled" or "reference": what serves ``distillx::op`` on ``device``."""
     if op is None:
         return "compiled" if _ext.available() else "reference"
     return ops.backend(op, device.type)
@@ -246,16 +244,11 @@ def environment(device: torch.device) -> Dict:
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
                    gpu_memory_gb=props.total_memory / 1e9)
-    try:
-        import distillx
-        from distillx import _ext
-        env["distillx"] = getattr(distillx, "__version__", None)
-        env["distillx_build_info"] = _jsonable(_ext.build_info())
-        env["distillx_compiled"] = _ext.available()
-        if not _ext.available():
-            env["distillx_missing_reason"] = getattr(_ext, "_ERROR", None)
-    except Exception as exc:  # the benchmark still runs the eager/compile columns
-        env["distillx_import_error"] = f"{type(exc).__name__}: {exc}"
+    env["distillx"] = __version__
+    env["distillx_build_info"] = _jsonable(_ext.build_info())
+    env["distillx_compiled"] = _ext.available()
+    if not _ext.available():
+        env["distillx_missing_reason"] = getattr(_ext, "_ERROR", None)
     env["git_commit"] = _git_commit()
     return env
 

@@ -1,6 +1,7 @@
 """The ``distillx`` command: ``info``, ``plugins``, ``demo``, ``bench``, ``transfer``, ``run``.
 
-Each subcommand lives in its own module and owns its arguments; this file only dispatches.
+Each subcommand is a module of this package (``distillx/cli/<command>.py``) that owns its arguments
+and exposes ``main(argv) -> int``; this file only dispatches, importing just the module asked for.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import sys
 
 # subcommand -> (module, one-line help); each module exposes main(argv) -> int
 COMMANDS = {
-    "info": ("distillx.info", "torch version, compiled backends and the backend serving each op"),
-    "plugins": ("distillx.plugin.manager", "list registered methods, transfers, kernels and augmentations"),
-    "demo": ("distillx.demo", "train teacher and students on the bundled digits data and compare them"),
-    "bench": ("distillx.bench", "time eager PyTorch, torch.compile and distillx side by side"),
-    "transfer": ("distillx.transfer.cli", "initialise a student checkpoint from a teacher's weights and report it"),
-    "run": ("distillx.config.run", "run a whole distillation from a TOML/JSON config (distillx run digits)"),
+    "info": ("distillx.cli.info", "torch version, compiled backends and the backend serving each op"),
+    "plugins": ("distillx.cli.plugins", "list registered methods, transfers, kernels and augmentations"),
+    "demo": ("distillx.cli.demo", "train teacher and students on the bundled digits data and compare them"),
+    "bench": ("distillx.cli.bench", "time eager PyTorch, torch.compile and distillx side by side"),
+    "transfer": ("distillx.cli.transfer", "initialise a student checkpoint from a teacher's weights and report it"),
+    "run": ("distillx.cli.run", "run a whole distillation from a TOML/JSON config (distillx run digits)"),
 }
 
 

@@ -7,8 +7,9 @@ import platform
 
 import torch
 
-from . import __version__, _ext
-from .ops import OPS, backend
+from .. import _ext
+from .._version import __version__
+from ..ops import backend, library_ops
 
 
 def collect() -> dict:
@@ -22,7 +23,7 @@ def collect() -> dict:
         "build": _ext.build_info(),
         "cuda_kernels_built": bool(_ext.build_info().get("cuda", False)),
         "threads": torch.get_num_threads(),
-        "ops": {op: {dev: backend(op, dev) for dev in devices} for op in OPS},
+        "ops": {op: {dev: backend(op, dev) for dev in devices} for op in library_ops()},
     }
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._atomic import save_atomic
+from ..plugin import transfer
 
 
 def _builder(spec: str, flag: str) -> Callable[[], nn.Module]:
@@ -109,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .api import transfer
-
     teacher, _ = load_model(args.teacher, args.teacher_arch, args.allow_pickle, "teacher")
     student, fmt = load_model(args.student, args.student_arch, args.allow_pickle, "student")
     options = dict(args.option)

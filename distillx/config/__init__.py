@@ -7,7 +7,7 @@ Quick start::
     distillx run my.toml --set student.epochs=5 --set methods.0.T=4 --set output_dir=runs/t4
     distillx run my.toml --resume                         # continue from output_dir/checkpoint.pt
 
-What a run does (:mod:`distillx.config.run`): ``torch.manual_seed(seed)``; build the data, the
+What a run does (:mod:`distillx.config.execute`): ``torch.manual_seed(seed)``; build the data, the
 teacher (optionally loading ``teacher.checkpoint``) and the student from ``"module:callable"``
 builders; ``Distiller(...).fit(train, student.epochs, val, teacher_epochs=teacher.epochs)`` with a
 checkpoint after every epoch in ``output_dir``; then write ``metrics.json``, ``metrics.png``,
@@ -51,7 +51,7 @@ A config with every key (``*`` required; the rest show their defaults or are off
     [transfer]                          # name + the strategy's options: dx.transfer(name, **options)
     name = "select"
 
-    [[augmentations]]                   # name + options (distillx.augment.resolve); or a plain name
+    [[augmentations]]                   # name + options (distillx.plugin.resolve_augmentation); or a plain name
     name = "noise"
     std = 0.05
 
@@ -89,7 +89,8 @@ From Python::
 from __future__ import annotations
 
 from .build import Run, build
-from .run import load, main
+from .execute import execute
+from .files import load
 from .schema import SCHEMA, ConfigError, validate
 
-__all__ = ["ConfigError", "SCHEMA", "validate", "load", "build", "Run", "main"]
+__all__ = ["ConfigError", "SCHEMA", "validate", "load", "build", "Run", "execute"]

@@ -15,6 +15,10 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..distiller import Distiller
+from ..engine.checkpoint import CheckpointError, check_state_dict
+from ..engine.schedules import linear
+from ..plugin import method, resolve_augmentation, transfer
 from .schema import ConfigError, describe
 
 
@@ -107,8 +111,6 @@ def build_model(section: dict, key: str) -> nn.Module:
 def load_state_dict_file(model: nn.Module, file: str, key: str) -> None:
     """Load the state dict in ``file`` (``weights_only=True``) into ``model``; ConfigError naming
     ``file`` and what does not match otherwise."""
-    from ..engine.checkpoint import CheckpointError, check_state_dict
-
     if not os.path.isfile(file):
         raise ConfigError(f"{key}: {file!r} does not exist" + (" (it is a directory)" if os.path.isdir(file) else ""))
     try:
@@ -162,8 +164,6 @@ def _split_named(table: dict) -> tuple[str, dict]:
 
 
 def build_methods(cfg: dict) -> list:
-    from ..plugin import method
-
     methods = []
     for i, entry in enumerate(cfg["methods"]):
         name, options = _split_named(entry)
@@ -177,8 +177,6 @@ def build_methods(cfg: dict) -> list:
 def build_transfer(cfg: dict):
     if cfg["transfer"] is None:
         return None
-    from ..transfer import transfer
-
     name, options = _split_named(cfg["transfer"])
     try:
         return transfer(name, **options)
@@ -187,20 +185,16 @@ def build_transfer(cfg: dict):
 
 
 def build_augmentations(cfg: dict) -> list:
-    from ..augment import resolve
-
     out = []
     for i, entry in enumerate(cfg["augmentations"]):
         try:
-            out.append(resolve(entry))
+            out.append(resolve_augmentation(entry))
         except (TypeError, ValueError, KeyError) as exc:
             raise ConfigError(f"augmentations.{i} ({entry['name']!r}): {_message(exc)}") from exc
     return out
 
 
 def build_weight_schedules(cfg: dict) -> dict:
-    from ..engine.schedules import linear
-
     return {term: linear(s["start"], s["end"], s["epochs"]) for term, s in cfg["weight_schedules"].items()}
 
 
@@ -215,8 +209,6 @@ def check_device(device: str) -> None:
 
 def build(cfg: dict, progress: Optional[bool] = None) -> Run:
     """Data, models and the Distiller of a resolved config. Seeds torch with ``cfg["seed"]`` first."""
-    from ..distiller import Distiller
-
     check_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     train, val = build_data(cfg)

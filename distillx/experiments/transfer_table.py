@@ -37,7 +37,7 @@ Per seed ``s`` (default 0, 1, 2):
    output layer (10x256) to the student's widths; the student's one hidden layer takes the
    teacher's *first* hidden layer (first-N layer rule).
 4. **Accuracy at init** on the test split.
-5. **The same short training twice** from that init: "no kd" = :func:`distillx.training.train`
+5. **The same short training twice** from that init: "no kd" = :func:`distillx.engine.train`
    with cross-entropy (the demo's scratch student), "kd" = :class:`distillx.Distiller` with the
    demo's kd recipe. Both use a fresh AdamW (lr ``demo.LR``) and a fresh training loader with
    seed ``s``, so every run of a seed sees the same batches in the same order. ``--epochs``
@@ -69,8 +69,8 @@ import torch
 from .. import demo
 from ..data import digits_split, tensor_loader
 from ..distiller import Distiller
-from ..plugin import method
-from ..training import evaluate, train
+from ..engine.training import evaluate, train
+from ..plugin import get_registries, method, transfer
 
 INITS = ("random", "direct", "distribution", "select", "head_fit")
 SEEDS = (0, 1, 2)
@@ -116,8 +116,6 @@ def _describe_options(name: str) -> dict[str, str]:
 def run_seed(seed: int, students: Sequence[tuple[int, ...]], inits: Sequence[str], epochs: int,
              teacher_epochs: int) -> dict:
     """Train seed ``seed``'s teacher and every (student, init, training) run; return its measurements."""
-    from .. import transfer as transfers
-
     split = digits_split(demo.TEST_FRACTION, seed)
 
     def train_loader():
@@ -149,7 +147,7 @@ def run_seed(seed: int, students: Sequence[tuple[int, ...]], inits: Sequence[str
             student = copy.deepcopy(initial[widths])
             report = None
             if init != "random":
-                report = transfers.transfer(init, teacher, student, **_init_options(init, seed, train_loader()))
+                report = transfer(init, teacher, student, **_init_options(init, seed, train_loader()))
             acc_init = evaluate(student, test_loader)["accuracy"]
             after = {}
             for training in TRAININGS:
@@ -302,8 +300,6 @@ def main(argv=None) -> int:
     seeds = _list(parser, args.seeds, "seeds", int)
     students = _list(parser, args.students, "students", parse_widths)
     inits = _list(parser, args.inits, "inits", str)
-    from ..plugin import get_registries
-
     known = ["random"] + list(get_registries().transfers.names())
     unknown = [i for i in inits if i not in known]
     if unknown:
