@@ -1,10 +1,13 @@
 """Suite-wide setup. With DISTILLX_REQUIRE_COMPILED=1 (set by `make test` and CI) the run fails fast
 when distillx._C did not load, so a broken build cannot pass by silently testing the references."""
 import os
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from distillx.plugin import reset_plugins
+from distillx.testing import fresh_plugins  # noqa: F401  (autouse: a fresh plugin manager per test)
 
 
 def pytest_sessionstart(session):
@@ -15,10 +18,30 @@ def pytest_sessionstart(session):
             raise pytest.UsageError(f"DISTILLX_REQUIRE_COMPILED=1 but distillx._C failed to load: {_ext._ERROR}")
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    """Every test builds its own plugin manager, without the caller's DISTILLX_DISABLE_PLUGINS."""
-    monkeypatch.delenv("DISTILLX_DISABLE_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
+@pytest.fixture
+def install_fake(tmp_path, monkeypatch):
+    """Make a fake distribution visible to importlib.metadata, as `pip install` would.
+
+    ``install_fake(dist, version, entry_points={ep_name: "module[:attr]"}, modules={name: source})``
+    writes ``<dist>-<version>.dist-info`` (METADATA, entry_points.txt) and the modules into a
+    directory put first on sys.path, and returns that directory. The modules are removed from
+    sys.modules afterwards so tests never see each other's imports.
+    """
+    written: list[str] = []
+
+    def install(dist: str, version: str = "1.0", entry_points=None, modules=None) -> Path:
+        root = tmp_path / f"site-{dist}"
+        info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        lines = ["[distillx]"] + [f"{name} = {target}" for name, target in (entry_points or {}).items()]
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        for module, source in (modules or {}).items():
+            (root / f"{module}.py").write_text(textwrap.dedent(source))
+            written.append(module)
+        monkeypatch.syspath_prepend(str(root))  # also invalidates import caches
+        return root
+
+    yield install
+    for module in written:
+        sys.modules.pop(module, None)

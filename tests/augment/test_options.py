@@ -30,20 +30,20 @@ def test_unknown_option_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize("cls, options, message", [
-    (RandomCrop, {"padding": -1}, r"'random_crop': option padding must be >= 0"),
+    (RandomCrop, {"padding": -1}, r"'random_crop': option padding must be an int >= 0"),
     (RandomCrop, {"padding": 2.5}, r"'random_crop': option padding must be an int"),
     (RandomCrop, {"padding": True}, r"'random_crop': option padding must be an int"),
     (RandomCrop, {"mode": "edge"}, r"'random_crop': option mode must be one of \('constant', 'reflect'\)"),
-    (Flip, {"p": 1.5}, r"'flip': option p must be <= 1"),
+    (Flip, {"p": 1.5}, r"'flip': option p must be a finite number >= 0 and <= 1"),
     (Flip, {"dims": ()}, r"'flip': option dims must be an int or a non-empty tuple"),
     (Flip, {"dims": ("w",)}, r"'flip': option dims must be"),
-    (Noise, {"std": -0.1}, r"'noise': option std must be >= 0"),
+    (Noise, {"std": -0.1}, r"'noise': option std must be a finite number >= 0"),
     (Noise, {"std": float("nan")}, r"'noise': option std must be a finite number"),
-    (Mixup, {"alpha": 0}, r"'mixup': option alpha must be > 0"),
-    (Mixup, {"num_classes": 0}, r"'mixup': option num_classes must be >= 1"),
-    (CutMix, {"num_classes": 2.0}, r"'cutmix': option num_classes must be an int or None"),
+    (Mixup, {"alpha": 0}, r"'mixup': option alpha must be a finite number > 0"),
+    (Mixup, {"num_classes": 0}, r"'mixup': option num_classes must be a positive int"),
+    (CutMix, {"num_classes": 2.0}, r"'cutmix': option num_classes must be a positive int or None"),
     (TokenMask, {}, r"'token_mask': option mask_id is required"),
-    (TokenMask, {"mask_id": 1, "p": -0.1}, r"'token_mask': option p must be >= 0"),
+    (TokenMask, {"mask_id": 1, "p": -0.1}, r"'token_mask': option p must be a finite number >= 0 and <= 1"),
     (TokenMask, {"mask_id": "[MASK]"}, r"'token_mask': option mask_id must be an int"),
     (TokenMask, {"mask_id": 1, "pad_id": 0.5}, r"'token_mask': option pad_id must be an int or None"),
 ])

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from distillx import bench
-from distillx.benchmarks import CASES, Case, runner, timing
+from distillx.cli import bench
+from distillx.benchmarks import CASES, Case, report, runner, timing
 from distillx.benchmarks.cases import Inputs
 
 
@@ -147,10 +147,10 @@ def test_list_and_cli_dispatch(capsys):
 
 def test_check_flags_mismatch():
     ref = {"loss": 1.0, "loss_finite": True, "grads": {"s": {"norm": 2.0, "probe": 0.5}}}
-    assert bench.check_against(ref, ref, 1e-4) == []
-    assert bench.check_against(ref, dict(ref, loss=1.01), 1e-4)
-    assert bench.check_against(ref, dict(ref, grads={"s": {"norm": 2.0, "probe": -0.5}}), 1e-4)
-    assert bench.check_against(ref, dict(ref, grads={"s": None}), 1e-4)
+    assert report.check_against(ref, ref, 1e-4) == []
+    assert report.check_against(ref, dict(ref, loss=1.01), 1e-4)
+    assert report.check_against(ref, dict(ref, grads={"s": {"norm": 2.0, "probe": -0.5}}), 1e-4)
+    assert report.check_against(ref, dict(ref, grads={"s": None}), 1e-4)
 
 
 def test_timing_repeats_and_time_budget():

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from distillx import cli, demo
+from distillx.cli import demo as demo_cli
 
 
 def test_demo_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "demo.json"
     threads = torch.get_num_threads()
-    assert demo.main(["--epochs", "1", "--teacher-epochs", "1", "--seed", "3", "--json", str(path)]) == 0
+    assert demo_cli.main(["--epochs", "1", "--teacher-epochs", "1", "--seed", "3", "--json", str(path)]) == 0
     assert torch.get_num_threads() == threads  # the single-thread setting is undone
     out = capsys.readouterr().out
     for name in ("teacher", "student (scratch)", "student (kd)"):
@@ -43,5 +44,5 @@ def test_demo_through_cli(capsys):
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--teacher-epochs", "-1"], ["--bogus"]])
 def test_demo_rejects_bad_arguments(args):
     with pytest.raises(SystemExit) as exc:
-        demo.main(args)
+        demo_cli.main(args)
     assert exc.value.code == 2

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import re
 
-from distillx.plugin import manager
+from distillx.cli import plugins as plugins_cli
 
-from . import fakes
+from tests.plugin import fakes
 
 
 def test_lists_kd_with_its_provider(capsys):
-    assert manager.main([]) == 0
+    assert plugins_cli.main([]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^methods:\n(  .*\n)*  kd\s+distillx\.methods \(built-in\)$", out, re.M), out
     assert re.search(r"^plugins:\n  distillx\.methods\s+built-in$", out, re.M), out
@@ -20,7 +20,7 @@ def test_lists_kd_with_its_provider(capsys):
 
 
 def test_json(capsys):
-    assert manager.main(["--json"]) == 0
+    assert plugins_cli.main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     kd = next(m for m in report["methods"] if m["name"] == "kd")
     assert kd["provider"] == "distillx.methods" and kd["source"] == "builtin"
@@ -32,7 +32,7 @@ def test_json(capsys):
 def test_entry_point_plugins_show_distribution_and_failures(install_fake, capsys, recwarn):
     install_fake("fake-good", "1.2.3", {"good": "fake_good_mod"}, {"fake_good_mod": fakes.GOOD})
     install_fake("fake-broken", "0.1", {"broken": "fake_broken_mod"}, {"fake_broken_mod": fakes.IMPORT_ERROR})
-    assert manager.main([]) == 1  # a failed plugin makes the listing fail, for CI
+    assert plugins_cli.main([]) == 1  # a failed plugin makes the listing fail, for CI
     out = capsys.readouterr().out
     assert re.search(r"^  fake_mse\s+good \(fake-good 1\.2\.3\)$", out, re.M), out
     assert re.search(r"^  fake_kernel\s+good \(fake-good 1\.2\.3\)$", out, re.M), out
@@ -44,7 +44,7 @@ def test_overrides_and_disabled_are_shown(install_fake, monkeypatch, capsys):
     install_fake("fake-over", "1.0", {"over": "fake_over_mod"}, {"fake_over_mod": fakes.OVERRIDE_KD})
     install_fake("fake-good", "1.2.3", {"good": "fake_good_mod"}, {"fake_good_mod": fakes.GOOD})
     monkeypatch.setenv("DISTILLX_DISABLE_PLUGINS", "good")
-    assert manager.main([]) == 0
+    assert plugins_cli.main([]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^  kd\s+over \(fake-over 1\.0\), overrides distillx\.methods$", out, re.M), out
     assert "disabled by DISTILLX_DISABLE_PLUGINS: good" in out

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from distillx.config import ConfigError, load
-from distillx.config.run import apply_override, main, parse_value
+from distillx.cli.run import main
+from distillx.config.files import apply_override, parse_value
 
 
 @pytest.mark.parametrize("text, value", [

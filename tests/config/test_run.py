@@ -13,7 +13,7 @@ import torch
 
 from distillx.config import load
 from distillx.config.data import digits
-from distillx.config.run import main
+from distillx.cli.run import main
 from distillx.demo import mlp
 from distillx.engine import checkpoint as ckpt
 

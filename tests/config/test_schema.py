@@ -12,8 +12,8 @@ import pytest
 
 import distillx.config as dxc
 from distillx.config import ConfigError, load, validate
-from distillx.config import run as run_mod
-from distillx.config.run import parse_value
+from distillx.config import files as run_mod
+from distillx.config.files import parse_value
 from distillx.config import schema
 
 

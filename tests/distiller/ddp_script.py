@@ -27,6 +27,8 @@ def main(out: str, world: int) -> None:
     if d.ctx.is_main:
         torch.save({"student": student.state_dict(), "adapters": [m.state_dict() for m in d.methods],
                     "history": history, "world": d.ctx.world_size}, out)
+    if torch.distributed.is_initialized():  # gloo's threads may abort the exit of a group left open
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

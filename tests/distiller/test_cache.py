@@ -8,7 +8,7 @@ import torch
 
 import distillx as dx
 
-from .helpers import data, loader, student, teacher
+from distillx.testing import data, loader, student, teacher
 
 
 class Counting(torch.nn.Module):
@@ -39,7 +39,7 @@ def test_cached_run_matches_live_run_and_teacher_runs_once(tmp_path):
     d, cached_t, cached = _run(tmp_path / "cached", True)
     assert live_t.samples == 3 * 256                    # the live teacher sees every batch of every epoch
     assert cached_t.samples == 256                      # the cached one: each sample once, before training
-    assert d._cache is not None and len(d._cache) == 256
+    assert d._step.cache is not None and len(d._step.cache) == 256
     for a, b in zip(live, cached):
         for key in ("loss", "task", "kd"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
@@ -54,7 +54,7 @@ def test_features_are_cached(tmp_path):
     _, live_t, live = _run(tmp_path / "live", False, methods, epochs=2)
     methods = [dx.method("kd"), dx.method("sld", student="1", teacher="model.1")]
     d, cached_t, cached = _run(tmp_path / "cached", True, methods, epochs=2)
-    assert sorted(d._cache.keys()) == ["logits", "sld.pair0"]
+    assert sorted(d._step.cache.keys()) == ["logits", "sld.pair0"]
     # each sample once for the cache, plus the one dry-run batch that sizes sld's adapter
     assert cached_t.samples == 256 + 32
     for a, b in zip(live, cached):
@@ -67,7 +67,7 @@ def test_float16_and_top_k_cache(tmp_path):
                      cache_dir=str(tmp_path / "c"), cache_top_k=3, progress=False)
     history = d.fit(loader(x, y, 32, seed=1), 2)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
-    looked = d._cache.lookup(torch.arange(4))
+    looked = d._step.cache.lookup(torch.arange(4))
     assert (torch.isfinite(looked["logits"]).sum(1) == 3).all()
 
 

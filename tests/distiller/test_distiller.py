@@ -10,7 +10,7 @@ from distillx.data import digits_split, tensor_loader
 from distillx.distiller import Distiller
 from distillx.methods import FeatureRequest, Method
 from distillx.plugin import get_plugin_manager, hookimpl
-from distillx.training import evaluate, train
+from distillx.engine.training import evaluate, train
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 import distillx as dx
 from distillx.data import digits_split
 from distillx.distiller import Distiller
-from distillx.training import train
+from distillx.engine.training import train
 
-from tests.methods.models import CNN, TinyTransformer, snapshot, unchanged
+from distillx.testing import CNN, TinyTransformer, snapshot, unchanged
 
 pytestmark = pytest.mark.filterwarnings("ignore:distillx::")
 

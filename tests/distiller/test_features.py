@@ -11,7 +11,7 @@ from distillx.distiller import Distiller, NonFiniteLossError
 from distillx.features import FeaturePathError, MissingFeatureError
 from distillx.methods import FeatureRequest, FeatureShapeError, Method
 
-from .models import CNN, TinyTransformer, snapshot, unchanged
+from distillx.testing import CNN, TinyTransformer, snapshot, unchanged
 
 pytestmark = pytest.mark.filterwarnings("ignore:distillx::")
 
@@ -245,7 +245,7 @@ def test_requests_with_select_and_reductions():
     m = Reduced()
     x = torch.rand(4, 1, 8, 8), torch.randn(4, 6, 8)
     d = Distiller(teacher, student, [m])  # (fit() takes tensor inputs; run one step's forward by hand)
-    s_out, s_feats, t_out, t_feats = d._forward(x)
+    s_out, s_feats, t_out, t_feats = d._step.forward(x)
     s, t = d._plan.views(0, s_out, s_feats, t_out, t_feats)
     m.loss(s, t)
     d.close()

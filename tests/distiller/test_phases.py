@@ -13,9 +13,9 @@ from distillx.distiller import NonFiniteLossError
 from distillx.engine import checkpoint as ckpt
 from distillx.engine.schedules import lr_factor
 from distillx.methods import Method
-from distillx.training import evaluate
+from distillx.engine.training import evaluate
 
-from .helpers import data, loader, same, state, student, teacher
+from distillx.testing import data, loader, same, state, student, teacher
 
 
 def test_teacher_phase_then_transfer_then_distillation(tmp_path):

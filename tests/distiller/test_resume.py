@@ -15,7 +15,7 @@ from distillx.engine import CheckpointError, TrainingInterrupted
 from distillx._atomic import save_atomic
 from distillx.engine import checkpoint as ckpt
 
-from .helpers import data, loader, same, state, student, teacher
+from distillx.testing import data, loader, same, state, student, teacher
 
 EPOCHS, TEACHER_EPOCHS = 3, 2
 

@@ -11,7 +11,7 @@ import distillx as dx
 from distillx.data import digits_split, tensor_loader
 from distillx.distiller import Distiller
 from distillx.transfer import TransferError, TransferReport
-from distillx.training import evaluate, train
+from distillx.engine.training import evaluate, train
 
 
 @pytest.fixture(scope="module")

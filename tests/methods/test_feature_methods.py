@@ -11,7 +11,7 @@ from torch import nn
 
 import distillx as dx
 from distillx.features import PENULTIMATE as FEATURES_PENULTIMATE
-from distillx.methods import FeatureRequest, FeatureShapeError
+from distillx.methods import KFD, FeatureRequest, FeatureShapeError
 from distillx.methods.base import PENULTIMATE
 
 pytestmark = pytest.mark.filterwarnings("ignore:distillx")  # "running the reference" notices
@@ -131,9 +131,12 @@ def test_kfd_kernels_and_params(options, gram):
 def test_kfd_option_validation():
     with pytest.raises(ValueError, match="option degree applies to the polynomial kernel"):
         dx.method("kfd", kernel="rbf", degree=3)
-    with pytest.raises(ValueError, match="kernel must be one of"):
+    with pytest.raises(ValueError, match=r"method 'kfd': option kernel: unknown kernel 'nope'; registered kernels: "
+                                         r"'chebyshev', 'cosine', 'linear', 'polynomial', 'rbf'$"):
         dx.method("kfd", kernel="nope")
-    with pytest.raises(ValueError, match="sigma2 must be > 0"):
+    with pytest.raises(ValueError, match="method 'kfd': option kernel must be one of linear, polynomial"):
+        KFD(kernel="nope")  # built directly, a name is not looked up in the registry
+    with pytest.raises(ValueError, match="sigma2 must be a finite number > 0"):
         dx.method("kfd", kernel="rbf", sigma2=0.0)
     m = dx.method("kfd", student="fc", teacher="head")
     with pytest.raises(FeatureShapeError, match=r"'kfd'.*student layer 'fc'.*shape \(4,\)"):
@@ -199,7 +202,7 @@ def test_at_matches_zagoruyko_komodakis():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert s1.grad.abs().sum() > 0 and s2.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="option p must be > 0"):
+    with pytest.raises(ValueError, match="option p must be a finite number > 0"):
         dx.method("at", student="a", teacher="b", p=0)
 
 

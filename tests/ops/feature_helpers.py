@@ -146,7 +146,7 @@ def oracle_kernel(x, z, kernel, *, degree=2, coef0=1.0, sigma2=None, order=3, ep
 
 def raw_kernel_matrix(code, x, params):
     """k(x_i, x_j) as the raw ops distillx::kernel_gram / kernel_mmd define it on their inputs
-    (csrc/include/distillx/gram_panels.h): 0 linear g; 1 polynomial (a·g + c)^d, params [a, c, d];
+    (csrc/include/distillx/kernel_gram.h): 0 linear g; 1 polynomial (a·g + c)^d, params [a, c, d];
     2 rbf exp(−γ‖x_i − x_j‖²), params [γ]; 3 chebyshev on expanded features x = [T_0…T_n],
     g / (D·sqrt(1 − g₁/D + ε)) with g₁ the inner product of the T_1 block (columns [D, 2D)), params [D, ε]."""
     p = [float(v) for v in params]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import distillx.functional as DF
-import distillx.ops as dops
+from distillx.ops import _library as dlib
 from distillx import _ext
 from distillx.ops import reference as ref
 
@@ -347,8 +347,8 @@ def force_reference(monkeypatch):
         calls["linear"] += 1
         return lin_ref(*a, **k)
 
-    monkeypatch.setattr(dops, "_KERNELS", {})
-    monkeypatch.setattr(DF, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(dlib, "_KERNELS", {})
+    monkeypatch.setattr(dlib, "_FALLBACK_WARNED", set())
     monkeypatch.setattr(ref, "kd_loss_reference", kd_spy)
     monkeypatch.setattr(ref, "linear_kd_loss_reference", lin_spy)
     return calls
@@ -379,8 +379,8 @@ def test_fallback_equals_kernel(rng, monkeypatch):
             up = rng.randn(5) if reduction == "none" else None
             k_loss, k_grad = run_kd(s, t, up, **kw)
             with monkeypatch.context() as mp:
-                mp.setattr(dops, "_KERNELS", {})
-                mp.setattr(DF, "_FALLBACK_WARNED", {("logit_divergence", "cpu")})  # already warned
+                mp.setattr(dlib, "_KERNELS", {})
+                mp.setattr(dlib, "_FALLBACK_WARNED", {("logit_divergence", "cpu")})  # already warned
                 r_loss, r_grad = run_kd(s, t, up, **kw)
             tag = rng.tag(**kw)
             close(k_loss, r_loss, torch.float32, tag)
@@ -388,7 +388,7 @@ def test_fallback_equals_kernel(rng, monkeypatch):
 
 
 def test_missing_extension_warns_once(rng, monkeypatch):
-    monkeypatch.setattr(dops, "_KERNELS", {})
+    monkeypatch.setattr(dlib, "_KERNELS", {})
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_ERROR", "simulated import failure")
     monkeypatch.setattr(_ext, "_WARNED", False)

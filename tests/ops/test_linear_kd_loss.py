@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distillx.functional as DF
-import distillx.ops as dops
+from distillx.ops import _library as dlib
 from distillx.ops import reference as ref
 
 from .conftest import DTYPES, F64, HALF, close, reference_linear, run_linear
@@ -271,8 +271,8 @@ def test_fallback_uses_reference_and_warns_once(rng, monkeypatch):
     calls = []
     real = ref.linear_kd_loss_reference
     monkeypatch.setattr(ref, "linear_kd_loss_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(dops, "_KERNELS", {})
-    monkeypatch.setattr(DF, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(dlib, "_KERNELS", {})
+    monkeypatch.setattr(dlib, "_FALLBACK_WARNED", set())
     with pytest.warns(RuntimeWarning, match="linear_divergence has no compiled kernel for cpu"):
         r_loss, r_grads = run_linear(*inputs, **kw)
     with warnings.catch_warnings():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distillx.functional as DF
-import distillx.ops as dops
+from distillx.ops import _library as dlib
 
 from .conftest import DTYPES, F64, TOL, close, reference_kd, reference_rows_safe, run_kd
 
@@ -25,8 +25,8 @@ BACKEND_DTYPE_IDS = [f"{b}-{str(d).split('.')[-1]}" for b, d in BACKEND_DTYPES]
 def backend(request, monkeypatch):
     """Which implementation serves kd_loss: the compiled kernel, or the pure-PyTorch fallback (forced)."""
     if request.param == "reference":
-        monkeypatch.setattr(dops, "_KERNELS", {})
-        monkeypatch.setattr(DF, "_FALLBACK_WARNED", {("logit_divergence", "cpu")})  # no warning noise
+        monkeypatch.setattr(dlib, "_KERNELS", {})
+        monkeypatch.setattr(dlib, "_FALLBACK_WARNED", {("logit_divergence", "cpu")})  # no warning noise
     return request.param
 
 

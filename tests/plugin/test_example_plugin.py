@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 import distillx
-from distillx.plugin import get_plugin_manager, get_registries, manager
+from distillx.cli import plugins as plugins_cli
+from distillx.plugin import get_plugin_manager, get_registries
 
 distillx_example = pytest.importorskip("distillx_example")
 
@@ -16,5 +17,5 @@ def test_example_plugin_is_discovered_through_its_entry_point(capsys):
     info = get_plugin_manager().plugin_info["example"]
     assert (info.source, info.distribution) == ("entrypoint", "distillx-example-plugin")
     assert isinstance(distillx.method("cosine_logits", center=True), distillx_example.CosineLogits)
-    manager.main([])
+    plugins_cli.main([])
     assert "example (distillx-example-plugin 0.1.0)" in capsys.readouterr().out

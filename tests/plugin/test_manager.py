@@ -10,6 +10,7 @@ import pytest
 
 import distillx
 import distillx.methods
+from distillx.plugin.builtins import BUILTIN_PLUGINS
 from distillx.plugin import PluginLoadWarning, get_plugin_manager, get_registries, hookimpl, reset_plugins
 
 from . import fakes
@@ -18,7 +19,7 @@ from . import fakes
 def test_builtins_are_plugins_registered_first():
     pm = get_plugin_manager()
     assert [name for name, _ in pm.list_name_plugin()][:2] == ["distillx.methods", "distillx.transfer"]
-    assert pm.get_plugin("distillx.methods") is distillx.methods
+    assert pm.get_plugin("distillx.methods") is BUILTIN_PLUGINS[0] and BUILTIN_PLUGINS[0].module == "distillx.methods"
     assert get_registries().methods.get("kd") is distillx.methods.KD
     assert get_registries().methods.provider("kd") == "distillx.methods"
     assert pm.plugin_info["distillx.methods"].source == "builtin"

@@ -68,7 +68,7 @@ def test_zero_weight_is_allowed():
 
 
 def test_validate_runs_on_construction():
-    with pytest.raises(ValueError, match=r"option scale must be > 0, got -1"):
+    with pytest.raises(ValueError, match=r"option scale must be a finite number > 0, got -1"):
         Scaled(scale=-1)
     with pytest.raises(ValueError, match=r"option mode must be one of \('a', 'b'\), got 'c'"):
         Scaled(mode="c")

@@ -9,7 +9,8 @@ from torch import nn
 
 import distillx as dx
 import distillx.transfer.report as report_module
-from distillx.plugin import UnknownNameError, get_registries, manager
+from distillx.cli import plugins as plugins_cli
+from distillx.plugin import UnknownNameError, get_registries
 from distillx.transfer import BUILTIN_TRANSFERS, Transfer, TransferError, TransferReport
 
 from . import helpers
@@ -28,7 +29,7 @@ def test_builtins_are_registered_through_the_plugin_registry():
 
 
 def test_plugins_command_lists_them(capsys):
-    assert manager.main(["--json"]) == 0
+    assert plugins_cli.main(["--json"]) == 0
     listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)["transfers"]}
     assert BUILTINS <= set(listed)
     assert listed["select"]["object"] == "distillx.transfer.selection.select"
@@ -38,7 +39,7 @@ def test_transfer_is_the_package_and_callable():
     assert callable(dx.transfer) and dx.transfer.TransferReport is TransferReport
     assert report_module.TransferReport is dx.TransferReport
     assert issubclass(dx.TransferError, ValueError)
-    report = dx.transfer.transfer("direct", mlp(), mlp())
+    report = dx.plugin.transfer("direct", mlp(), mlp())
     assert isinstance(report, TransferReport)
 
 

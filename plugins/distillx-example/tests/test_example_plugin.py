@@ -7,16 +7,9 @@ import pytest
 import torch
 
 import distillx
-from distillx.plugin import get_plugin_manager, get_registries, reset_plugins
+from distillx.plugin import get_plugin_manager, get_registries
+from distillx.testing import fresh_plugins  # noqa: F401  (autouse: a fresh plugin manager per test)
 from distillx_example import CosineLogits
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    monkeypatch.delenv("DISTILLX_DISABLE_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 def test_entry_point_is_declared():

@@ -34,11 +34,11 @@ def test_layer_paths_override_the_feature():
 
 @pytest.mark.parametrize("options, error, match", [
     ({"distance_wieght": 1.0}, TypeError, "unknown option 'distance_wieght'.*distance_weight"),
-    ({"distance_weight": -1.0}, ValueError, "'rkd': option distance_weight must be >= 0"),
+    ({"distance_weight": -1.0}, ValueError, "'rkd': option distance_weight must be a finite number >= 0"),
     ({"angle_weight": float("nan")}, ValueError, "'rkd': option angle_weight must be a finite number"),
     ({"angle_weight": True}, ValueError, "option angle_weight must be a finite number"),
     ({"distance_weight": 0, "angle_weight": 0}, ValueError, "both 0"),
-    ({"weight": -0.5}, ValueError, "option weight must be >= 0"),
+    ({"weight": -0.5}, ValueError, "option weight must be a finite number >= 0"),
     ({"feature": "embedding"}, ValueError, "option feature must be one of \\('penultimate', 'logits'\\)"),
     ({"feature": "logits", "student": "fc1"}, ValueError, "feature='logits'.*no student/teacher layer paths"),
     ({"student": ["a", "b"], "teacher": "c"}, ValueError, "same number of layers"),

@@ -10,16 +10,10 @@ import torch
 from torch import nn
 
 import distillx as dx
-from distillx.plugin import get_plugin_manager, get_registries, manager, reset_plugins
+from distillx.cli import plugins as plugins_cli
+from distillx.plugin import get_plugin_manager, get_registries
+from distillx.testing import fresh_plugins  # noqa: F401  (autouse: a fresh plugin manager per test)
 from distillx_svd import project, svd_transfer
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugins(monkeypatch):
-    monkeypatch.delenv("DISTILLX_DISABLE_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 def uniform(dt: int, ds: int) -> list[int]:
@@ -51,7 +45,7 @@ def test_discovered_through_the_entry_point(capsys):
     assert transfers.get("svd") is svd_transfer and transfers.provider("svd") == "svd"
     info = get_plugin_manager().plugin_info["svd"]
     assert (info.source, info.distribution, info.version) == ("entrypoint", "distillx-svd", "0.1.0")
-    assert manager.main(["--json"]) == 0
+    assert plugins_cli.main(["--json"]) == 0
     listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)["transfers"]}
     assert listed["svd"]["provider"] == "svd" and listed["svd"]["distribution"] == "distillx-svd"
     assert {"direct", "select", "head_fit"} <= set(listed)  # the built-ins are still there
