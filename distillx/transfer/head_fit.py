@@ -80,6 +80,18 @@ def _head_input(student: nn.Module, head: nn.Module, path: str, batch: Any) -> t
     return captured[0]
 
 
+def _check_untied(student: nn.Module, layer: nn.Linear, path: str) -> None:
+    """A head tied to another tensor (``head.weight is emb.weight``) cannot be fitted on its own:
+    writing it rewrites the embedding, which changes the very features it was fitted to."""
+    own = {id(t) for t in (layer.weight, layer.bias) if t is not None}
+    others = [name for name, (t, _) in transferable_tensors(student, aliases=True).items()
+              if id(t) in own and name.rpartition(".")[0] != path]
+    if others:
+        raise TransferError(f"head_fit: the student's output layer {path!r} is tied to {', '.join(others)} (the same "
+                            f"tensor); fitting it would rewrite that too and change the features it is fitted on. "
+                            f"Untie the head first, or use another strategy")
+
+
 def _calibration_batches(calibration: Any, max_batches: Optional[int]) -> Iterator[Any]:
     if calibration is None:
         raise TransferError("head_fit needs calibration=: an iterable of batches (a DataLoader, a list of "
@@ -164,6 +176,7 @@ def head_fit(teacher: nn.Module, student: nn.Module, *, calibration: Any = None,
         raise TransferError(f"head_fit: {path!r} is a {type(layer).__name__}, not an nn.Linear")
     bias = layer.bias is not None
     n_in, n_out = layer.in_features, layer.out_features
+    _check_untied(student, layer, path)
 
     data = _calibration_batches(calibration, max_batches)
     modes = [(m, m.training) for m in (teacher, student)]
