@@ -50,6 +50,22 @@ REGRESSIONS = [
         id="linear-f32-teacher-f64-student",
         # The same for a float32 teacher of a float64 student: 4e-8 apart from summation order alone.
     ),
+    pytest.param(
+        "kernel_gram_loss",
+        {"seed": 1009397, "dtype": "float64", "kernel": "rbf", "params": {}, "scale": 0.5, "normalize_rows": False,
+         "s_shape": [3, 4], "t_shape": [3, 1], "s_layout": "expanded", "t_layout": "contiguous"},
+        id="gram-rbf-identical-rows",
+        # Reference bug, fixed: for identical rows (an expanded input) rbf_mean_sigma2 cancelled to 3e-16
+        # instead of 0 (fallback 1), and the reference's gradient became noise (0.25 where it is 0).
+    ),
+    pytest.param(
+        "kernel_gram_loss",
+        {"seed": 0, "dtype": "float64", "kernel": "rbf", "params": {}, "scale": 0.5, "normalize_rows": False,
+         "s_shape": [3, 1], "t_shape": [3, 1], "s_layout": "expanded", "t_layout": "contiguous"},
+        id="gram-rbf-identical-rows-centred",
+        # The same after a first fix that centred by the mean: the rounded mean of three equal values
+        # differs from them by 1e-16, σ² came out 4e-32, the reference's gradient 4.5e15.
+    ),
 ]
 
 
