@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/distillx demo
 
 test: setup
-	$(BIN)/python -m pip install -q pytest
+	$(BIN)/python -m pip install -q pytest hypothesis
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps $(PLUGINS)
 	DISTILLX_REQUIRE_COMPILED=1 $(BIN)/python -m pytest -q tests $(addsuffix /tests,$(PLUGINS))
 

@@ -45,3 +45,20 @@ def install_fake(tmp_path, monkeypatch):
     yield install
     for module in written:
         sys.modules.pop(module, None)
+
+
+# Hypothesis profiles of the property-based fuzz suite (tests/ops/test_fuzz.py). Registered here, before
+# pytest's configure step, so `pytest --hypothesis-profile=long` can select the long one. Both draw
+# fresh examples on every run (derandomize=False), print the @reproduce_failure blob of a failure, keep
+# no example database in the checkout (failures go into tests/ops/test_fuzz_regressions.py instead),
+# and have no deadline (timings on a shared machine vary).
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the fuzz suite skips itself
+    pass
+else:
+    _FUZZ = dict(deadline=None, derandomize=False, print_blob=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("fuzz", max_examples=1000, **_FUZZ)
+    settings.register_profile("long", max_examples=10000, **_FUZZ)
+    settings.load_profile("fuzz")

@@ -115,6 +115,10 @@ def kernel_gram_loss(s, t, kernel, normalize_rows, params):
     if callable(kernel):
         return ref.kernel_gram_loss_reference(s, t, kernel, normalize_rows)
     out_dtype = s.dtype
+    # Half-precision inputs are computed in float32 like every path of the op: the cosine
+    # normalisation and the dense forms below would otherwise run in bfloat16/float16 (a gradient
+    # that is exactly 0 came out as 0.06 for cosine rows of width 1).
+    s, t = s.to(acc_dtype(s.dtype)), t.to(acc_dtype(s.dtype))
     if kernel in ("linear", "cosine"):
         if kernel == "cosine":
             s, t = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)

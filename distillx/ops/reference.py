@@ -131,15 +131,19 @@ def linear_kd_loss_reference(student_hidden, student_weight, teacher_hidden, tea
 
 
 def rbf_mean_sigma2(x: torch.Tensor) -> torch.Tensor:
-    """Mean pairwise squared distance of the rows, ``2N/(N−1)·(mean‖x_i‖² − ‖x̄‖²)`` in O(N·D), detached.
+    """Mean pairwise squared distance of the rows, ``2N/(N−1)·mean‖y_i − ȳ‖²`` in O(N·D), detached,
+    with ``y_i = x_i − x_0`` (distances do not change).
 
     Falls back to 1 when it is 0 or undefined (one row, or identical rows: every kernel value is 1 then).
+    Identical rows give exactly 0 this way: the form ``mean‖x_i‖² − ‖x̄‖²`` (or centring by the
+    rounded mean) left a residue of 1e-16 to 1e-32, a σ² that turned the reference's gradient into noise.
     """
     x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     n = x.shape[0]
     if n < 2:
         return x.new_tensor(1.0)
-    sq = x.pow(2).sum(1).mean() - x.mean(0).pow(2).sum()
+    y = x - x[:1]
+    sq = (y - y.mean(0)).pow(2).sum(1).mean()
     s2 = (2.0 * n / (n - 1)) * sq
     return torch.where(s2 > 0, s2, torch.ones_like(s2))
 

@@ -60,11 +60,12 @@ def _copy(student: nn.Module) -> nn.Module:
 def _run(name: str, strategy: Callable, teacher: nn.Module, student: nn.Module, options: dict[str, Any],
          allow_empty: bool) -> TransferReport:
     """Apply ``strategy`` to ``student`` (a copy) and check what it returned."""
-    before = {n: (tuple(t.shape), t.dtype) for n, (t, _) in transferable_tensors(student).items()}
+    # every name, tied ones included: the report has one record per name (report.aliases)
+    before = {n: (tuple(t.shape), t.dtype) for n, (t, _) in transferable_tensors(student, aliases=True).items()}
     report = strategy(teacher, student, **options)
     if not isinstance(report, TransferReport):
         raise TransferError(f"weight transfer {name!r} returned {type(report).__name__}, not a TransferReport")
-    after = {n: (tuple(t.shape), t.dtype) for n, (t, _) in transferable_tensors(student).items()}
+    after = {n: (tuple(t.shape), t.dtype) for n, (t, _) in transferable_tensors(student, aliases=True).items()}
     if after != before:
         changed = sorted(set(before) ^ set(after) | {n for n in before if after.get(n, before[n]) != before[n]})
         raise TransferError(f"weight transfer {name!r} changed the student's structure (tensors added, removed or "
@@ -83,7 +84,8 @@ def _run(name: str, strategy: Callable, teacher: nn.Module, student: nn.Module, 
 @torch.no_grad()
 def _load(student: nn.Module, source: nn.Module) -> None:
     """Copy every transferable tensor of ``source`` (the finished copy) into ``student``, in place
-    (parameters keep their identity, so an optimizer built on them stays valid)."""
+    (parameters keep their identity, so an optimizer built on them stays valid). Each tensor is written
+    once, under its first name: tied tensors stay tied (the deep copy kept the ties)."""
     values = transferable_tensors(source)
     for name, (tensor, _) in transferable_tensors(student).items():
         tensor.copy_(values[name][0])

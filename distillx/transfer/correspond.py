@@ -33,7 +33,7 @@ from torch import nn
 
 from .adapt import uniform_indices
 from .errors import TransferError, close_names
-from .tensors import output_layer, owner, transferable_tensors
+from .tensors import output_layer, owner, tied_names, transferable_tensors
 
 #: (stack path in the student, student layer index, student layers, teacher layers) -> teacher layer or None
 LayerRule = Callable[[str, int, int, int], Optional[int]]
@@ -101,10 +101,17 @@ def _check_mapping(mapping: Mapping[str, str], s_tensors, t_tensors, student, te
         raise TypeError(f"mapping must be a dict {{student name: teacher name}} or a callable, "
                         f"got {type(mapping).__name__}")
     s_modules, t_modules = _module_paths(student), _module_paths(teacher)
+    tied = tied_names(student)
     tensors, modules = {}, {}
     for s_name, t_name in mapping.items():
         if not isinstance(s_name, str) or not isinstance(t_name, str):
             raise TypeError(f"mapping entries must be str -> str, got {s_name!r}: {t_name!r}")
+        if s_name in tied:  # a tied student tensor is written once, under its first name
+            first = tied[s_name]
+            if tensors.get(first, t_name) != t_name or mapping.get(first, t_name) != t_name:
+                raise TransferError(f"mapping {s_name!r} -> {t_name!r}: {s_name!r} is tied to {first!r} (the same "
+                                    f"tensor), which the mapping gives another teacher tensor")
+            s_name = first
         if s_name in s_tensors:
             if t_name not in t_tensors:
                 raise TransferError(f"mapping {s_name!r} -> {t_name!r}: the teacher has no tensor {t_name!r}."
@@ -195,7 +202,9 @@ def correspond(teacher: nn.Module, student: nn.Module, *, mapping: MappingSpec =
     names a missing tensor or module (with the close names).
     """
     rule = layer_rule(layers)
-    s_tensors, t_tensors = transferable_tensors(student), transferable_tensors(teacher)
+    # the student's tensors once each (written once); the teacher's under every name, so a tied
+    # teacher's head.weight is found although it is the same tensor as its emb.weight
+    s_tensors, t_tensors = transferable_tensors(student), transferable_tensors(teacher, aliases=True)
     s_stacks, t_stacks = layer_stacks(student), layer_stacks(teacher)
     fn = mapping if callable(mapping) else None
     tensor_map, module_map = _check_mapping(mapping, s_tensors, t_tensors, student, teacher) \

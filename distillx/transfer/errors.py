@@ -16,12 +16,32 @@ class TransferError(ValueError):
     """
 
 
+_MATERIALISE = {
+    "teacher": "load the teacher's weights first: teacher.to_empty(device='cpu') then teacher.load_state_dict(...) "
+               "(or load_state_dict(..., assign=True)); a transfer copies values out of the teacher",
+    "student": "materialise the student first: student.to_empty(device='cpu') (then initialise or load its "
+               "weights); a transfer writes values into the student, and a meta tensor holds none",
+}
+
+
 def check_models(teacher: Any, student: Any) -> None:
-    """Raise ``TypeError`` unless both arguments are ``nn.Module`` instances (not classes)."""
+    """Raise ``TypeError`` unless both arguments are ``nn.Module`` instances (not classes), and
+    :class:`TransferError` when either has tensors on the ``meta`` device.
+
+    A meta tensor has a shape but no data: copying out of a meta teacher fails deep inside PyTorch,
+    and copying into a meta student silently does nothing (the report would claim copies the
+    student does not hold). The message names the model, its meta tensors and how to materialise it.
+    """
     for role, model in (("teacher", teacher), ("student", student)):
         if not isinstance(model, nn.Module):
             what = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
             raise TypeError(f"{role} must be a torch.nn.Module instance, got {what}")
+    for role, model in (("teacher", teacher), ("student", student)):
+        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+        meta = [name for name, tensor in named if tensor.is_meta]
+        if meta:
+            shown = ", ".join(meta[:4]) + (f", ... ({len(meta)} in all)" if len(meta) > 4 else "")
+            raise TransferError(f"the {role} is on the 'meta' device (no data in: {shown}); {_MATERIALISE[role]}")
 
 
 def check_choice(strategy: str, option: str, value: Any, choices: Iterable[Any]) -> None:

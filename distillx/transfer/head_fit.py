@@ -80,6 +80,63 @@ def _head_input(student: nn.Module, head: nn.Module, path: str, batch: Any) -> t
     return captured[0]
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a batch (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    """Number of NaN/Inf entries (0 for integer tensors: token ids, labels)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def _non_finite_weights(model: nn.Module) -> list[str]:
+    return [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+            if _non_finite(tensor)]
+
+
+def _check_finite(values: torch.Tensor, what: str, model: nn.Module, role: str, batch: Any, index: int) -> None:
+    """Raise a TransferError naming the non-finite source of ``values`` (the teacher's logits or the
+    student's features at its output layer): the calibration inputs, the model's weights, or its
+    forward (an overflow). A NaN reaching the normal equations would otherwise end in a LAPACK error
+    or a head full of NaN reported as fitted."""
+    bad = _non_finite(values)
+    if not bad:
+        return
+    inputs = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if any(_non_finite(t) for t in _tensors(inputs)):
+        raise TransferError(f"head_fit: the calibration inputs of batch {index} contain NaN or Inf, so {what} are "
+                            f"not finite ({bad} values); clean or drop those samples")
+    weights = _non_finite_weights(model)
+    if weights:
+        shown = ", ".join(weights[:4]) + (f", ... ({len(weights)} in all)" if len(weights) > 4 else "")
+        raise TransferError(f"head_fit: the {role}'s weights are not finite (NaN or Inf in {shown}), so {what} on "
+                            f"batch {index} are not finite ({bad} values); nothing was fitted")
+    raise TransferError(f"head_fit: {what} on batch {index} are not finite ({bad} NaN/Inf values) although the "
+                        f"calibration inputs and the {role}'s weights are: its forward overflows (half precision?)")
+
+
+def _check_untied(student: nn.Module, layer: nn.Linear, path: str) -> None:
+    """A head tied to another tensor (``head.weight is emb.weight``) cannot be fitted on its own:
+    writing it rewrites the embedding, which changes the very features it was fitted to."""
+    own = {id(t) for t in (layer.weight, layer.bias) if t is not None}
+    others = [name for name, (t, _) in transferable_tensors(student, aliases=True).items()
+              if id(t) in own and name.rpartition(".")[0] != path]
+    if others:
+        raise TransferError(f"head_fit: the student's output layer {path!r} is tied to {', '.join(others)} (the same "
+                            f"tensor); fitting it would rewrite that too and change the features it is fitted on. "
+                            f"Untie the head first, or use another strategy")
+
+
 def _calibration_batches(calibration: Any, max_batches: Optional[int]) -> Iterator[Any]:
     if calibration is None:
         raise TransferError("head_fit needs calibration=: an iterable of batches (a DataLoader, a list of "
@@ -164,6 +221,7 @@ def head_fit(teacher: nn.Module, student: nn.Module, *, calibration: Any = None,
         raise TransferError(f"head_fit: {path!r} is a {type(layer).__name__}, not an nn.Linear")
     bias = layer.bias is not None
     n_in, n_out = layer.in_features, layer.out_features
+    _check_untied(student, layer, path)
 
     data = _calibration_batches(calibration, max_batches)
     modes = [(m, m.training) for m in (teacher, student)]
@@ -174,7 +232,9 @@ def head_fit(teacher: nn.Module, student: nn.Module, *, calibration: Any = None,
     try:
         for batch in data:
             x = _head_input(student, layer, path, batch)
+            _check_finite(x, f"the student's features at {path!r}", student, "student", batch, batches)
             y = _logits(_call(teacher, batch))
+            _check_finite(y, "the teacher's logits", teacher, "teacher", batch, batches)
             if y.shape[-1] != n_out:
                 raise TransferError(f"head_fit: the teacher's logits have {y.shape[-1]} outputs but the student's "
                                     f"output layer {path!r} has {n_out}")
@@ -197,8 +257,14 @@ def head_fit(teacher: nn.Module, student: nn.Module, *, calibration: Any = None,
     if rows == 0:
         raise TransferError("head_fit: the calibration data yielded no rows (an empty loader?)")
 
+    if not (torch.isfinite(xtx).all() and torch.isfinite(xty).all()):
+        raise TransferError("head_fit: the normal equations overflowed float64 (the student's features or the "
+                            "teacher's logits are finite but too large); rescale the calibration inputs")
     lam = float(ridge) * float(torch.trace(xtx[:n_in, :n_in])) / n_in
     theta = solve(xtx, xty, lam, bias)  # (n_in [+1], n_out)
+    if not torch.isfinite(theta).all():
+        raise TransferError("head_fit: the ridge solution is not finite (the features are too ill-conditioned); "
+                            "raise ridge=")
     sse = max(yy - 2 * float((theta * xty).sum()) + float((theta * (xtx @ theta)).sum()), 0.0)
     sst = yy - float((ysum * ysum).sum()) / rows
     r2 = 1.0 - sse / sst if sst > 0 else float("nan")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Iterator, Optional
 
 from .errors import TransferError
-from .tensors import transferable_tensors
+from .tensors import tied_names, transferable_tensors
 
 #: What can happen to a student tensor, in the order reports list their counts.
 #: copied: set to a teacher tensor of the same shape; adapted: set from a teacher tensor of another
@@ -78,27 +78,40 @@ class TransferReport:
     tensor. :meth:`check_complete` verifies that every expected name got exactly one record;
     :func:`distillx.transfer` calls it before it accepts a strategy's result.
 
+    Tied tensors (``aliases``: ``{alias: first name}``, e.g. ``{"head.weight": "emb.weight"}``) are
+    one tensor, written once under its first name; recording that name also records every alias,
+    with the same action and source and a reason saying it is tied, so the report has one honest
+    row per name (:meth:`for_model` finds the aliases of a model).
+
     >>> print(report)                      # doctest: +SKIP  (the summary table)
     >>> report.counts()["copied"]          # doctest: +SKIP
     >>> json.dumps(report.to_dict())       # doctest: +SKIP
     """
 
-    def __init__(self, strategy: str, expected: Iterable[str] = (), kinds: Optional[dict[str, str]] = None):
+    def __init__(self, strategy: str, expected: Iterable[str] = (), kinds: Optional[dict[str, str]] = None,
+                 aliases: Optional[dict[str, str]] = None):
         self.strategy = strategy
         self.expected: tuple[str, ...] = tuple(expected)
         self._kinds = dict(kinds or {})
+        self.aliases: dict[str, str] = dict(aliases or {})  # tied tensors: {alias: first name}
         self.records: list[TensorRecord] = []
         self.notes: list[str] = []  # strategy-wide remarks (the ridge used, the layer map, ...)
 
     @classmethod
     def for_model(cls, strategy: str, student) -> "TransferReport":
-        """An empty report expecting every tensor of :func:`~distillx.transfer.tensors.transferable_tensors`."""
-        tensors = transferable_tensors(student)
-        return cls(strategy, tensors, {name: kind for name, (_, kind) in tensors.items()})
+        """An empty report expecting every name of every tensor of
+        :func:`~distillx.transfer.tensors.transferable_tensors` (tied tensors under all their names)."""
+        tensors = transferable_tensors(student, aliases=True)
+        return cls(strategy, tensors, {name: kind for name, (_, kind) in tensors.items()}, tied_names(student))
 
     # -- recording -----------------------------------------------------------------------------
     def add(self, record: TensorRecord) -> TensorRecord:
+        """Append ``record``, and one record per alias of its tensor (tied names share its fate)."""
         self.records.append(record)
+        for alias, first in self.aliases.items():
+            if first == record.name:
+                why = f"tied to {first!r} (the same tensor, written once: it holds what {first!r} got): {record.reason}"
+                self.records.append(replace(record, name=alias, reason=why, kind=self._kinds.get(alias, record.kind)))
         return record
 
     def _record(self, name: str, action: str, shape, reason: str, **fields: Any) -> TensorRecord:

@@ -7,23 +7,45 @@ import torch
 from torch import nn
 
 
-def transferable_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
+def transferable_tensors(model: nn.Module, *, aliases: bool = False) -> dict[str, tuple[torch.Tensor, str]]:
     """``name -> (tensor, kind)`` for every tensor a transfer may write, in ``state_dict`` order.
 
     ``kind`` is ``"parameter"`` or ``"buffer"``. Parameters are all included; buffers only when
     floating point and persistent (BatchNorm running mean/var: they must follow the channels the
     weights were taken from, or the student normalises with the wrong statistics). Integer buffers
-    (``num_batches_tracked``) and non-persistent caches are not weights. A tensor shared under two
-    names (tied embeddings) appears once, under its first name, as in ``named_parameters()``.
+    (``num_batches_tracked``) and non-persistent caches are not weights.
+
+    A tensor shared under several names (tied embeddings: ``head.weight is emb.weight``) appears
+    once, under its first name, as in ``named_parameters()``: that is the set a transfer *writes*,
+    each tensor once. ``aliases=True`` lists it under every name it is reachable by (the
+    ``state_dict`` keys), the set to *look up* a teacher tensor in, so that a tied teacher's
+    ``head.weight`` is found although ``named_parameters()`` only shows ``emb.weight``.
     """
     params = {id(p): n for n, p in model.named_parameters()}
     buffers = {id(b): n for n, b in model.named_buffers() if torch.is_floating_point(b)}
     out: dict[str, tuple[torch.Tensor, str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if params.get(id(tensor)) == name:
+        first = params.get(id(tensor)), buffers.get(id(tensor))
+        if first[0] is not None and (aliases or first[0] == name):
             out[name] = (tensor, "parameter")
-        elif buffers.get(id(tensor)) == name:
+        elif first[1] is not None and (aliases or first[1] == name):
             out[name] = (tensor, "buffer")
+    return out
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for every transferable tensor reachable under more than one name.
+
+    ``{"head.weight": "emb.weight"}`` for a language model whose output layer reuses the embedding.
+    Empty for a model without tied tensors.
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, (tensor, _) in transferable_tensors(model, aliases=True).items():
+        if id(tensor) in first:
+            out[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
     return out
 
 
