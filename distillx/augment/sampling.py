@@ -22,6 +22,8 @@ from typing import Sequence, Union
 
 import torch
 
+from .. import _checks
+
 Size = Union[int, Sequence[int]]
 
 
@@ -31,9 +33,7 @@ def _numel(size: Size) -> tuple[tuple[int, ...], int]:
 
 
 def _check_shape_param(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _checks.positive(what, value)
 
 
 def sample_log_gamma(k: float, size: Size, generator: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
+from .. import _checks
 from ..data import digits_split, tensor_loader
 
 
@@ -16,13 +17,10 @@ def digits(batch_size: int = 64, test_fraction: float = 0.25, seed: int = 0,
     its own generator seeded with ``seed`` (the same batches run after run, whatever the global RNG)
     and an ordered validation loader over the held-out ``test_fraction``. ``seed`` fixes the split
     and the training order."""
-    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _checks.integer("batch_size", batch_size, ge=1)
+    _checks.integer("eval_batch_size", eval_batch_size, ge=1)
+    _checks.number("test_fraction", test_fraction, gt=0, lt=1)
+    _checks.integer("seed", seed)
     split = digits_split(float(test_fraction), seed)
     return {"train": tensor_loader(split.x_train, split.y_train, batch_size, shuffle=True, seed=seed),
             "val": tensor_loader(split.x_test, split.y_test, eval_batch_size)}

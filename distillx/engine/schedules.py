@@ -18,6 +18,8 @@ from typing import Callable, Union
 
 import torch
 
+from .. import _checks
+
 SchedulerSpec = Union[None, str, Callable]
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -80,11 +82,8 @@ class LinearRamp:
 
     def __post_init__(self):
         for name in ("start", "end"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"LinearRamp.{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
-            raise ValueError(f"LinearRamp.epochs must be > 0, got {self.epochs!r}")
+            _checks.number(f"LinearRamp.{name}", getattr(self, name), ge=0)
+        _checks.number("LinearRamp.epochs", self.epochs, gt=0)
 
     def __call__(self, epoch: float) -> float:
         return self.start + (self.end - self.start) * min(epoch / self.epochs, 1.0)

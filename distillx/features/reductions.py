@@ -14,7 +14,6 @@ dtype. They are differentiable, so a student-side capture keeps its graph.
 """
 from __future__ import annotations
 
-import math
 from collections import namedtuple
 from types import MappingProxyType
 from typing import Optional, Sequence, Union
@@ -22,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .. import _checks
 from ..ops.attention_map import attention_map as fused_attention_map
 
 ChannelStats = namedtuple("ChannelStats", ["mean", "var"])
@@ -63,8 +63,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, channel_dim: int = 1, s
     Config: ``{"reduction": "attention_map", "reduction_kwargs": {"p": 2}}``.
     """
     _check(feature, "attention_map", 3, channel_dim)
-    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 and math.isfinite(p)):
-        raise ValueError(f"attention_map: p must be a finite number > 0, got {p!r}")
+    _checks.positive("attention_map: p", p)
     if feature.dim() == 4 and channel_dim in (1, -3):
         # (B, C, H, W): the fused channel reduction reads the map once (distillx::attention_map)
         a = fused_attention_map(feature, float(p))

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _checks
+
 ADAPTERS = ("auto", "linear", "conv", "identity")
 
 
@@ -50,8 +52,7 @@ def feature_width(feature: torch.Tensor, kind: str) -> int:
 def build_adapter(kind: str, in_width: int, out_width: int, device=None, dtype=None) -> nn.Module:
     """An adapter of ``kind`` ("linear", "conv" or "identity") from ``in_width`` to ``out_width``."""
     for name, width in (("in_width", in_width), ("out_width", out_width)):
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"adapter {name} must be a positive int, got {width!r}")
+        _checks.integer(f"adapter {name}", width, ge=1)
     if kind == "linear":
         return LinearAdapter(in_width, out_width, device=device, dtype=dtype)
     if kind == "conv":

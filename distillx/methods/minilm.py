@@ -129,12 +129,7 @@ class _AttentionMethod(Method):
                                           "batch and sequence length (B, L)")
 
     def check_heads_option(self, option: str, required: bool = True) -> None:
-        value = getattr(self, option)
-        if value is None and not required:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"method {self.name!r}: option {option} must be a positive int (the number of "
-                             f"attention heads), got {value!r}")
+        self.check_int(option, ge=1, optional=not required)
 
 
 class MiniLM(_AttentionMethod):

@@ -34,6 +34,7 @@ import numbers
 import os
 from typing import Any, Optional, Union
 
+from .. import _checks
 from .._atomic import PathLike, atomic_open
 
 __all__ = ["MetricsLog", "FORMAT_VERSION", "encode_value", "decode_value"]
@@ -79,9 +80,7 @@ def _clean(name: str, value: Any) -> Value:
 
 
 def _check_index(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
+    return _checks.integer(name, value, ge=0)
 
 
 def _check_phase(phase: Any) -> str:

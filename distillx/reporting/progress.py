@@ -41,6 +41,8 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
+from .. import _checks
+
 __all__ = ["ProgressBar", "quiet_from_env", "format_value", "format_duration"]
 
 QUIET_ENV = "DISTILLX_QUIET"
@@ -106,11 +108,8 @@ class ProgressBar:
 
     def __init__(self, total: Optional[int], desc: str = "", stream: Optional[TextIO] = None,
                  enabled: Optional[bool] = None, min_interval: float = 0.1):
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
-            raise ValueError(f"total must be None or an integer >= 0, got {total!r}")
-        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) \
-                or not min_interval >= 0 or not math.isfinite(min_interval):
-            raise ValueError(f"min_interval must be a finite number >= 0, got {min_interval!r}")
+        _checks.integer("total", total, ge=0, optional=True)
+        _checks.number("min_interval", min_interval, ge=0)
         self.total = total
         self.desc = str(desc)
         self.stream = sys.stderr if stream is None else stream

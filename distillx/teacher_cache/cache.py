@@ -15,12 +15,29 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
+from .. import _checks
 from ..engine.batches import logits_of
 from ..engine.training import resolve_device
-from .indexed import IndexedDataset, _IndexedCollate, _check_loader, _loader_options
-from .storage import (_DTYPES, FORMAT, FORMAT_VERSION, LOGITS, MANIFEST, TOPK_INDICES, TOPK_VALUES,
-                      CacheMismatchError, _check_dtype, _check_top_k, _dtype_name, _lookup_keys, _map_arrays,
-                      _read_manifest, _remove_old_cache, _write_json_atomic, _Writer)
+from .indexed import IndexedDataset, _check_loader, _IndexedCollate, _loader_options
+from .storage import (
+    _DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    LOGITS,
+    MANIFEST,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    CacheMismatchError,
+    _check_dtype,
+    _check_top_k,
+    _dtype_name,
+    _lookup_keys,
+    _map_arrays,
+    _read_manifest,
+    _remove_old_cache,
+    _write_json_atomic,
+    _Writer,
+)
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -324,8 +341,7 @@ def _build_loader(loader: DataLoader, dataset: Dataset, batch_size: Optional[int
         if batch_size is None:
             raise ValueError("cannot tell the loader's batch size (automatic batching is off or its batch sampler "
                              "has no batch_size): pass batch_size= to the cache build")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _checks.integer("batch_size", batch_size, ge=1)
     collate = loader.collate_fn
     if isinstance(collate, _IndexedCollate):
         collate = collate.collate_fn

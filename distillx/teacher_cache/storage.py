@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .. import _checks
 from .._atomic import atomic_open
 
 FORMAT = "distillx.teacher_cache"
@@ -266,11 +267,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_top_k(top_k: Any) -> Optional[int]:
-    if top_k is None:
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    return top_k
+    return _checks.integer("top_k", top_k, ge=1, optional=True)
 
 
 def _fsync(path: str) -> None:

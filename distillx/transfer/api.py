@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from .. import _checks
 from .errors import TransferError, check_models
 from .report import TransferReport
 from .tensors import transferable_tensors
@@ -42,8 +43,7 @@ def check_options(name: str, strategy: Callable, options: dict[str, Any], n: Opt
                 raise TypeError(f"weight transfer {name!r} has no option {option!r}{hint}; its options: "
                                 f"{', '.join(valid) or 'none'}")
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int (the number of sampled students), got {n!r}")
+        _checks.integer("n", n, ge=1)  # the number of sampled students
         if valid is not None and "seed" not in valid:
             raise TypeError(f"n={n} makes an ensemble of sampled students, but weight transfer {name!r} takes no "
                             f"seed (it is deterministic: every copy would be the same)")
@@ -110,8 +110,7 @@ def run_strategy(name: str, strategy: Callable[..., TransferReport], teacher: nn
     ``TypeError`` before anything runs.
     """
     check_options(name, strategy, options, n)
-    if not isinstance(allow_empty, bool):
-        raise TypeError(f"allow_empty must be a bool, got {allow_empty!r}")
+    _checks.boolean("allow_empty", allow_empty)
     check_models(teacher, student)
     if n is None:
         work = _copy(student)
@@ -146,8 +145,7 @@ class Transfer:
 
     def __post_init__(self):
         check_options(self.name, self.strategy, self.options, self.n)
-        if not isinstance(self.allow_empty, bool):
-            raise TypeError(f"allow_empty must be a bool, got {self.allow_empty!r}")
+        _checks.boolean("allow_empty", self.allow_empty)
 
     def __call__(self, teacher: nn.Module, student: nn.Module) -> Union[TransferReport, list[EnsembleMember]]:
         return run_strategy(self.name, self.strategy, teacher, student, n=self.n, allow_empty=self.allow_empty,

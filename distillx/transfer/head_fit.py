@@ -7,6 +7,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from .. import _checks
 from .errors import TransferError, check_models, close_names
 from .report import TransferReport
 from .tensors import output_layer, transferable_tensors
@@ -149,8 +150,7 @@ def _calibration_batches(calibration: Any, max_batches: Optional[int]) -> Iterat
         raise TypeError(f"head_fit: calibration must be an iterable of batches, got {type(calibration).__name__}") \
             from None
     if max_batches is not None:
-        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-            raise ValueError(f"head_fit: max_batches must be a positive int or None, got {max_batches!r}")
+        _checks.integer("head_fit: max_batches", max_batches, ge=1, optional=True)
         # islice stops before pulling batch max_batches + 1 (a loader may be expensive or endless)
         iterator = itertools.islice(iterator, max_batches)
     return iterator
