@@ -8,6 +8,7 @@ import torch
 
 import distillx.functional as DF
 from distillx.ops import _library as dlib
+from distillx.ops import logit_divergence
 
 from .conftest import DTYPES, F64, TOL, close, reference_kd, reference_rows_safe, run_kd
 
@@ -23,11 +24,19 @@ BACKEND_DTYPE_IDS = [f"{b}-{str(d).split('.')[-1]}" for b, d in BACKEND_DTYPES]
 
 @pytest.fixture(params=["compiled", "reference"])
 def backend(request, monkeypatch):
-    """Which implementation serves kd_loss: the compiled kernel, or the pure-PyTorch fallback (forced)."""
+    """Which implementation serves kd_loss: the compiled kernel, or the pure-PyTorch fallback (forced).
+    Afterwards it checks that this implementation, and only it, served the test's calls."""
+    served = []  # one entry per kd_loss call: did the compiled kernel serve it?
+    decide = logit_divergence.use_kernel
+    monkeypatch.setattr(logit_divergence, "use_kernel", lambda *a: served.append(decide(*a)) or served[-1])
     if request.param == "reference":
         monkeypatch.setattr(dlib, "_KERNELS", {})
         monkeypatch.setattr(dlib, "_FALLBACK_WARNED", {("logit_divergence", "cpu")})  # no warning noise
-    return request.param
+    else:
+        assert dlib.has_kernel("logit_divergence", "cpu"), "no compiled kernel to test"
+    yield request.param
+    assert served and all(served) == (request.param == "compiled") and any(served) == all(served), \
+        f"kd_loss calls served by the compiled kernel: {served} (backend {request.param})"
 
 
 def _check_rows(rng, s, t, dtype, *, temperature, divergence, beta, tag, grad_tol=None, loss_atol=None):

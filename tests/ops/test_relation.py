@@ -224,16 +224,7 @@ def test_long_sequences_and_threads(rng, dtype):
 # ----------------------------------------------------------------------------------------------
 # The raw operator distillx::attention_relation (once the compiled core has it)
 # ----------------------------------------------------------------------------------------------
-def _has_relation_op():
-    from distillx.ops import has_kernel
-    return has_kernel("attention_relation", "cpu")
-
-
-requires_relation_op = pytest.mark.skipif(not _has_relation_op(), reason="no distillx::attention_relation kernel")
-
-
 @requires_kernel
-@requires_relation_op
 def test_opcheck_attention_relation(rng):
     cases = ((torch.float32, False, True), (F64, True, True), (F64, True, False), (torch.float32, True, True))
     for dtype, with_mask, requires_grad in cases:
@@ -248,7 +239,6 @@ def test_opcheck_attention_relation(rng):
 
 
 @requires_kernel
-@requires_relation_op
 def test_raw_op_outputs(rng):
     """The forward returns the loss and each row's log-sum-exp of both sides' scaled scores over the real
     keys (0 on padded rows); the backward op, given those, returns upstream * (∂loss/∂q_s, ∂loss/∂k_s)."""
