@@ -117,7 +117,7 @@ def mean_pair_sq_dist(x: torch.Tensor) -> torch.Tensor:
 
 def oracle_kernel(x, z, kernel, *, degree=2, coef0=1.0, sigma2=None, order=3, eps=1e-3, scale=None,
                   default_from=None):
-    """k(x_i, z_j) written from the definitions of DESIGN.md §4. Data-dependent defaults (rbf sigma2,
+    """k(x_i, z_j) written from the operator definitions (docstrings of distillx/ops/reference.py). Data-dependent defaults (rbf sigma2,
     Chebyshev scale) are taken from ``default_from`` (detached), which the caller chooses."""
     D = x.shape[1]
     if kernel == "linear":

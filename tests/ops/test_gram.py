@@ -163,7 +163,7 @@ def test_chebyshev_float32_near_singular_diagonal(rng):
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=KERNEL_IDS)
 def test_reference_matches_oracle(rng, case):
-    """The reference itself agrees with the definitions (DESIGN.md §4) evaluated independently: cdist for
+    """The reference itself agrees with the kernel definitions evaluated independently: cdist for
     rbf with each side's own mean pairwise squared distance, torch.special.chebyshev_polynomial_t with
     each side's own max|x|, explicit loops for the (row-normalised) mean of squared differences."""
     _, kernel, params, scale = case
