@@ -7,19 +7,11 @@ rebuild a case from its name). Its input builder receives the resolved sizes, th
 and a seeded generator, and returns the positional tensors in call order; every implementation is
 called as ``fn(*inputs.args.values(), **inputs.kwargs, **params)``.
 
-Adding a case (later issues add the feature-level ops)::
-
-    register_case(Case(
-        name="gram_rbf",
-        description="RBF Gram matching, s (N, Ds) vs t (N, Dt)",
-        reference="distillx.ops.reference:gram_loss_reference",
-        fused="distillx.functional:gram_loss",
-        build=_build_gram,
-        sizes={"N": 4096, "Ds": 256, "Dt": 1024},
-        quick={"N": 32, "Ds": 8, "Dt": 16},
-        params={"kernel": "rbf"},
-        op="gram",
-    ))
+Adding a case: a builder ``(sizes, dtype, device, generator) -> Inputs`` and one
+``register_case(Case(name=..., reference="distillx.ops.reference:...", fused="distillx.functional:...",
+build=..., sizes=..., quick=..., op="<distillx op>"))``; ``mmd_rbf`` at the end of this file is a
+complete example. ``op`` names the ``distillx::`` op the fused column must reach (the run reports
+which backend served it).
 
 Every size key of every case becomes a ``distillx bench --KEY`` flag automatically.
 """
