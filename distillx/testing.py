@@ -6,12 +6,14 @@
 - toy models: :class:`CNN` (three conv stages on 1×8×8 images), :class:`TinyTransformer` (q/k/v
   attention blocks), and digits-sized MLP teachers and students (:func:`teacher`, :func:`student`);
 - data: :func:`data` (a digits split), :func:`loader`;
-- comparisons: :func:`snapshot`/:func:`unchanged` (bitwise: a model did not change), :func:`state`/:func:`same`.
+- comparisons: :func:`snapshot`/:func:`unchanged` (bitwise: a model did not change), :func:`state`/:func:`same`;
+- plugin packages: :func:`assert_discovered` (an installed distribution's entry point provides a name).
 
 Needs pytest (the ``test`` extra).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 
 import pytest
@@ -20,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import digits_split
-from .plugin import reset_plugins
+from .plugin import get_plugin_manager, get_registries, reset_plugins
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +32,20 @@ def fresh_plugins(monkeypatch):
     reset_plugins()
     yield
     reset_plugins()
+
+
+def assert_discovered(kind: str, name: str, obj, *, entry_point: str, target: str, distribution: str,
+                      version: str) -> None:
+    """The installed ``distribution`` declares ``entry_point = target`` in group ``distillx``, and through
+    it the registry ``kind`` ("methods", "transfers", "kernels", "augmentations") holds ``obj`` under
+    ``name``, provided by that entry point with that distribution and version."""
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="distillx")}
+    assert entry_point in eps, f"no distillx entry point {entry_point!r}; installed: {sorted(eps)}"
+    assert eps[entry_point].value == target and eps[entry_point].dist.metadata["Name"] == distribution
+    registry = getattr(get_registries(), kind)
+    assert registry.get(name) is obj and registry.provider(name) == entry_point
+    info = get_plugin_manager().plugin_info[entry_point]
+    assert (info.source, info.distribution, info.version) == ("entrypoint", distribution, version)
 
 
 # -- models ------------------------------------------------------------------------------------

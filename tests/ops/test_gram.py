@@ -451,21 +451,21 @@ def test_errors_name_the_argument(rng):
             DF.kernel_gram_loss(s, t, kernel, **{bad: 1.0})
 
 
-def test_callable_kernel_parameters(rng):
+@pytest.mark.parametrize("loss", [DF.kernel_gram_loss, DF.mmd_loss], ids=["gram", "mmd"])
+def test_callable_kernel_parameters(rng, loss):
     """Keyword parameters given with a callable kernel are passed to it; one it does not take raises an
-    error naming it (never silently ignored)."""
+    error naming it (never silently ignored). The same for Gram matching and MMD."""
     s, t = rng.randn(5, 3, dtype=F64), rng.randn(5, 3, dtype=F64)
 
     def scaled_laplacian(x, z, gamma=1.0):
         return torch.exp(-gamma * torch.cdist(x, z, p=1))
 
     tag = rng.tag(case="callable with gamma=0.3")
-    close(DF.kernel_gram_loss(s, t, scaled_laplacian, gamma=0.3),
-          DF.kernel_gram_loss(s, t, lambda x, z: torch.exp(-0.3 * torch.cdist(x, z, p=1))), F64, tag)
-    assert abs(float(DF.kernel_gram_loss(s, t, scaled_laplacian, gamma=0.3))
-               - float(DF.kernel_gram_loss(s, t, scaled_laplacian))) > 1e-9, tag
+    close(loss(s, t, scaled_laplacian, gamma=0.3), loss(s, t, lambda x, z: torch.exp(-0.3 * torch.cdist(x, z, p=1))),
+          F64, tag)
+    assert abs(float(loss(s, t, scaled_laplacian, gamma=0.3)) - float(loss(s, t, scaled_laplacian))) > 1e-9, tag
     with pytest.raises((TypeError, ValueError), match="sigma2"):
-        DF.kernel_gram_loss(s, t, laplacian, sigma2=3.0)
+        loss(s, t, laplacian, sigma2=3.0)
 
 
 @pytest.mark.parametrize("params,name", [({"order": 0}, "order"), ({"order": -1}, "order"), ({"order": 2.5}, "order"),

@@ -1,29 +1,19 @@
 """Tests of the example plugin, run after `pip install ./plugins/distillx-example`."""
 from __future__ import annotations
 
-import importlib.metadata
 
 import pytest
 import torch
 
 import distillx
 from distillx.plugin import get_plugin_manager, get_registries
-from distillx.testing import fresh_plugins  # noqa: F401  (autouse: a fresh plugin manager per test)
+from distillx.testing import assert_discovered, fresh_plugins  # noqa: F401  (fresh_plugins: autouse)
 from distillx_example import CosineLogits
 
 
-def test_entry_point_is_declared():
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="distillx")}
-    assert eps["example"].value == "distillx_example"
-    assert eps["example"].dist.metadata["Name"] == "distillx-example-plugin"
-
-
 def test_discovered_through_entry_point():
-    methods = get_registries().methods
-    assert methods.get("cosine_logits") is CosineLogits
-    assert methods.provider("cosine_logits") == "example"
-    info = get_plugin_manager().plugin_info["example"]
-    assert (info.source, info.distribution, info.version) == ("entrypoint", "distillx-example-plugin", "0.1.0")
+    assert_discovered("methods", "cosine_logits", CosineLogits, entry_point="example", target="distillx_example",
+                      distribution="distillx-example-plugin", version="0.1.0")
     assert isinstance(distillx.method("cosine_logits", center=True), CosineLogits)
 
 

@@ -1,7 +1,6 @@
 """Discovery: ``rkd`` reaches distillx only through the ``distillx`` entry point of this distribution."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -11,21 +10,13 @@ from pathlib import Path
 import distillx
 from distillx.cli import main as cli_main
 from distillx.plugin import get_plugin_manager, get_registries
+from distillx.testing import assert_discovered
 from distillx_rkd import RKD
 
 
-def test_entry_point_is_declared():
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="distillx")}
-    assert eps["rkd"].value == "distillx_rkd"
-    assert eps["rkd"].dist.metadata["Name"] == "distillx-rkd"
-
-
 def test_discovered_through_entry_point():
-    methods = get_registries().methods
-    assert methods.get("rkd") is RKD
-    assert methods.provider("rkd") == "rkd"
-    info = get_plugin_manager().plugin_info["rkd"]
-    assert (info.source, info.distribution, info.version) == ("entrypoint", "distillx-rkd", "0.1.0")
+    assert_discovered("methods", "rkd", RKD, entry_point="rkd", target="distillx_rkd", distribution="distillx-rkd",
+                      version="0.1.0")
     m = distillx.method("rkd", angle_weight=0.0)
     assert isinstance(m, RKD) and m.angle_weight == 0.0
 

@@ -1,7 +1,6 @@
 """Tests of the svd plugin, run after `pip install --no-build-isolation --no-deps -e ./plugins/distillx-svd`."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from fractions import Fraction
 
@@ -11,8 +10,8 @@ from torch import nn
 
 import distillx as dx
 from distillx.cli import plugins as plugins_cli
-from distillx.plugin import get_plugin_manager, get_registries
-from distillx.testing import fresh_plugins  # noqa: F401  (autouse: a fresh plugin manager per test)
+from distillx.plugin import get_registries
+from distillx.testing import assert_discovered, fresh_plugins  # noqa: F401  (fresh_plugins: autouse)
 from distillx_svd import project, svd_transfer
 
 
@@ -34,17 +33,9 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
 
 
 # -- discovery -----------------------------------------------------------------------------------
-def test_entry_point_is_declared():
-    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="distillx")}
-    assert eps["svd"].value == "distillx_svd"
-    assert eps["svd"].dist.metadata["Name"] == "distillx-svd"
-
-
 def test_discovered_through_the_entry_point(capsys):
-    transfers = get_registries().transfers
-    assert transfers.get("svd") is svd_transfer and transfers.provider("svd") == "svd"
-    info = get_plugin_manager().plugin_info["svd"]
-    assert (info.source, info.distribution, info.version) == ("entrypoint", "distillx-svd", "0.1.0")
+    assert_discovered("transfers", "svd", svd_transfer, entry_point="svd", target="distillx_svd",
+                      distribution="distillx-svd", version="0.1.0")
     assert plugins_cli.main(["--json"]) == 0
     listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)["transfers"]}
     assert listed["svd"]["provider"] == "svd" and listed["svd"]["distribution"] == "distillx-svd"
