@@ -16,6 +16,7 @@ from .transfer import TransferError, TransferReport
 from . import plugin
 from .plugin import method
 from . import engine
+from .compose import compose, compose_report, load_composed, save_composed
 from .distiller import Distiller
 
 
@@ -32,4 +33,5 @@ class _CallableTransferPackage(types.ModuleType):
 transfer.__class__ = _CallableTransferPackage
 
 __all__ = ["functional", "kd_loss", "linear_kd_loss", "method", "Distiller", "transfer", "TransferReport",
-           "TransferError", "plugin", "engine", "__version__"]
+           "TransferError", "plugin", "engine", "compose", "compose_report", "save_composed", "load_composed",
+           "__version__"]

@@ -17,7 +17,6 @@ whatever the run gives, including a distilled student that loses to the scratch 
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -25,6 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .compose import latency_ms, num_parameters
 from .data import digits_split, tensor_loader
 from .distiller import Distiller
 from .engine.training import evaluate, train
@@ -58,24 +58,6 @@ def mlp(widths: tuple[int, ...], dropout: float = 0.0) -> nn.Sequential:
         if i < len(widths) - 2:
             layers += [nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
     return nn.Sequential(*layers)
-
-
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = LATENCY_REPEATS) -> float:
-    """Median wall time of one forward pass over ``x``, in milliseconds (after a warm-up)."""
-    model.eval()
-    for _ in range(5):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 @contextmanager

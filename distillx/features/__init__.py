@@ -31,9 +31,10 @@ from .penultimate import find_penultimate
 from .reductions import REDUCTIONS, ChannelStats, adaptive_pool, attention_map, channel_stats, l2_normalize
 from .request import CAPTURES, FeatureRequest
 from .spec import PENULTIMATE, FeatureSpec
+from .trunk import CutError, Trunk, trunk
 
 __all__ = [
-    "FeatureExtractor", "FeatureSpec", "FeatureRequest", "PENULTIMATE", "CAPTURES",
+    "FeatureExtractor", "FeatureSpec", "FeatureRequest", "PENULTIMATE", "CAPTURES", "Trunk", "trunk", "CutError",
     "FeatureCaptureError", "FeaturePathError", "MissingFeatureError",
     "resolve_module", "unwrap_model", "find_penultimate", "WRAPPER_ATTRS",
     "REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize",
