@@ -49,15 +49,18 @@ from torch import nn
 from . import _checks
 from ._atomic import save_atomic
 from .augment import compose
+from .compose import Composed
+from .features import FeatureSpec, Trunk
 from .engine import checkpoint as ckpt
 from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, cache_options, check_amp,
-                               check_grad_clip, check_methods, check_models, check_weight, method_name, metric_keys)
+                               check_grad_clip, check_methods, check_models, check_weight, method_name, metric_keys,
+                               student_input_spec)
 from .engine.batches import check_loader, logits_of, unpack_batch
 from .engine.distributed import Trainable, init_from_env, shard_loader, wrap
 from .engine.loop import Phase, Runner, steps_per_epoch
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
-from .engine.step import DistillStep, NonFiniteLossError
+from .engine.step import STUDENT_INPUT, DistillStep, NonFiniteLossError
 from .engine.training import OptimizerSpec, build_optimizer, check_epochs, evaluate, resolve_device, validator
 from .methods import Method
 from .plugin import get_plugin_manager
@@ -105,6 +108,13 @@ class Distiller:
         checkpoint_dir: where ``checkpoint.pt`` (latest position) is written; None writes nothing.
         progress: progress bars (None: when stderr is a terminal and ``DISTILLX_QUIET`` is unset).
         seed: seeds the augmentation generator (default: ``torch.initial_seed()``).
+        student_input: a student that consumes the teacher's features: the student is called on the
+            teacher's feature at this cut (``"layer3"``, ``"penultimate"``, ``"blocks.2@input"``,
+            ``"encoder:0"``, or a :class:`~distillx.features.FeatureSpec` with a reduction) instead of
+            the batch inputs. The teacher runs (``no_grad``, ``eval()``) only up to the cut unless a
+            method reads its logits or later features; with ``cache_teacher=True`` the cut features
+            are cached and training runs only the student. ``d.composed`` (teacher trunk + student)
+            is what :meth:`evaluate` and validation run, and what :func:`distillx.compose` deploys.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
@@ -118,7 +128,8 @@ class Distiller:
                  augmentations: Sequence = (), amp: Optional[str] = None, grad_clip: Optional[float] = None,
                  cache_teacher: bool = False, cache_dir: Optional[str] = None, cache_dtype: str = "float16",
                  cache_top_k: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-                 progress: Optional[bool] = None, seed: Optional[int] = None):
+                 progress: Optional[bool] = None, seed: Optional[int] = None,
+                 student_input: Union[None, str, FeatureSpec] = None):
         check_models(teacher, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
@@ -147,10 +158,16 @@ class Distiller:
         # randomness. One stream per rank: each rank augments its own shard.
         gen_seed = torch.initial_seed() if seed is None else int(seed)
         self.aug_generator = torch.Generator().manual_seed(gen_seed + self.ctx.rank)
-        self._plan = FeaturePlan(self.teacher, self.student, self.methods, self._keys)
+        self.student_input = student_input_spec(student_input, self.teacher)
+        extra = {STUDENT_INPUT: self.student_input} if self.student_input is not None else None
+        self._plan = FeaturePlan(self.teacher, self.student, self.methods, self._keys, teacher_extra=extra)
         self._plan.attach()
         self._step = DistillStep(self.teacher, self.student, self.methods, self._keys, self._plan, self.task_loss,
                                  self.task_weight, self.weight_schedules, bool(check_finite), self.device)
+        # The teacher's layers after a cut run only when a method reads its logits or later features.
+        later = [k for k in self._plan.capture_keys("teacher") if k != STUDENT_INPUT]
+        self._step.full_teacher = any(m.uses_teacher_logits for m in self.methods) or bool(later)
+        self.composed: Optional[Composed] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._ddp = None
         self.metrics = MetricsLog()
@@ -187,15 +204,19 @@ class Distiller:
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs must be a tensor batch of model inputs, got {type(inputs).__name__}")
         pending = self._pending_setup()
-        if pending:
+        new_trunk = self.student_input is not None and self._step.trunk is None
+        if pending or new_trunk:
             inputs = inputs.to(self.device)
             self._plan.attach()
             modes = [(m, m.training) for m in (self.teacher, self.student)]
             try:
                 self.teacher.eval()
                 self.student.eval()
+                if new_trunk:  # traced in eval(): a graph trunk bakes in the modes it saw
+                    self._step.trunk = Trunk(self.teacher, self.student_input, example_inputs=(inputs,))
+                    self.composed = Composed(self._step.trunk, self.student)
                 with torch.no_grad():
-                    outs = self._step.forward(inputs, None, live_teacher=True)
+                    outs = self._dry_forward(inputs)
                     for i, m in enumerate(self.methods):
                         if m in pending:
                             m.setup(*self._plan.views(i, *outs))
@@ -210,6 +231,19 @@ class Distiller:
         if self.optimizer is None:
             self.optimizer = build_optimizer(self._phase_specs["student"][0], self._trainable_parameters())
         return self.optimizer
+
+    def _dry_forward(self, inputs):
+        """The step's forward on one batch; a student that cannot take the teacher's cut feature is
+        reported with that feature's shape."""
+        if self.student_input is None:
+            return self._step.forward(inputs, None, live_teacher=True)
+        try:
+            return self._step.forward(inputs, None, live_teacher=True)
+        except RuntimeError as exc:
+            feature = self._step.trunk(inputs)
+            shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
+            raise ValueError(f"student_input={self._step.trunk.at!r}: the student cannot take the teacher's feature "
+                             f"there, of shape {shape} ({type(exc).__name__}: {exc})") from exc
 
     def apply_transfer(self):
         """Apply ``transfer=`` now (once); :meth:`fit` does it before distilling. Returns the report."""
@@ -253,7 +287,7 @@ class Distiller:
 
     def evaluate(self, loader: Iterable, model: Optional[nn.Module] = None) -> dict[str, float]:
         """Accuracy and task loss of ``model`` (default the student) on ``loader``."""
-        return evaluate(self.student if model is None else model, loader, self.task_loss, self.device)
+        return evaluate(self._student_model() if model is None else model, loader, self.task_loss, self.device)
 
     def save_metrics(self, path: str) -> str:
         """Write every logged step and epoch metric as JSON (atomically); return ``path``."""
@@ -315,7 +349,7 @@ class Distiller:
         loader = shard_loader(train_loader, self.ctx)
         self._plan.attach()
         try:
-            if self.optimizer is None:
+            if self.optimizer is None or (self.student_input is not None and self._step.trunk is None):
                 batches = iter(loader)
                 first = next(batches, None)
                 if first is None:
@@ -342,7 +376,7 @@ class Distiller:
                 hook.distillx_on_epoch_end(distiller=self, epoch=epoch, metrics=metrics)
 
             self._run_phase("student", [self.student, *self.methods], self._trainable_parameters(), self.optimizer,
-                            loader, epochs, self._step, self.student, val_loader, state, position, on_epoch_end,
+                            loader, epochs, self._step, self._student_model(), val_loader, state, position, on_epoch_end,
                             indexed=self._step.cache is not None,
                             on_start=lambda: hook.distillx_on_fit_start(distiller=self))
         finally:
@@ -406,6 +440,10 @@ class Distiller:
         # Adapters live with the student (built lazily, so move them whenever new ones appear).
         for m in self.methods:
             m.to(self.device)
+
+    def _student_model(self) -> nn.Module:
+        """What maps a batch's inputs to the student's outputs: the student, or the teacher trunk + student."""
+        return self.composed if self.composed is not None else self.student
 
     def _pending_setup(self) -> list[Method]:
         return [m for m in self.methods if m.needs_setup]

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import _checks
 from ..augment import any_changes_inputs
+from ..features import PENULTIMATE, FeaturePathError, FeatureSpec, resolve_module
 from ..methods import Method
 from ..plugin import resolve_augmentation, transfer as resolve_transfer
 from ..transfer import Transfer, TransferReport
@@ -37,6 +38,27 @@ def check_amp(amp, device: torch.device) -> Optional[str]:
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs CUDA (float16 training needs a gradient scaler); use amp='bf16' on CPU")
     return amp
+
+
+def student_input_spec(student_input, teacher: nn.Module) -> Optional[FeatureSpec]:
+    """``student_input`` as a :class:`FeatureSpec` of the teacher, its layer checked to exist."""
+    if student_input is None:
+        return None
+    if isinstance(student_input, str):
+        if not student_input:
+            raise ValueError("student_input must be a teacher layer path such as 'layer3' or 'penultimate', got ''")
+        spec = FeatureSpec.parse(student_input)
+    elif isinstance(student_input, FeatureSpec):
+        spec = student_input
+    else:
+        raise TypeError(f"student_input must be a teacher layer path (str) or a FeatureSpec, got "
+                        f"{type(student_input).__name__}")
+    if spec.path != PENULTIMATE:
+        try:
+            resolve_module(teacher, spec.path, name="teacher")
+        except FeaturePathError as exc:
+            raise FeaturePathError(f"student_input={student_input!r}: {exc}") from None
+    return spec
 
 
 def check_grad_clip(grad_clip) -> Optional[float]:

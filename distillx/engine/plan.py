@@ -20,7 +20,10 @@ class FeaturePlan:
     path, capture, selection and reduction on that side) reuses the earlier capture.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, methods: Sequence[Method], keys: Sequence[str]):
+    def __init__(self, teacher: nn.Module, student: nn.Module, methods: Sequence[Method], keys: Sequence[str],
+                 teacher_extra: Optional[dict] = None):
+        """``teacher_extra``: further teacher captures {key: FeatureSpec} no method asked for (the
+        feature a student consumes, ``Distiller(student_input=...)``)."""
         self.models = {"student": student, "teacher": teacher}
         self.keys = list(keys)
         self.requests: list[list] = []
@@ -59,6 +62,10 @@ class FeaturePlan:
                         self.paths[side][existing] = spec.shorthand
                     mapping[side][req.key] = existing
             self.maps.append(mapping)
+        for key, spec in (teacher_extra or {}).items():
+            specs["teacher"][key] = spec.with_key(key)
+            self.paths["teacher"][key] = spec.shorthand
+        self.teacher_extra = dict(teacher_extra or {})
         self.extractors: dict[str, Optional[FeatureExtractor]] = {
             side: FeatureExtractor(self.models[side], specs[side], name=side, detach=side == "teacher")
             if specs[side] else None for side in SIDES}
@@ -93,12 +100,20 @@ class FeaturePlan:
                         ex[ckey]
                     except MissingFeatureError:
                         users.append(f"method {mkey!r} (feature {rkey!r}, {side} layer {self.paths[side][ckey]!r})")
+            if side == "teacher":
+                for key, spec in self.teacher_extra.items():
+                    try:
+                        ex[key]
+                    except MissingFeatureError:
+                        users.append(f"the student, which consumes the teacher feature {spec.shorthand!r} (the "
+                                     "teacher's forward pass never reached that layer)")
             raise MissingFeatureError(f"{e}. Needed by: {'; '.join(users)}") from None
 
     def views(self, i: int, student_logits, student_feats, teacher_logits, teacher_feats):
-        """The ``(student, teacher)`` dicts method ``i`` receives, under its own keys."""
+        """The ``(student, teacher)`` dicts method ``i`` receives, under its own keys (no teacher
+        ``"logits"`` when the teacher's output was not computed)."""
         s = {"logits": student_logits}
-        t = {"logits": teacher_logits}
+        t = {} if teacher_logits is None else {"logits": teacher_logits}
         for rkey, ckey in self.maps[i]["student"].items():
             s[rkey] = student_feats[ckey]
         for rkey, ckey in self.maps[i]["teacher"].items():
@@ -115,6 +130,6 @@ class FeaturePlan:
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     return (f"the {side} feature {rkey!r} captured at {side} layer {self.paths[side][ckey]!r} "
                             "holds NaN/inf values")
-            if not bool(torch.isfinite(logits).all()):
+            if logits is not None and not bool(torch.isfinite(logits).all()):
                 return f"the {side} logits hold NaN/inf values"
         return None

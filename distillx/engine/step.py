@@ -19,6 +19,7 @@ from .batches import logits_of
 from .plan import FeaturePlan
 
 TASK = "task"  # metrics key of the weighted task loss
+STUDENT_INPUT = "student_input"  # teacher capture key of the feature a student consumes
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,6 +33,11 @@ class DistillStep:
     ``student`` is what is called for the student's outputs (the student, or its DDP wrapper);
     ``cache`` (a :class:`~distillx.teacher_cache.TeacherCache`) replaces the teacher's forward pass
     when set; ``epoch_fraction`` is read for the weight schedules.
+
+    A student on the teacher's features (``trunk``, a :class:`~distillx.features.Trunk`) is called on
+    the teacher's feature at the cut instead of the inputs. The teacher runs whole (capturing that
+    feature on the way) only when ``full_teacher`` (a method reads its logits or later features);
+    otherwise just its trunk runs, and the layers after the cut never do.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Sequence[Method], keys: Sequence[str],
@@ -42,6 +48,7 @@ class DistillStep:
         self.plan, self.task_loss, self.task_weight = plan, task_loss, task_weight
         self.weight_schedules, self.check_finite = weight_schedules, check_finite
         self.cache = None
+        self.trunk, self.full_teacher = None, True
         self.epoch_fraction: Callable[[], float] = lambda: 0.0
 
     def forward(self, inputs, indices=None, live_teacher: bool = False):
@@ -50,10 +57,15 @@ class DistillStep:
             cached = self.cache.lookup(indices, device=self.device)
             teacher_logits = cached.pop("logits")
             teacher_feats = {k: v for k, v in cached.items() if not k.startswith("topk_")}
+        elif self.trunk is not None and not self.full_teacher:
+            with torch.no_grad():
+                teacher_logits, teacher_feats = None, {STUDENT_INPUT: self.trunk(inputs)}
         else:
             with torch.no_grad():
                 teacher_logits = logits_of(self.teacher(inputs), "teacher")
             teacher_feats = self.plan.collect("teacher")
+        if self.trunk is not None:
+            inputs = teacher_feats.pop(STUDENT_INPUT)
         student_logits = logits_of(self.student(inputs), "student")
         student_feats = self.plan.collect("student")
         return student_logits, student_feats, teacher_logits, teacher_feats

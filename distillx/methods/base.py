@@ -72,6 +72,10 @@ class Method(Options, nn.Module):
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {"weight": 1.0}
     registry_options: ClassVar[dict[str, str]] = {}
+    #: Whether :meth:`loss` reads ``teacher["logits"]``. A feature method that never does says False,
+    #: so a student on the teacher's features (``Distiller(student_input=...)``) can skip the teacher's
+    #: layers after the cut.
+    uses_teacher_logits: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         nn.Module.__init__(self)

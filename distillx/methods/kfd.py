@@ -18,6 +18,8 @@ KERNEL_OPTIONS = PARAMS
 class _PairsMethod(Method):
     """A method over layer pairs ``student[j]``/``teacher[j]``, keyed ``pair<j>``; the loss sums them."""
 
+    uses_teacher_logits = False
+
     def validate(self) -> None:
         self._pairs = layer_pairs(self.name, self.student, self.teacher)
 

@@ -43,6 +43,8 @@ def _as_paths(value: Any) -> Optional[list[str]]:
 class _AttentionMethod(Method):
     """Shared option handling: attention-module paths + projection names, or explicit q/k/v paths."""
 
+    uses_teacher_logits = False
+
     options = {"student": None, "teacher": None, "projections": ("q_proj", "k_proj", "v_proj"),
                "student_q": None, "student_k": None, "student_v": None,
                "teacher_q": None, "teacher_k": None, "teacher_v": None,

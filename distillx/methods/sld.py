@@ -60,6 +60,7 @@ class SLD(Method):
         {"name": "sld", "student": "layer2", "teacher": "layer3", "weight": 1.0}
     """
 
+    uses_teacher_logits = False
     name = "sld"
     options = {"student": PENULTIMATE, "teacher": PENULTIMATE, "adapter": "auto",
                "student_width": None, "teacher_width": None}
