@@ -46,3 +46,16 @@ def test_demo_rejects_bad_arguments(args):
     with pytest.raises(SystemExit) as exc:
         demo_cli.main(args)
     assert exc.value.code == 2
+
+
+def test_demo_head_mode_prints_every_cut(tmp_path, capsys):
+    path = tmp_path / "head.json"
+    assert demo_cli.main(["--mode", "head", "--epochs", "2", "--teacher-epochs", "2", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    names = [row["model"] for row in result["rows"]]
+    assert names == ["teacher (full)", "student (scratch)", "trunk to 1 + head", "trunk to 4 + head"]
+    for row in result["rows"]:
+        assert row["model"] in out and row["parameters"] > 0 and 0 <= row["test_accuracy"] <= 1
+    # the deployed model: teacher layers up to the cut plus the head (64*256+256 + 256*32+32 + 32*10+10)
+    assert result["rows"][2]["parameters"] == 64 * 256 + 256 + 256 * 32 + 32 + 32 * 10 + 10
