@@ -135,3 +135,18 @@ def test_bad_inputs_are_named():
                      progress=False)
     with pytest.raises(TypeError, match="student_input must be a teacher layer path"):
         dx.Distiller(teacher, mlp((64, 10)), student_input=2, progress=False)
+
+
+def test_augmentations_and_bf16_autocast_on_top():
+    teacher = trained_teacher()
+    before = snapshot(teacher)
+    torch.manual_seed(1)
+    x, y, _, _ = data(256)
+    d = dx.Distiller(teacher, mlp((64, 32, 10)), [dx.method("kd", T=2.0)], task_weight=0.0, student_input="2",
+                     augmentations=[{"name": "noise", "std": 0.05}], amp="bf16",
+                     optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), scheduler=None, progress=False)
+    history = d.fit(loader(x, y, 32, seed=0), 4)
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"] and unchanged(teacher, before)
+    with pytest.raises(ValueError, match="augmentations that change the inputs"):
+        dx.Distiller(teacher, mlp((64, 10)), [dx.method("kd")], student_input="2", cache_teacher=True,
+                     augmentations=["noise"], progress=False)
