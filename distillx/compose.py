@@ -77,12 +77,15 @@ def latency_ms(model: nn.Module, inputs: Any, repeats: int = 50) -> float:
 
 
 def compose_report(composed: Composed, teacher: nn.Module, inputs: Any, repeats: int = 50) -> str:
-    """Parameters and latency per batch of the teacher, the trunk, the head and the composed model."""
-    rows = [("teacher", teacher), (f"trunk up to {composed.at}", composed.trunk), ("head (student)", composed.head),
-            ("composed", composed)]
+    """Parameters and latency per batch of the teacher, the trunk, the head (on the trunk's features)
+    and the composed model."""
+    with torch.inference_mode():
+        features = composed.trunk(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+    rows = [("teacher", teacher, inputs), (f"trunk up to {composed.at}", composed.trunk, inputs),
+            ("head (student)", composed.head, features), ("composed", composed, inputs)]
     lines = [f"{'model':<32} {'params':>12}  {'latency/batch':>13}"]
-    for label, model in rows:
-        lines.append(f"{label:<32} {num_parameters(model):>12,}  {latency_ms(model, inputs, repeats):>10.3f} ms")
+    for label, model, x in rows:
+        lines.append(f"{label:<32} {num_parameters(model):>12,}  {latency_ms(model, x, repeats):>10.3f} ms")
     return "\n".join(lines)
 
 

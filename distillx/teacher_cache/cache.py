@@ -336,8 +336,11 @@ def _build_loader(loader: DataLoader, dataset: Dataset, batch_size: Optional[int
     """A sequential, complete (no drop_last) indexed loader with ``loader``'s batch size and collate."""
     if batch_size is None:
         batch_size = loader.batch_size
-        if batch_size is None and loader.batch_sampler is not None:
-            batch_size = getattr(loader.batch_sampler, "batch_size", None)
+        if batch_size is None:
+            # a batch sampler given as batch_sampler=, or as sampler= with batch_size=None (then each
+            # sampled index list is one batch)
+            batcher = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+            batch_size = getattr(batcher, "batch_size", None)
         if batch_size is None:
             raise ValueError("cannot tell the loader's batch size (automatic batching is off or its batch sampler "
                              "has no batch_size): pass batch_size= to the cache build")

@@ -31,8 +31,10 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple:
-        return _IndexedSample(int(index), self.dataset[index])
+    def __getitem__(self, index) -> tuple:
+        # A list of indices when a BatchSampler is the loader's sampler (batch_size=None): one batch.
+        key = [int(i) for i in index] if isinstance(index, (list, tuple)) else int(index)
+        return _IndexedSample(key, self.dataset[index])
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         # DataLoader fetches a whole batch through __getitems__ when the dataset has one (Subset,

@@ -160,3 +160,13 @@ def test_bad_cuts_are_named():
         Trunk(branchy, "unused", example_inputs=torch.randn(2, 6))
     with pytest.raises(TypeError, match="at must be a layer path"):
         Trunk(teacher, 3)
+
+
+def test_compose_report_lists_every_part():
+    torch.manual_seed(0)
+    teacher, head, x = ResNetLike().eval(), nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).eval(), torch.randn(2, 1, 8, 8)
+    report = dx.compose_report(dx.compose(teacher, head, at="stage2"), teacher, x, repeats=2).splitlines()
+    assert [line.split("  ")[0].strip() for line in report[1:]] == ["teacher", "trunk up to stage2", "head (student)",
+                                                                   "composed"]
+    params = {line.split("  ")[0].strip(): int(line.split()[-3].replace(",", "")) for line in report[1:]}
+    assert params["composed"] == params["trunk up to stage2"] + params["head (student)"] < params["teacher"] + 2570
