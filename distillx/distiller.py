@@ -56,7 +56,8 @@ from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, c
                                check_grad_clip, check_methods, check_models, check_weight, method_name, metric_keys,
                                student_input_spec)
 from .engine.batches import check_loader, logits_of, unpack_batch
-from .engine.distributed import Trainable, init_from_env, shard_loader, wrap
+from .engine.distributed import Trainable, init_from_env, wrap
+from .engine.sharding import shard_loader
 from .engine.loop import Phase, Runner, steps_per_epoch
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules

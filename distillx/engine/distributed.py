@@ -4,15 +4,14 @@ When ``torch.distributed`` is initialised (``torchrun`` sets the environment; th
 :func:`init_from_env` — gloo on CPU, nccl on CUDA — when ``WORLD_SIZE > 1`` and nobody initialised
 it yet), the Distiller wraps the student together with the methods' adapters in
 ``DistributedDataParallel`` (gradients averaged across ranks), leaves the teacher unwrapped and
-unsynchronised (it is only read), re-creates each training loader with a ``DistributedSampler``
-(every rank sees its shard of every global batch), sums the epoch metrics over ranks, and lets only
-rank 0 write checkpoints, metrics and plots and draw progress bars.
+unsynchronised (it is only read), re-creates each training loader so every rank sees its share of
+every global batch (:mod:`distillx.engine.sharding`), sums the epoch metrics over ranks, and lets
+only rank 0 write checkpoints, metrics and plots and draw progress bars.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +39,12 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` overwritten with rank 0's (in place)."""
+        if self.enabled:
+            dist.broadcast(tensor, src=0)
+        return tensor
 
 
 def init_from_env(device: torch.device) -> DistContext:
@@ -71,34 +76,3 @@ def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
     return nn.parallel.DistributedDataParallel(module, **kwargs)
-
-
-def shard_loader(loader, ctx: DistContext, shuffle: Optional[bool] = None, seed: int = 0):
-    """``loader`` re-created over a ``DistributedSampler`` for this rank (same batch size per rank).
-
-    The global batch is ``world_size × batch_size``. ``shuffle`` defaults to whether ``loader``
-    shuffles (a ``RandomSampler``). Non-DataLoader iterables cannot be sharded: an error says so.
-    """
-    if not ctx.enabled:
-        return loader
-    from torch.utils.data import DataLoader, RandomSampler
-    from torch.utils.data.distributed import DistributedSampler
-
-    if not isinstance(loader, DataLoader):
-        raise TypeError(f"distributed training needs torch.utils.data.DataLoader loaders to shard, got "
-                        f"{type(loader).__name__}")
-    if isinstance(loader.sampler, DistributedSampler):
-        return loader
-    if shuffle is None:
-        shuffle = isinstance(loader.sampler, RandomSampler)
-    sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
-                                 seed=seed, drop_last=loader.drop_last)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      worker_init_fn=loader.worker_init_fn)
-
-
-def set_epoch(loader, epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)

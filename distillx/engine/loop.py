@@ -21,7 +21,8 @@ import torch
 from ..reporting import ProgressBar
 from . import checkpoint as ckpt
 from .batches import split, to_device
-from .distributed import DistContext, set_epoch
+from .distributed import DistContext
+from .sharding import set_epoch
 
 LossFn = Callable[..., dict]
 
