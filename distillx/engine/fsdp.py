@@ -1,0 +1,90 @@
+"""FSDP2 for students too big to replicate (``Distiller(strategy="fsdp")``).
+
+Sharding: :func:`shard` applies ``torch.distributed.fsdp.fully_shard`` to each block of a model (the
+modules of its longest ``nn.ModuleList``, the transformer layers; else its top-level children that
+hold parameters) and then to the model itself, so a block's parameters are gathered only while it
+runs. The student, and every method module that holds parameters (adapters), are sharded this way;
+the teacher is replicated in ``eval()``, or sharded too with ``shard_teacher=True`` (gathered block by
+block for its forward passes, freed after). Mixed precision is FSDP2's policy
+(``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=float32)``), not autocast.
+
+Checkpoints: :func:`save` writes the student's and the methods' sharded state and the optimizer's as
+a ``torch.distributed.checkpoint`` directory (every rank writes its shards); :func:`load` reads it back
+into any world size (also into one process without a process group, into plain modules).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+DCP_DIR = "checkpoint.dcp"  # the sharded part of a checkpoint, beside checkpoint.pt
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The units to shard: the modules of the model's longest ModuleList (its layer stack), else its
+    top-level children that hold parameters."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if lists:
+        return list(max(lists, key=len))
+    return [child for child in model.children() if any(True for _ in child.parameters())]
+
+
+def shard(model: nn.Module, param_dtype: Optional[torch.dtype] = None, reshard_after_forward: bool = True
+          ) -> nn.Module:
+    """``model`` with ``fully_shard`` on each of its :func:`blocks` and on itself (in place)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks(model):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _state(modules: dict[str, nn.Module], optimizer) -> dict[str, Any]:
+    options = StateDictOptions(ignore_frozen_params=False)
+    state = {name: get_model_state_dict(m, options=options) for name, m in modules.items()}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(_Named(modules), optimizer, options=options)
+    return state
+
+
+class _Named(nn.Module):
+    """The checkpointed modules under one root, so the optimizer's state is keyed by their names."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        super().__init__()
+        for name, m in modules.items():
+            self.add_module(name, m)
+
+
+def save(directory: str, modules: dict[str, nn.Module], optimizer) -> str:
+    """Write the modules' and the optimizer's (sharded) state to ``directory/checkpoint.dcp`` on every rank."""
+    path = os.path.join(directory, DCP_DIR)
+    dcp.save(_state(modules, optimizer), checkpoint_id=path)
+    return path
+
+
+def load(directory: str, modules: dict[str, nn.Module], optimizer) -> None:
+    """Read ``directory/checkpoint.dcp`` into the modules and the optimizer, whatever the world size it
+    was written at."""
+    path = os.path.join(directory, DCP_DIR)
+    state = _state(modules, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    for name, m in modules.items():
+        set_model_state_dict(m, state[name])
+    if optimizer is not None:
+        set_optimizer_state_dict(_Named(modules), optimizer, state["optimizer"])
+
+
+__all__ = ["blocks", "shard", "save", "load", "DCP_DIR", "has_parameters"]
