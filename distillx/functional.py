@@ -4,6 +4,12 @@ Each function validates its arguments (errors name the argument and what was exp
 its op family in :mod:`distillx.ops`, which runs the fused ``distillx::*`` operator when the compiled
 core serves the inputs' device, else the pure-PyTorch reference in :mod:`distillx.ops.reference`
 (warning once). All are differentiable w.r.t. the student side only: teacher inputs are constants.
+
+Higher-order gradients are exact: a backward with ``create_graph=True`` (a Hessian-vector product, a
+gradient penalty) through a compiled op recomputes that op's gradient with PyTorch operations on its
+saved inputs, so autograd differentiates it again (the forward and plain backward stay fused).
+``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``hessian``, ``jvp``) run the references,
+which are made of operations they can transform.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 normalisation and the squared error act on the small (B, H, W) maps in PyTorch.
 
 C++: ``csrc/cpu/attention_map.cpp``, ``csrc/cuda/attention_map.cu``, checks in
-``csrc/include/distillx/attention_map.h``; backward is its own op, ``distillx::attention_map_backward``.
+``csrc/include/distillx/attention_map.h``; backward is its own op, ``distillx::attention_map_backward``
+(a backward with ``create_graph=True`` differentiates the reference instead, so second-order
+gradients are exact).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._library import acc_dtype, register, use_kernel
+from ._library import acc_dtype, building_graph, differentiable_grads, register, use_kernel
 
 OP = "attention_map"
 
@@ -31,6 +33,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (feature,) = ctx.saved_tensors
+    if building_graph():  # create_graph=True: the same gradient, built from differentiable operations
+        return differentiable_grads(lambda f: ref.attention_map(f, ctx.p), [feature], [0], grad)[0], None
     return torch.ops.distillx.attention_map_backward(grad, feature, ctx.p), None
 
 
