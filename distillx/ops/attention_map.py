@@ -55,9 +55,11 @@ def _pool_to(a: torch.Tensor, size: tuple) -> torch.Tensor:
 
 def attention_map_loss(f_s, f_t, p):
     """:func:`distillx.functional.attention_map_loss` on validated (B, C, H, W) maps (``f_t`` detached)."""
-    a_s = attention_map(f_s, p)
+    # On F / max|F| per sample (ref.unit_scale): the normalised map is unchanged, |F|^p stays finite for any p.
+    acc = acc_dtype(f_s.dtype)
+    a_s = attention_map(ref.unit_scale(f_s.to(acc)), p)
     with torch.no_grad():
-        a_t = attention_map(f_t, p)
+        a_t = attention_map(ref.unit_scale(f_t.to(acc)), p)
     size = (min(a_s.shape[-2], a_t.shape[-2]), min(a_s.shape[-1], a_t.shape[-1]))
     a_s = F.normalize(_pool_to(a_s, size).flatten(1), dim=1, eps=1e-12)
     a_t = F.normalize(_pool_to(a_t, size).flatten(1), dim=1, eps=1e-12)

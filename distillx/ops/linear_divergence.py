@@ -100,7 +100,7 @@ def linear_kd_loss(hs, ws, ht, wt, bs, bt, temperature, divergence, beta, reduct
     compute_grad = needs_grad and reduction != "none"
     total, rows, *_ = torch.ops.distillx.linear_divergence(
         hs2, ws, bs, ht2, wt, bt, weight, float(temperature), DIVERGENCE_CODES[divergence], float(beta),
-        int(chunk_size or 0), compute_grad)
+        min(chunk_size, max(hs2.shape[0], 1)) if chunk_size else 0, compute_grad)  # int64-safe: at most N
     if reduction == "none":
         return rows.reshape(rows_shape).to(dtype)
     kept = float(hs2.shape[0]) if mask is None else weight.sum()
