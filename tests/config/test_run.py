@@ -363,6 +363,17 @@ def test_output_dir_with_files_distillx_did_not_write_is_refused(tmp_path, capsy
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_an_output_dir_that_cannot_be_written_is_exit_2(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+        code = main(["digits", "--quiet", "--set", f"output_dir={out}", "--set", "teacher.epochs=1",
+                     "--set", "student.epochs=1"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"distillx run: output_dir {str(out)!r} "), err
+        assert "Traceback" not in err and "training failed" not in err
+
+
 def test_an_earlier_attempt_of_the_same_config_may_be_rerun(tmp_path, capsys):
     """A run that stopped before its first checkpoint left config.json (and metrics.json): running
     the same config again is allowed, another config is not."""
