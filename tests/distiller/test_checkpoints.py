@@ -11,7 +11,6 @@ import torch
 
 import distillx as dx
 from distillx.engine import CheckpointError
-from distillx.engine import checkpoint as ckpt
 
 from distillx.testing import data, loader, same, state, student, teacher
 

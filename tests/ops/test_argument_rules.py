@@ -167,7 +167,7 @@ def test_a_chunk_size_beyond_the_rows_is_one_chunk(chunk_size):
 
 @pytest.mark.parametrize("value", ["no", "False", 0, 1, None, torch.tensor(True)], ids=repr)
 def test_normalize_rows_must_be_a_bool(value):
-    with pytest.raises(TypeError, match=rf"^normalize_rows must be True or False, got"):
+    with pytest.raises(TypeError, match=r"^normalize_rows must be True or False, got"):
         DF.kernel_gram_loss(randn(4, 3), randn(4, 2), "linear", normalize_rows=value)
 
 
