@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
-from ._atomic import save_atomic
 from .augment import compose
 from .compose import Composed
 from .features import FeatureSpec, Trunk
@@ -57,8 +56,8 @@ from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, c
                                student_input_spec)
 from .engine.batches import check_loader, logits_of, unpack_batch
 from .engine.distributed import Trainable, init_from_env, wrap
+from .engine.loop import Phase, Runner, SignalGuard, steps_per_epoch
 from .engine.sharding import shard_loader
-from .engine.loop import Phase, Runner, steps_per_epoch
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
 from .engine.step import STUDENT_INPUT, DistillStep, NonFiniteLossError
@@ -261,8 +260,9 @@ class Distiller:
                       resume: Union[None, bool, str] = None) -> list[dict[str, float]]:
         """Phase 1: train the teacher on the task loss for ``epochs`` epochs; return its metrics."""
         check_epochs(epochs)
-        state, position = self._resume_state(resume, "teacher")
-        return self._teacher_phase(train_loader, epochs, val_loader, state, position)
+        with SignalGuard():
+            state, position = self._resume_state(resume, "teacher", train_loader, val_loader)
+            return self._teacher_phase(train_loader, epochs, val_loader, state, position)
 
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Optional[Iterable] = None, *,
             teacher_epochs: int = 0, resume: Union[None, bool, str] = None) -> list[dict[str, float]]:
@@ -278,13 +278,16 @@ class Distiller:
         check_loader(train_loader, "train_loader")
         if val_loader is not None:
             check_loader(val_loader, "val_loader")
-        state, position = self._resume_state(resume, None)
-        if state is not None and state["phase"] == "teacher":
-            self._teacher_phase(train_loader, teacher_epochs, val_loader, state, position)
-            state = position = None
-        elif state is None and teacher_epochs:
-            self._teacher_phase(train_loader, teacher_epochs, val_loader, None, None)
-        return self._student_phase(train_loader, epochs, val_loader, state, position)
+        # SIGINT/SIGTERM from here on, in setup too (transfer, dry forward pass, teacher cache), stop
+        # at the next step boundary with a checkpoint (engine/loop.py).
+        with SignalGuard():
+            state, position = self._resume_state(resume, None, train_loader, val_loader)
+            if state is not None and state["phase"] == "teacher":
+                self._teacher_phase(train_loader, teacher_epochs, val_loader, state, position)
+                state = position = None
+            elif state is None and teacher_epochs:
+                self._teacher_phase(train_loader, teacher_epochs, val_loader, None, None)
+            return self._student_phase(train_loader, epochs, val_loader, state, position)
 
     def evaluate(self, loader: Iterable, model: Optional[nn.Module] = None) -> dict[str, float]:
         """Accuracy and task loss of ``model`` (default the student) on ``loader``."""
@@ -410,24 +413,32 @@ class Distiller:
                       validator(val_loader, val_model, self.task_loss, self.device), indexed=indexed, params=params)
         self._step.epoch_fraction = lambda: phase.epoch_fraction
 
+        def build(phase_name, at):
+            teacher = self.teacher if (self._teacher_trained or phase_name == "teacher") else None
+            return ckpt.build(phase_name, at, student=self.student, methods=self.methods, method_keys=self._keys,
+                              teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                              metrics=self.metrics, history={"teacher": self.teacher_history, "student": self.history},
+                              transfer_report=self.transfer_report.to_dict() if self.transfer_report else None)
+
         def save(phase_name, at):
             if self.checkpoint_dir is None:
                 return None
-            path = os.path.join(self.checkpoint_dir, ckpt.FILENAME)
-            teacher = self.teacher if (self._teacher_trained or phase_name == "teacher") else None
-            save_atomic(ckpt.build(phase_name, at, student=self.student, methods=self.methods, method_keys=self._keys,
-                                   teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                   metrics=self.metrics,
-                                   history={"teacher": self.teacher_history, "student": self.history},
-                                   transfer_report=(self.transfer_report.to_dict()
-                                                    if self.transfer_report is not None else None)), path)
-            return path
+            return ckpt.save(build(phase_name, at), os.path.join(self.checkpoint_dir, ckpt.FILENAME))
 
-        generators = ckpt.loader_generators(loader) + [self.aug_generator]
+        if self.checkpoint_dir is not None and self.ctx.is_main:  # a state a checkpoint cannot hold: now, not later
+            build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0})
+        generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
         Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators).run(position)
 
     # -- pieces ----------------------------------------------------------------------------------
-    def _resume_state(self, resume, want_phase: Optional[str]):
+    def _resume_state(self, resume, want_phase: Optional[str], train_loader, val_loader):
+        """The checkpoint to resume (or None), after the checks a run that writes or reads
+        checkpoints needs: a writable checkpoint_dir, loaders whose random state can be saved."""
+        if self.checkpoint_dir is not None or (resume is not None and resume is not False):
+            ckpt.check_capturable(train_loader, "train_loader")
+            ckpt.check_capturable(val_loader, "val_loader")
+        if self.ctx.is_main:
+            ckpt.check_directory(self.checkpoint_dir)
         state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher)
         return state, (state["position"] if state is not None else None)
 

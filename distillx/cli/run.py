@@ -13,7 +13,14 @@ CONFIG is a path (``.toml`` or ``.json``) or the name of a bundled config (``dis
 ``--set student.epochs=5 --set methods.0.T=4`` override keys (dotted paths, list items by index;
 values are parsed as JSON or TOML values, else taken as strings). ``--resume`` continues from
 ``output_dir/checkpoint.pt`` (a finished run has nothing left to train unless ``student.epochs``
-was raised); without it an existing checkpoint is refused unless ``--overwrite``.
+was raised); the checkpoint is verified and read without running code from it.
+
+Which ``output_dir`` a run may write into: without ``--resume``, an ``output_dir`` that is missing
+or empty, or that holds a distillx run of the same config which stopped before its first checkpoint
+(``config.json`` there equals this run's resolved config, no ``checkpoint.pt``). A directory with a
+checkpoint needs ``--resume`` or ``--overwrite``; any other non-empty directory (the user's own
+``config.json``, say) is refused unless ``--overwrite``, which deletes the files distillx writes
+(the names above) and leaves every other file alone.
 ``--quiet`` (or ``DISTILLX_QUIET=1``) turns the progress bars off.
 
 Exit status: 0 done; 2 a mistake in the config or in what it names (the message says which key);

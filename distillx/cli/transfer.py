@@ -4,7 +4,11 @@ A checkpoint is either a whole model saved with ``torch.save(model, path)`` or a
 (``torch.save(model.state_dict(), path)``, optionally under a ``"state_dict"`` or ``"model"`` key)
 together with ``--teacher-arch`` / ``--student-arch MODULE:CALLABLE``, a zero-argument builder of
 the architecture. Whole-model files are pickles that can run code when loaded, so they are read only
-with ``--allow-pickle``; state dicts are read with ``weights_only=True``.
+with ``--allow-pickle``; state dicts are read with ``weights_only=True``. A file is checked first
+(the zip archive's CRC-32s, its pickle parsed without running it): a truncated or corrupt file is
+reported as such, and ``--allow-pickle`` is suggested only for an intact file that holds objects.
+Every error (a builder that raises, an ``--out``/``--json`` path that is a directory or cannot be
+written) is one line naming the flag, never a traceback.
 
 Prints the :class:`~distillx.transfer.TransferReport` (``--json PATH`` or ``-`` writes it as JSON).
 ``--out PATH`` writes the initialised student in the student checkpoint's format (whole model or
@@ -17,9 +21,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
+import pickle
+import pickletools
 import sys
+import zipfile
 from typing import Any, Callable
 
 import torch
@@ -44,21 +52,61 @@ def _builder(spec: str, flag: str) -> Callable[[], nn.Module]:
     return obj
 
 
+def _parses(stream, count: int) -> bool:
+    """Whether ``count`` pickles follow in ``stream``: their opcodes are read, nothing is executed."""
+    try:
+        for _ in range(count):
+            for _op in pickletools.genops(stream):
+                pass
+    except Exception:  # noqa: BLE001 - any parse failure means the same: not an intact pickle
+        return False
+    return True
+
+
+def _damage(path: str) -> str | None:
+    """Why ``path`` is not an intact ``torch.save`` file (truncated, a member failing its CRC-32, a
+    pickle that does not parse), or None. Decides whether suggesting --allow-pickle makes sense."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                return "its zip archive is truncated or damaged (no readable directory at its end)"
+            f.seek(0)
+            # The legacy format: magic number, protocol, system info, the object, its storage keys.
+            return None if _parses(f, 5) else "it is not a torch.save file (its pickles do not parse)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad is None:
+                pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+                if not pickles or not _parses(io.BytesIO(archive.read(pickles[0])), 1):
+                    return "its data.pkl is missing or does not parse"
+    except Exception as exc:  # noqa: BLE001 - any damage of the archive is reported as such
+        return f"its zip archive is damaged ({type(exc).__name__}: {exc})"
+    return None if bad is None else f"the data of {bad!r} fails its CRC-32 check"
+
+
 def load_model(path: str, arch: str | None, allow_pickle: bool, side: str) -> tuple[nn.Module, str]:
     """The model in ``path`` and its format ("module" or "state_dict")."""
     if not os.path.isfile(path):
         raise SystemExit(f"distillx transfer: --{side} {path!r} does not exist")
+    damage = _damage(path)
+    if damage:
+        raise SystemExit(f"distillx transfer: --{side} {path!r} is corrupt or truncated: {damage}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a whole pickled model (or not a checkpoint at all)
+    except pickle.UnpicklingError as exc:  # intact, but holds objects: a whole pickled model?
         if not allow_pickle:
-            raise SystemExit(f"distillx transfer: --{side} {path!r} is not a plain state dict ({type(exc).__name__}); "
-                             "if it is a whole model saved with torch.save(model) and you trust the file, pass "
-                             "--allow-pickle") from exc
+            raise SystemExit(f"distillx transfer: --{side} {path!r} is not a plain state dict (it holds pickled "
+                             "objects); if it is a whole model saved with torch.save(model) and you trust the file, "
+                             "pass --allow-pickle") from exc
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
             raise SystemExit(f"distillx transfer: cannot load --{side} {path!r}: {exc2}") from exc2
+    except Exception as exc:
+        raise SystemExit(f"distillx transfer: --{side} {path!r} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); it may be truncated or not a torch "
+                         "checkpoint") from exc
     if isinstance(obj, nn.Module):
         return obj, "module"
     if isinstance(obj, dict):
@@ -69,7 +117,12 @@ def load_model(path: str, arch: str | None, allow_pickle: bool, side: str) -> tu
             if arch is None:
                 raise SystemExit(f"distillx transfer: --{side} {path!r} holds a state dict; say which architecture "
                                  f"it belongs to with --{side}-arch MODULE:CALLABLE")
-            model = _builder(arch, f"--{side}-arch")()
+            try:
+                model = _builder(arch, f"--{side}-arch")()
+            except SystemExit:
+                raise
+            except Exception as exc:
+                raise SystemExit(f"distillx transfer: --{side}-arch {arch!r} raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(model, nn.Module):
                 raise SystemExit(f"distillx transfer: --{side}-arch {arch!r} returned {type(model).__name__}, "
                                  "not a torch.nn.Module")
@@ -110,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for flag, value in (("--out", args.out), ("--json", None if args.json == "-" else args.json)):
+        if value is not None and (os.path.isdir(value) or value.endswith(os.sep)):
+            raise SystemExit(f"distillx transfer: {flag} {value!r} is a directory; give the path of the file to write")
     teacher, _ = load_model(args.teacher, args.teacher_arch, args.allow_pickle, "teacher")
     student, fmt = load_model(args.student, args.student_arch, args.allow_pickle, "student")
     options = dict(args.option)
@@ -124,10 +180,16 @@ def main(argv=None) -> int:
     else:
         print(report.summary())
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report.to_dict(), f, indent=2)
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(report.to_dict(), f, indent=2)
+            except OSError as exc:
+                raise SystemExit(f"distillx transfer: --json {args.json!r} cannot be written: {exc}") from exc
     if args.out:
-        save_atomic(student if fmt == "module" else student.state_dict(), args.out)
+        try:
+            save_atomic(student if fmt == "module" else student.state_dict(), args.out)
+        except OSError as exc:
+            raise SystemExit(f"distillx transfer: --out {args.out!r} cannot be written: {exc}") from exc
         print(f"wrote the initialised student to {args.out} ({'whole model' if fmt == 'module' else 'state dict'})",
               file=sys.stderr if args.json == "-" else sys.stdout)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -48,6 +49,39 @@ def config_changes(old: dict, new: dict) -> list[str]:
             after = repr(b[k]) if k in b else "(unset)"
             changes.append(f"{k}: {before} -> {after}")
     return changes
+
+
+_TEMPORARY = re.compile(r"^\.(%s)\.[0-9a-f]{12}\.tmp$|^\.distillx-write-test$" % "|".join(map(re.escape, OUTPUTS)))
+
+
+def _same_config(path: str, cfg: dict) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f) == json.loads(json.dumps(cfg, default=str))
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_dir(out: str, cfg: dict) -> None:
+    """A fresh run (no --resume, no --overwrite) writes only into an ``output_dir`` that is missing,
+    empty (temporary files of an interrupted write aside), or holds a distillx run of this very
+    config that stopped before its first checkpoint (its ``config.json`` equals the resolved config);
+    anything else is a :class:`ConfigError` naming what is there."""
+    if not os.path.isdir(out):
+        if os.path.exists(out):
+            raise ConfigError(f"output_dir {out!r} is a file, not a directory")
+        return
+    entries = sorted(e for e in os.listdir(out) if not _TEMPORARY.match(e))
+    if not entries or _same_config(os.path.join(out, "config.json"), cfg):
+        return
+    ours = [e for e in entries if e in OUTPUTS]
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    replaced = f"; a run would replace {', '.join(ours)}" if ours else ""
+    why = ("its config.json is not this run's config" if "config.json" in entries
+           else "it holds no distillx run")
+    raise ConfigError(f"output_dir {out!r} is not empty ({shown}) and {why}{replaced}. Choose another output_dir "
+                      "(--set output_dir=...), or pass --overwrite to replace distillx's outputs there "
+                      f"({', '.join(OUTPUTS)}; other files are left alone)")
 
 
 def write_json(obj: Any, path: str) -> None:
@@ -95,6 +129,8 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
             raise ConfigError(f"output_dir {out!r} already holds a run (checkpoint.pt); pass --resume to continue it, "
                               "--overwrite to start again from scratch, or choose another output_dir "
                               "(--set output_dir=...)")
+    elif not overwrite:
+        check_output_dir(out, cfg)
     if overwrite and not resume:
         for name in OUTPUTS:  # so a new run that fails early never sits next to the old run's files
             if os.path.isfile(path[name]):
@@ -109,8 +145,11 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
             run = build(cfg, progress)  # seeds torch first
             d = run.distiller
             try:
-                os.makedirs(out, exist_ok=True)
-                write_json(cfg, path["config.json"])
+                try:
+                    os.makedirs(out, exist_ok=True)
+                    write_json(cfg, path["config.json"])
+                except OSError as exc:
+                    raise ConfigError(f"output_dir {out!r} cannot be written: {exc}") from exc
                 if finished:
                     _note(f"the checkpoint has finished all {cfg['student']['epochs']} student epochs: nothing left "
                           "to train (raise student.epochs to train on); writing the outputs again")

@@ -2,8 +2,9 @@
 
 ``loop`` (the epoch loop every phase runs), ``step`` (the per-batch distillation loss),
 ``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields),
-``schedules`` (LR and loss-weight schedules), ``checkpoint`` (atomic checkpoints, build/restore,
-random state for exact resume), ``distributed`` (torchrun/DDP), ``plan`` (which features each method
+``schedules`` (LR and loss-weight schedules), ``checkpoint`` (atomic, verified, safe checkpoints,
+build/restore), ``rng`` (the random state exact resume saves, and the loaders it refuses),
+``distributed`` (torchrun/DDP), ``plan`` (which features each method
 needs), ``arguments`` (the Distiller's argument checks).
 """
 from __future__ import annotations

@@ -1,38 +1,135 @@
-"""Atomic checkpoints and the random-number state that exact resumption needs.
+"""Atomic, integrity-checked checkpoints that never run code, and what exact resumption needs.
 
-A checkpoint is one ``torch.save`` file written to a temporary file in the same directory, flushed
-and fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so a
-crash or a second interruption never leaves a half-written checkpoint: the previous one stays.
+Writing (:func:`save`): one ``torch.save`` file (a zip archive whose every member carries a CRC-32)
+written to a temporary file in the same directory, flushed and fsync'ed, then renamed over the target
+(``os.replace`` is atomic on POSIX and Windows), so a crash or a second interruption never leaves a
+half-written checkpoint: the previous one stays. A checkpoint holds only tensors and plain Python
+values (numbers, strings, lists, tuples, dicts); :func:`build` refuses anything else (a scheduler
+whose state holds an object, say) with a ``TypeError`` naming where it is, before training starts.
+
+Reading (:func:`load`): the archive's CRC-32s are verified first (a flipped or zeroed byte anywhere
+in the data is an error, not silently corrupt weights or generator states), then the file is read
+with ``torch.load(weights_only=True)``: nothing in a checkpoint is executed, so a crafted
+``checkpoint.pt`` cannot run code on ``--resume``. Then its structure is checked: a missing key or a
+value of the wrong kind is a :class:`CheckpointError` naming the file and the key. Every failure is a
+:class:`CheckpointError` naming the file and what is wrong, and the run does not start.
 
 Exact resume (bitwise on CPU): the checkpoint holds, besides model/optimizer/scheduler/scaler
-states, every random generator training draws from — torch's global CPU (and CUDA) generator,
-Python's and NumPy's, the augmentation generator and any generator attached to the data loader or
-its sampler — both as they were when the epoch started (the loader's shuffle is drawn from them on
-its first batch) and as they are at the step the checkpoint was taken.
+states, every random generator training draws from (:mod:`distillx.engine.rng` says which, and which
+loaders are refused because their random state cannot be saved) — both as they were when the epoch
+started (the loader's shuffle is drawn from them on its first batch) and as they are at the step the
+checkpoint was taken.
 """
 from __future__ import annotations
 
 import os
-import random
-import sys
-from typing import Any, Iterable, Optional
+import pickle
+import zipfile
+from typing import Any, Optional
 
 import torch
 
+from .._atomic import atomic_open, save_atomic
+from .rng import check_capturable, check_state, loader_generators, rng_state, set_rng_state  # noqa: F401 (API)
+
 FORMAT = "distillx-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: random states as tensors and plain values (weights_only), CRC-checked archive
+PHASES = ("teacher", "student")
+KEYS = ("format", "version", "phase", "position", "student", "methods", "method_keys", "teacher", "optimizer",
+        "scheduler", "scaler", "metrics", "history", "transfer_report")
+POSITION_KEYS = ("epoch", "step", "epoch_rng", "step_rng", "sums", "n")
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not match the run; the message says what differs."""
 
 
+# -- plain values --------------------------------------------------------------------------------
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device, torch.Size)
+
+
+def check_plain(obj: Any, where: str) -> None:
+    """``TypeError`` naming the first value in ``obj`` that ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, _SCALARS) or type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_plain(k, f"{where} (a key)")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple, set)) and type(obj) in (list, tuple, set):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"a checkpoint cannot hold {where}: it is a {type(obj).__module__}.{type(obj).__qualname__}. "
+                    "distillx checkpoints hold only tensors and plain Python values, so that resuming never runs "
+                    "code from a file; give that object a state_dict() of plain values")
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _verify_archive(path: str) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated: not a readable zip archive "
+                              f"({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # zlib errors and the like from a damaged member
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: {type(exc).__name__}: {exc}") from exc
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: the data of {bad!r} fails its CRC-32 check")
+
+
+def _problem(ckpt: dict) -> Optional[str]:
+    """What is missing or malformed in a loaded checkpoint (None when nothing)."""
+    missing = [k for k in KEYS if k not in ckpt]
+    if missing:
+        return f"it is incomplete: missing {', '.join(missing)}"
+    if ckpt["phase"] not in PHASES:
+        return f"phase is {ckpt['phase']!r}, not one of {PHASES}"
+    pos = ckpt["position"]
+    if not isinstance(pos, dict):
+        return f"position is a {type(pos).__name__}, not a dict"
+    missing = [k for k in POSITION_KEYS if k not in pos]
+    if missing:
+        return f"it is incomplete: missing position.{', position.'.join(missing)}"
+    for key in ("epoch", "step", "n"):
+        if isinstance(pos[key], bool) or not isinstance(pos[key], int) or pos[key] < 0:
+            return f"position.{key} is {pos[key]!r}, not an int >= 0"
+    if pos["step"] > 0 and pos["epoch_rng"] is None:
+        return "position.epoch_rng is missing for a mid-epoch position"
+    for key in ("epoch_rng", "step_rng"):
+        if pos[key] is not None or key == "step_rng":
+            problem = check_state(pos[key], f"position.{key}")
+            if problem:
+                return problem
+    if pos["sums"] is not None and not (isinstance(pos["sums"], dict)
+                                        and all(isinstance(v, float) for v in pos["sums"].values())):
+        return "position.sums is not a dict of floats"
+    kinds = {"student": dict, "methods": list, "method_keys": list, "optimizer": dict, "metrics": dict,
+             "history": dict, "teacher": (dict, type(None))}
+    for key, kind in kinds.items():
+        if not isinstance(ckpt[key], kind):
+            return f"{key} is a {type(ckpt[key]).__name__}"
+    if len(ckpt["methods"]) != len(ckpt["method_keys"]):
+        return f"it saved {len(ckpt['methods'])} method state(s) for {len(ckpt['method_keys'])} method key(s)"
+    if not all(isinstance(ckpt["history"].get(k), list) for k in PHASES):
+        return "history lacks the teacher/student lists"
+    return None
+
+
 def load(path: str) -> dict:
-    """Read a distillx checkpoint; :class:`CheckpointError` for a missing, corrupt or foreign file."""
+    """Read a distillx checkpoint safely (see the module docstring); :class:`CheckpointError` for a
+    missing, corrupt, incomplete, foreign or unsafe file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    _verify_archive(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path!r} holds objects other than tensors and plain values, which a "
+                              "safe load refuses (distillx never runs code from a checkpoint): it was not written "
+                              f"by this version of distillx, or it was altered. Detail: {str(exc).splitlines()[0]}") from exc
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc}); it may be "
                               "truncated or not a distillx checkpoint") from exc
@@ -41,7 +138,39 @@ def load(path: str) -> dict:
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format version {ckpt.get('version')!r}; this distillx "
                               f"reads version {VERSION}")
+    problem = _problem(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {path!r} is not usable: {problem}")
     return ckpt
+
+
+def save(state: dict, path: str) -> str:
+    """Write a checkpoint :func:`build` returned, atomically, with a CRC-32 on every archive member."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    was = get() if get is not None else True
+    if not was:
+        torch.serialization.set_crc32_options(True)
+    try:
+        save_atomic(state, path)
+    finally:
+        if not was:
+            torch.serialization.set_crc32_options(False)
+    return path
+
+
+def check_directory(directory: Optional[str], name: str = "checkpoint_dir") -> None:
+    """Create ``directory`` and prove a file can be written there, before anything trains; an
+    ``OSError`` naming ``name`` otherwise."""
+    if directory is None:
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with atomic_open(os.path.join(directory, ".distillx-write-test"), "wb") as f:
+            f.write(b"ok")
+        os.unlink(os.path.join(directory, ".distillx-write-test"))
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"{name} {directory!r} is not a writable directory: "
+                                   f"{exc.strerror or exc}; checkpoints could not be written there") from exc
 
 
 def check_state_dict(saved: dict, module: torch.nn.Module, what: str, path: str) -> None:
@@ -63,49 +192,6 @@ def check_state_dict(saved: dict, module: torch.nn.Module, what: str, path: str)
         raise CheckpointError(f"checkpoint {path!r} does not match the {what}: " + " | ".join(problems))
 
 
-def _numpy_random():
-    np = sys.modules.get("numpy")  # only if something imported it: no numpy dependency
-    return np.random if np is not None else None
-
-
-def loader_generators(loader: Any) -> list[torch.Generator]:
-    """Generators a DataLoader draws its shuffle (and worker seeds) from, if it has its own."""
-    gens = []
-    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
-            gens.append(g)
-    return gens
-
-
-def rng_state(extra: Iterable[torch.Generator] = ()) -> dict:
-    """Every generator's state (torch CPU/CUDA, Python, NumPy if imported, and ``extra``)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "extra": [g.get_state() for g in extra]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np_random = _numpy_random()
-    if np_random is not None:
-        state["numpy"] = np_random.get_state()
-    return state
-
-
-def set_rng_state(state: dict, extra: Iterable[torch.Generator] = ()) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_random = _numpy_random()
-    if "numpy" in state and np_random is not None:
-        np_random.set_state(state["numpy"])
-    extra = list(extra)
-    if len(extra) != len(state["extra"]):
-        raise CheckpointError(f"the checkpoint saved {len(state['extra'])} data/augmentation generator(s) but this "
-                              f"run has {len(extra)}: the data loader or augmentations differ from the saved run")
-    for g, s in zip(extra, state["extra"]):
-        g.set_state(s)
-
-
 FILENAME = "checkpoint.pt"  # the one checkpoint of a run, in its checkpoint_dir
 
 
@@ -121,6 +207,7 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
     path = os.path.join(checkpoint_dir, FILENAME) if resume is True else resume
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"resume must be a checkpoint path or True, got {type(resume).__name__}")
+    path = os.fspath(path)
     state = load(path)
     if want_phase is not None and state["phase"] != want_phase:
         raise CheckpointError(f"checkpoint {path!r} is from the {state['phase']} phase, not the {want_phase} "
@@ -140,7 +227,7 @@ def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list
           transfer_report: Optional[dict]) -> dict:
     """The checkpoint of a distillation run at ``position`` of ``phase`` (``teacher`` None when its
     weights need not be saved: an untrained teacher is the user's own)."""
-    return {
+    state = {
         "format": FORMAT, "version": VERSION, "phase": phase, "position": position,
         "student": student.state_dict(), "methods": [m.state_dict() for m in methods],
         "method_keys": list(method_keys), "teacher": teacher.state_dict() if teacher is not None else None,
@@ -148,27 +235,33 @@ def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list
         "scaler": scaler.state_dict() if scaler else None, "metrics": metrics.state_dict(),
         "history": history, "transfer_report": transfer_report,
     }
+    check_plain(state, "checkpoint")
+    return state
 
 
 def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, methods: list, method_keys: list,
             metrics, optimizer, scheduler, scaler) -> bool:
     """Load a checkpoint :func:`for_resume` returned into the run's objects; True when it held
-    the teacher's weights (a trained teacher)."""
-    student.load_state_dict(state["student"])
-    if state.get("teacher") is not None:
-        teacher.load_state_dict(state["teacher"])
+    the teacher's weights (a trained teacher). The optimizer, schedule, scaler and metrics states
+    load first (they are what an altered checkpoint most likely breaks), the weights last."""
+    for obj, saved, what in ((optimizer, state["optimizer"], "optimizer"), (scheduler, state.get("scheduler"), "scheduler"),
+                             (scaler, state.get("scaler"), "scaler"), (metrics, state["metrics"], "metrics log")):
+        if obj is None:
+            continue
+        if saved is None:
+            raise CheckpointError(f"checkpoint {state['path']!r} has no {what} state but this run uses a {what}")
+        try:
+            obj.load_state_dict(saved)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"checkpoint {state['path']!r}: the saved {what} state does not load into this "
+                                  f"run's {what} ({type(exc).__name__}: {exc})") from exc
     for key, m, sd in zip(method_keys, methods, state["methods"]):
         try:
             m.load_state_dict(sd)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {state['path']!r}: method {key!r} does not match its saved "
                                   f"state: {exc}") from exc
-    metrics.load_state_dict(state["metrics"])
-    optimizer.load_state_dict(state["optimizer"])
-    for obj, saved, what in ((scheduler, state.get("scheduler"), "scheduler"), (scaler, state.get("scaler"), "scaler")):
-        if obj is None:
-            continue
-        if saved is None:
-            raise CheckpointError(f"checkpoint {state['path']!r} has no {what} state but this run uses a {what}")
-        obj.load_state_dict(saved)
+    student.load_state_dict(state["student"])
+    if state.get("teacher") is not None:
+        teacher.load_state_dict(state["teacher"])
     return state.get("teacher") is not None

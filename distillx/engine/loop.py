@@ -74,17 +74,31 @@ def _unpack(batch, phase: Phase):
     return indices, to_device(inputs, phase.device), to_device(targets, phase.device)
 
 
-class _SignalGuard:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+class SignalGuard:
+    """Turns SIGINT/SIGTERM into a flag (``signum``) checked between steps (main thread only).
+
+    Guards nest: entering one while another is active returns the active one, so a signal caught
+    while :class:`distillx.Distiller` sets up a phase (transfer, the dry forward pass that builds
+    adapters, the teacher cache) is seen by the loop that starts next. A second signal raises
+    ``KeyboardInterrupt`` at once.
+    """
+
+    _active: Optional["SignalGuard"] = None
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._old = {}
+        self._outer: Optional[SignalGuard] = None
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+    def __enter__(self) -> "SignalGuard":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if SignalGuard._active is not None:
+            self._outer = SignalGuard._active
+            return self._outer
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        SignalGuard._active = self
         return self
 
     def _handle(self, signum, frame):
@@ -93,8 +107,14 @@ class _SignalGuard:
         self.signum = signum
 
     def __exit__(self, *exc):
+        if self._outer is not None:
+            self._outer = None
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        self._old = {}
+        if SignalGuard._active is self:
+            SignalGuard._active = None
 
 
 class Runner:
@@ -148,14 +168,19 @@ class Runner:
         p = self.phase
         start_epoch, start_step = (position["epoch"], position["step"]) if position else (0, 0)
         history: list[dict] = []
-        with _SignalGuard() as guard:
+        with SignalGuard() as guard:
+            if position is not None:
+                # Mid-epoch: the loader's shuffle is drawn from the generators' epoch-start state.
+                # Also when no epoch is left to run (a checkpoint of the phase's end): whatever runs
+                # next (the student phase after the teacher's) starts from the saved state.
+                ckpt.set_rng_state(position["epoch_rng"] if start_step > 0 else position["step_rng"],
+                                   self.generators, ckpt.CheckpointError)
+            if guard.signum is not None:  # caught while the phase was being set up: nothing trained yet
+                self._interrupted(guard, start_epoch, start_step, lambda: dict(position) if position else {
+                    "epoch": start_epoch, "step": 0, "epoch_rng": None, "step_rng": ckpt.rng_state(self.generators),
+                    "sums": None, "n": 0}, None)
             for epoch in range(start_epoch, p.epochs):
-                resuming = position is not None and epoch == start_epoch
-                if resuming and start_step > 0:
-                    # The loader's shuffle is drawn from the generators' epoch-start state.
-                    ckpt.set_rng_state(position["epoch_rng"], self.generators)
-                elif resuming:
-                    ckpt.set_rng_state(position["step_rng"], self.generators)
+                resuming = position is not None and epoch == start_epoch and start_step > 0
                 # Only a checkpoint needs it (a run without checkpoints skips the copy).
                 epoch_rng = ckpt.rng_state(self.generators) if self._saving else None
                 for m in p.modules:
@@ -164,10 +189,11 @@ class Runner:
                 batches = iter(p.loader)
                 sums: dict[str, torch.Tensor] = {}
                 n, step = 0, 0
-                if resuming and start_step > 0:
+                if resuming:
                     for _ in range(start_step):
                         next(batches)
-                    ckpt.set_rng_state(position["step_rng"], self.generators)
+                    ckpt.set_rng_state(position["step_rng"], self.generators, ckpt.CheckpointError)
+                    epoch_rng = position["epoch_rng"]
                     sums = {k: torch.tensor(v, dtype=torch.float64, device=p.device) for k, v in position["sums"].items()}
                     n, step = position["n"], start_step
                 bar = self._bar(epoch)
@@ -192,15 +218,10 @@ class Runner:
                         if bar is not None:
                             bar.update(size * self.ctx.world_size, **floats)
                     if guard.signum is not None:
-                        if bar is not None:
-                            bar.close()
-                        path = self._save(lambda: {"epoch": epoch, "step": step, "epoch_rng": epoch_rng,
-                                                   "step_rng": ckpt.rng_state(self.generators),
-                                                   "sums": {k: float(v) for k, v in sums.items()}, "n": n})
-                        raise TrainingInterrupted(
-                            f"training interrupted by signal {guard.signum} in phase {p.name!r} at epoch {epoch}, "
-                            f"step {step}" + (f"; checkpoint written to {path}" if path else " (no checkpoint_dir: "
-                                              "nothing was saved)"), path)
+                        self._interrupted(guard, epoch, step, lambda: {
+                            "epoch": epoch, "step": step, "epoch_rng": epoch_rng,
+                            "step_rng": ckpt.rng_state(self.generators),
+                            "sums": {k: float(v) for k, v in sums.items()}, "n": n}, bar)
                 metrics = self._epoch_metrics(epoch, sums, n)
                 if bar is not None:
                     bar.close(**{k: v for k, v in metrics.items() if k.startswith("val_")})
@@ -212,6 +233,15 @@ class Runner:
                 self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None,
                                     "step_rng": ckpt.rng_state(self.generators), "sums": None, "n": 0})
         return history
+
+    def _interrupted(self, guard: SignalGuard, epoch: int, step: int, position: Callable[[], dict], bar) -> None:
+        """Write a checkpoint of ``position()`` and raise :class:`TrainingInterrupted`."""
+        if bar is not None:
+            bar.close()
+        path = self._save(position)
+        raise TrainingInterrupted(
+            f"training interrupted by signal {guard.signum} in phase {self.phase.name!r} at epoch {epoch}, step {step}"
+            + (f"; checkpoint written to {path}" if path else " (no checkpoint_dir: nothing was saved)"), path)
 
     def _epoch_metrics(self, epoch: int, sums: dict, n: int) -> dict:
         p = self.phase

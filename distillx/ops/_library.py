@@ -26,6 +26,7 @@ from .. import _ext
 NAMESPACE = "distillx"
 # Divergence codes of the C++ kernels (csrc/include/distillx/logit_divergence.h).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+DIVERGENCE_NAMES = {code: name for name, code in DIVERGENCE_CODES.items()}
 _DEVICE_KEYS = (("cpu", "CPU"), ("cuda", "CUDA"))
 
 
@@ -60,7 +61,13 @@ def backend(op: str, device_type: str) -> str:
 
 
 def use_kernel(op: str, device: torch.device) -> bool:
-    """Whether the family wrapper should call the compiled op; warns once per (op, device) when not."""
+    """Whether the family wrapper should call the compiled op; warns once per (op, device) when not.
+
+    Under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``hessian``, ...) the answer is
+    False, silently: the reference is made of PyTorch operations those transforms differentiate and
+    batch, while an op with a Python autograd formula cannot be transformed."""
+    if torch._C._are_functorch_transforms_active():
+        return False
     if has_kernel(op, device.type):
         return True
     if not _ext.available():
@@ -109,27 +116,69 @@ def non_differentiable(ctx, *outputs) -> None:
     ctx._materialize_non_diff_grads = False  # the switch AOTAutograd uses for the same purpose
 
 
+def building_graph() -> bool:
+    """Inside a backward formula: whether autograd is building a graph of the gradient
+    (``create_graph=True``: a Hessian-vector product, a gradient penalty). The engine runs backward
+    formulas with grad mode equal to ``create_graph``."""
+    return torch.is_grad_enabled()
+
+
+def differentiable_grads(reference: Callable, inputs: Sequence, wrt: Sequence[int], grad_outputs) -> list:
+    """For a ``create_graph`` backward: the gradients of ``reference(*inputs)`` (the op's outputs,
+    recomputed with PyTorch operations) w.r.t. ``inputs[i]`` for ``i`` in ``wrt``, weighted by
+    ``grad_outputs``, themselves differentiable (so the op's second derivative is not dropped).
+    An input given twice (``k is q``) is differentiated once; its gradient comes back at its first
+    position, None at the others (autograd adds the positions up)."""
+    positions, seen = [], []
+    for i in wrt:
+        if all(inputs[i] is not inputs[j] for j in seen):
+            positions.append(i)
+        seen.append(i)
+    with torch.enable_grad():
+        outputs = reference(*inputs)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    grad_outputs = grad_outputs if isinstance(grad_outputs, (tuple, list)) else (grad_outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in positions], [g for _, g in pairs],
+                                create_graph=True, allow_unused=True)
+    grads = {i: g for i, g in zip(positions, found)}
+    return [grads.get(i) for i in wrt]
+
+
 def register_scalar_loss(op: str, fake: Callable, num_args: int, grad_args: Sequence[int],
-                         compute_grad_arg: int) -> bool:
+                         compute_grad_arg: int, reference: Callable) -> bool:
     """Register an op that returns ``(loss, grad_for_args[grad_args[0]], …)`` when its
     ``compute_grad`` argument (position ``compute_grad_arg``) is true: the kernel computes the
     gradient in the same pass as the scalar loss (as Liger-Kernel does), so backward only scales the
-    saved gradients by the upstream scalar."""
+    saved gradients by the upstream scalar. ``reference(*inputs) -> loss`` (PyTorch operations)
+    serves a ``create_graph`` backward: the op keeps its tensor inputs for it."""
 
     def setup(ctx, inputs, output):
         ctx.compute_grad = inputs[compute_grad_arg]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*output[1:])
+        ctx.inputs = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+        ctx.tensor_at = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.grads = len(output) - 1
+        ctx.save_for_backward(*output[1:], *(inputs[i] for i in ctx.tensor_at))
         non_differentiable(ctx, *output[1:])
 
     def backward(ctx, grad_loss, *_):
         grads = [None] * num_args
         if grad_loss is None:
             return tuple(grads)
+        saved = ctx.saved_tensors
+        if building_graph():
+            inputs = list(ctx.inputs)
+            for i, x in zip(ctx.tensor_at, saved[ctx.grads:]):
+                inputs[i] = x
+            wrt = [i for i in grad_args if ctx.needs_input_grad[i]]
+            for i, g in zip(wrt, differentiable_grads(reference, inputs, wrt, grad_loss)):
+                grads[i] = g
+            return tuple(grads)
         if not ctx.compute_grad:
             raise RuntimeError(f"distillx::{op} was called with compute_grad=False; call it with "
                                "compute_grad=True to differentiate it")
-        for position, grad in zip(grad_args, ctx.saved_tensors):
+        for position, grad in zip(grad_args, saved[:ctx.grads]):
             grads[position] = grad * grad_loss
         return tuple(grads)
 

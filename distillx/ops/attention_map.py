@@ -3,7 +3,9 @@
 normalisation and the squared error act on the small (B, H, W) maps in PyTorch.
 
 C++: ``csrc/cpu/attention_map.cpp``, ``csrc/cuda/attention_map.cu``, checks in
-``csrc/include/distillx/attention_map.h``; backward is its own op, ``distillx::attention_map_backward``.
+``csrc/include/distillx/attention_map.h``; backward is its own op, ``distillx::attention_map_backward``
+(a backward with ``create_graph=True`` differentiates the reference instead, so second-order
+gradients are exact).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._library import acc_dtype, register, use_kernel
+from ._library import acc_dtype, building_graph, differentiable_grads, register, use_kernel
 
 OP = "attention_map"
 
@@ -31,6 +33,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (feature,) = ctx.saved_tensors
+    if building_graph():  # create_graph=True: the same gradient, built from differentiable operations
+        return differentiable_grads(lambda f: ref.attention_map(f, ctx.p), [feature], [0], grad)[0], None
     return torch.ops.distillx.attention_map_backward(grad, feature, ctx.p), None
 
 
@@ -51,9 +55,11 @@ def _pool_to(a: torch.Tensor, size: tuple) -> torch.Tensor:
 
 def attention_map_loss(f_s, f_t, p):
     """:func:`distillx.functional.attention_map_loss` on validated (B, C, H, W) maps (``f_t`` detached)."""
-    a_s = attention_map(f_s, p)
+    # On F / max|F| per sample (ref.unit_scale): the normalised map is unchanged, |F|^p stays finite for any p.
+    acc = acc_dtype(f_s.dtype)
+    a_s = attention_map(ref.unit_scale(f_s.to(acc)), p)
     with torch.no_grad():
-        a_t = attention_map(f_t, p)
+        a_t = attention_map(ref.unit_scale(f_t.to(acc)), p)
     size = (min(a_s.shape[-2], a_t.shape[-2]), min(a_s.shape[-1], a_t.shape[-1]))
     a_s = F.normalize(_pool_to(a_s, size).flatten(1), dim=1, eps=1e-12)
     a_t = F.normalize(_pool_to(a_t, size).flatten(1), dim=1, eps=1e-12)

@@ -1,7 +1,8 @@
 """MiniLM attention-relation loss: ``distillx::attention_relation`` is flash-attention style: the
 forward makes one online-softmax pass over key blocks and keeps only each row's log-sum-exps;
 ``distillx::attention_relation_backward`` recomputes the score tiles block by block. Neither holds
-an (L, L) matrix.
+an (L, L) matrix. A backward with ``create_graph=True`` differentiates the reference instead (it
+does hold the (L, L) matrices), so second-order gradients are exact.
 
 C++: ``csrc/cpu/attention_relation.cpp``, ``csrc/cuda/attention_relation.cu``, checks in
 ``csrc/include/distillx/attention_relation.h``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import reference as ref
-from ._library import acc_dtype, register, use_kernel
+from ._library import acc_dtype, building_graph, differentiable_grads, register, use_kernel
 
 OP = "attention_relation"
 
@@ -34,6 +35,11 @@ def _backward(ctx, grad_loss, _grad_stats):
     q_s, k_s, q_t, k_t, mask, stats = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None, None
+    if building_graph():  # create_graph=True: the same gradient, built from differentiable operations
+        wrt = [i for i in (0, 1) if ctx.needs_input_grad[i]]
+        found = dict(zip(wrt, differentiable_grads(ref.attention_relation_loss_reference, [q_s, k_s, q_t, k_t, mask],
+                                                   wrt, grad_loss)))
+        return found.get(0), found.get(1), None, None, None
     gq, gk = torch.ops.distillx.attention_relation_backward(grad_loss, q_s, k_s, q_t, k_t, mask, stats)
     return gq, gk, None, None, None
 

@@ -12,7 +12,8 @@
 C++: ``csrc/cpu/kernel_gram.cpp``, ``csrc/cuda/kernel_gram.cu``; the panel loop and both ops' host
 code are ``csrc/include/distillx/kernel_gram.h``. ``distillx::kernel_gram`` and
 ``distillx::kernel_mmd`` return the loss and, in the same pass, its gradient w.r.t. the student rows;
-backward only scales that gradient by the upstream scalar. Kernel names, codes and parameters come
+backward only scales that gradient by the upstream scalar (a backward with ``create_graph=True``
+differentiates the dense formulation of the op instead, so second-order gradients are exact). Kernel names, codes and parameters come
 from :mod:`distillx.ops.kernel_table`.
 """
 from __future__ import annotations
@@ -38,8 +39,41 @@ def _mmd_fake(s, t, weights, kernel, params, panel_rows, compute_grad):
     return _loss_and_grad(s, compute_grad)
 
 
-register_scalar_loss("kernel_gram", _gram_fake, num_args=8, grad_args=(0,), compute_grad_arg=7)
-register_scalar_loss("kernel_mmd", _mmd_fake, num_args=7, grad_args=(0,), compute_grad_arg=6)
+def _panel_kernel(x, z, code, p):
+    """The panel kernels' k(x_i, z_j) in PyTorch operations, from the op's parameter vector ``p``
+    (see :func:`_side_params`; Chebyshev rows are already their features, T_1 in columns D:2D)."""
+    p = p.to(x.dtype).tolist()
+    g = x @ z.T
+    if code == KERNELS["polynomial"].code:
+        return (g * p[0] + p[1]) ** p[2]
+    if code == KERNELS["rbf"].code:
+        d2 = (x.pow(2).sum(1, keepdim=True) + z.pow(2).sum(1) - 2 * g).clamp(min=0)
+        return torch.exp(-p[0] * d2)
+    if code == KERNELS["chebyshev"].code:
+        D = int(round(p[0]))
+        return g / p[0] / torch.sqrt((1 - x[:, D:2 * D] @ z[:, D:2 * D].T / p[0]) + p[1])
+    return g  # linear
+
+
+def _gram_reference(s, t, kernel, s_params, t_params, normalize_rows, panel_rows, compute_grad):
+    """``distillx::kernel_gram``'s loss in PyTorch operations (dense (N, N) Gram matrices)."""
+    ks, kt = _panel_kernel(s, s, kernel, s_params), _panel_kernel(t, t, kernel, t_params)
+    if normalize_rows:
+        ks, kt = torch.nn.functional.normalize(ks, dim=1), torch.nn.functional.normalize(kt, dim=1)
+    return (ks - kt).pow(2).mean()
+
+
+def _mmd_reference(s, t, weights, kernel, params, panel_rows, compute_grad):
+    """``distillx::kernel_mmd``'s loss aᵀ K a over x = [s; t] in PyTorch operations."""
+    x = torch.cat([s, t])
+    a = weights.to(x.dtype)
+    return a @ _panel_kernel(x, x, kernel, params) @ a
+
+
+register_scalar_loss("kernel_gram", _gram_fake, num_args=8, grad_args=(0,), compute_grad_arg=7,
+                     reference=_gram_reference)
+register_scalar_loss("kernel_mmd", _mmd_fake, num_args=7, grad_args=(0,), compute_grad_arg=6,
+                     reference=_mmd_reference)
 
 
 def resolve(kernel, params: dict):

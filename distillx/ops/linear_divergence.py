@@ -7,14 +7,17 @@ Rows are processed in chunks: per chunk both logit blocks are GEMMs, the row ker
 student block into ∂loss/∂logits, and GEMMs fold it into the hidden/weight/bias gradients. For scalar
 reductions the gradient is computed in the forward pass and backward only scales it; for
 ``reduction="none"`` backward recomputes the chunks with the upstream gradients folded into the row
-weights.
+weights. A backward with ``create_graph=True`` (second-order gradients) recomputes the gradient with
+PyTorch operations on the saved inputs, so autograd can differentiate it again.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference as ref
-from ._library import DIVERGENCE_CODES, acc_dtype, non_differentiable, reduce_total, register, use_kernel
+from ._library import (DIVERGENCE_CODES, DIVERGENCE_NAMES, acc_dtype, building_graph, differentiable_grads,
+                       non_differentiable, reduce_total, register, use_kernel)
 
 OP = "linear_divergence"
 
@@ -41,8 +44,27 @@ def _setup(ctx, inputs, output):
     non_differentiable(ctx, *output[2:])
 
 
+def _reference(hs, ws, bs, ht, wt, bt, row_weight, temperature, divergence, beta):
+    """The op's ``(total, rows)`` in PyTorch operations (both logit blocks materialised)."""
+    if row_weight is not None:  # a dropped row's hidden state reaches nothing (0 · NaN = NaN otherwise)
+        hs = torch.where((row_weight != 0)[:, None], hs, torch.zeros((), dtype=hs.dtype, device=hs.device))
+    rows = ref.divergence_rows(F.linear(hs, ws, bs), F.linear(ht, wt, bt), temperature, DIVERGENCE_NAMES[divergence],
+                               beta)
+    if row_weight is not None:
+        rows = rows * row_weight
+    return rows.sum(), rows
+
+
 def _backward(ctx, grad_total, grad_rows, *_):
     hs, ws, bs, ht, wt, bt, row_weight, *saved = ctx.saved_tensors
+    if building_graph():  # create_graph=True: a gradient autograd can differentiate again
+        wrt = [i for i in range(3) if ctx.needs_input_grad[i]]
+        found = differentiable_grads(lambda *x: _reference(*x, *ctx.params[:3]), [hs, ws, bs, ht, wt, bt, row_weight],
+                                     wrt, (grad_total, grad_rows))
+        grads = [None, None, None]
+        for i, g in zip(wrt, found):
+            grads[i] = g
+        return (*grads, None, None, None, None, None, None, None, None, None)
     grads = [None, None, None]
     if ctx.compute_grad and grad_total is not None:
         # Forward already produced d(total)/dθ: scale it (O(N·H + C·H), no recomputation).
@@ -78,7 +100,7 @@ def linear_kd_loss(hs, ws, ht, wt, bs, bt, temperature, divergence, beta, reduct
     compute_grad = needs_grad and reduction != "none"
     total, rows, *_ = torch.ops.distillx.linear_divergence(
         hs2, ws, bs, ht2, wt, bt, weight, float(temperature), DIVERGENCE_CODES[divergence], float(beta),
-        int(chunk_size or 0), compute_grad)
+        min(chunk_size, max(hs2.shape[0], 1)) if chunk_size else 0, compute_grad)  # int64-safe: at most N
     if reduction == "none":
         return rows.reshape(rows_shape).to(dtype)
     kept = float(hs2.shape[0]) if mask is None else weight.sum()

@@ -4,14 +4,17 @@ C++: ``csrc/cpu/logit_divergence.cpp``, ``csrc/cuda/logit_divergence.cu``, host 
 ``csrc/include/distillx/logit_divergence.h``. The kernel computes each row's gradient in the same
 pass as its loss (a row's gradient needs only that row), so backward scales what forward produced
 by the per-row upstream gradient; without ``compute_grad`` backward recomputes it with the upstream
-gradient folded into the row weights.
+gradient folded into the row weights. A backward with ``create_graph=True`` (second-order
+gradients) recomputes the gradient with PyTorch operations on the saved logits, so autograd can
+differentiate it again; the op keeps references to both logit tensors until backward for that.
 """
 from __future__ import annotations
 
 import torch
 
 from . import reference as ref
-from ._library import DIVERGENCE_CODES, acc_dtype, non_differentiable, reduce_total, register, use_kernel
+from ._library import (DIVERGENCE_CODES, DIVERGENCE_NAMES, acc_dtype, building_graph, differentiable_grads,
+                       non_differentiable, reduce_total, register, use_kernel)
 
 OP = "logit_divergence"
 
@@ -26,30 +29,41 @@ def _setup(ctx, inputs, output):
     student, teacher, row_weight, temperature, divergence, beta, compute_grad = inputs
     ctx.compute_grad = compute_grad
     ctx.set_materialize_grads(False)
-    if compute_grad:
-        ctx.save_for_backward(output[1])
-    else:
-        ctx.save_for_backward(student, teacher, row_weight)
-        ctx.params = (temperature, divergence, beta)
+    ctx.params = (temperature, divergence, beta)
+    # The logits are kept (references, not copies) for a create_graph backward and for compute_grad=False.
+    ctx.save_for_backward(student, teacher, row_weight, output[1] if compute_grad else None)
     non_differentiable(ctx, output[1])
+
+
+def _reference_rows(student, teacher, row_weight, temperature, divergence, beta):
+    """The op's per-row losses in PyTorch operations (a dropped row, weight 0, reaches nothing)."""
+    if row_weight is not None:
+        keep = (row_weight != 0)[:, None]
+        zero = torch.zeros((), dtype=student.dtype, device=student.device)
+        student, teacher = torch.where(keep, student, zero), torch.where(keep, teacher, zero)
+    rows = ref.divergence_rows(student, teacher, temperature, DIVERGENCE_NAMES[divergence], beta)
+    return rows if row_weight is None else rows * row_weight
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
     if grad_rows is None:
         return (None,) * 7
+    student, teacher, row_weight, grad = ctx.saved_tensors
+    if building_graph():  # create_graph=True: a gradient autograd can differentiate again
+        (grad,) = differentiable_grads(lambda s: _reference_rows(s, teacher, row_weight, *ctx.params), [student],
+                                       [0], grad_rows)
+        return grad, None, None, None, None, None, None
     if not ctx.compute_grad:
         # Forward kept no gradient: recompute it with the upstream gradient folded into the weights.
-        student, teacher, row_weight = ctx.saved_tensors
         weight = grad_rows if row_weight is None else grad_rows * row_weight
         _, grad = torch.ops.distillx.logit_divergence(student, teacher, weight, *ctx.params, True)
         return grad, None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
     scale = grad_rows.unsqueeze(1).to(grad.dtype)
     if _graph_is_freed_after_this_backward() and type(grad) is torch.Tensor:
         # The saved gradient is ours alone and dies with the graph: scale it in place rather than
         # allocate (and page-fault) another (N, C) tensor; that keeps peak memory at one gradient.
         return grad.mul_(scale), None, None, None, None, None, None
-    # retain_graph/create_graph (e.g. gradcheck), or traced by torch.compile: stay functional.
+    # retain_graph (e.g. gradcheck), or traced by torch.compile: stay functional.
     return grad * scale, None, None, None, None, None, None
 
 

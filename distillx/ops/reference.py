@@ -243,13 +243,26 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return f.abs().pow(p).mean(1)
 
 
+def unit_scale(f: torch.Tensor) -> torch.Tensor:
+    """``f`` divided by each sample's max ``|f|`` (over every dimension but the batch; 1 for an
+    all-zero sample), the divisor detached. A normalised attention map is the same for ``f`` and
+    ``c·f`` (c > 0), so this changes nothing but the range: ``|f|^p`` stays in [0, 1] for any ``p``
+    where it would overflow (or vanish) for large ``p``. The gradient through the divisor is exactly
+    0 (scale invariance), hence detached. NaN/inf in a sample still make its map non-finite."""
+    if f.dim() < 2 or f.numel() == 0:
+        return f
+    m = f.detach().abs().amax(dim=tuple(range(1, f.dim())), keepdim=True)
+    return f / torch.where(m > 0, m, torch.ones_like(m))
+
+
 def attention_map_loss_reference(f_s, f_t, p=2.0, eps=1e-12):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): ``mean_{b,k} (a_s − a_t)²``.
 
     a(F) = L2-normalise(vec(pool(mean_c |F|^p))) per sample; the larger map is adaptive-average-
     pooled to the smaller one's size (after the channel reduction, so channel counts may differ).
+    Each sample is computed on F / max|F| (:func:`unit_scale`), so any p > 0 stays finite.
     """
-    a_s, a_t = attention_map(f_s, p), attention_map(f_t.detach(), p)
+    a_s, a_t = attention_map(unit_scale(f_s), p), attention_map(unit_scale(f_t.detach()), p)
     hs, ws = a_s.shape[-2:]
     ht, wt = a_t.shape[-2:]
     size = (min(hs, ht), min(ws, wt))

@@ -40,6 +40,16 @@ def test_entry_point_plugins_show_distribution_and_failures(install_fake, capsys
     assert re.search(r"^failed to load:\n  broken \(fake-broken 0\.1\): import: ModuleNotFoundError", out, re.M), out
 
 
+def test_a_plugin_running_argparse_at_import_does_not_end_the_command(install_fake, capsys, recwarn):
+    install_fake("fake-good", "1.2.3", {"good": "fake_good_mod"}, {"fake_good_mod": fakes.GOOD})
+    install_fake("fake-argparse", "0.4", {"argy": "fake_argparse_mod"}, {"fake_argparse_mod": fakes.ARGPARSE_AT_IMPORT})
+    assert plugins_cli.main([]) == 1  # the listing, with the failure, not argparse's exit 2
+    captured = capsys.readouterr()
+    assert re.search(r"^  fake_mse\s+good \(fake-good 1\.2\.3\)$", captured.out, re.M), captured.out
+    assert re.search(r"^failed to load:\n  argy \(fake-argparse 0\.4\): import: SystemExit: 2$", captured.out,
+                     re.M), captured.out
+
+
 def test_overrides_and_disabled_are_shown(install_fake, monkeypatch, capsys):
     install_fake("fake-over", "1.0", {"over": "fake_over_mod"}, {"fake_over_mod": fakes.OVERRIDE_KD})
     install_fake("fake-good", "1.2.3", {"good": "fake_good_mod"}, {"fake_good_mod": fakes.GOOD})

@@ -2,6 +2,7 @@
 state dicts need an architecture, pickled models need --allow-pickle, bad inputs are clear errors."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import textwrap
@@ -66,10 +67,13 @@ def test_dry_run_writes_nothing_and_json_to_stdout(arch, capsys):
     assert payload["strategy"] == "select" and set(os.listdir(tmp)) == files
 
 
-def test_pickled_models_need_allow_pickle(tmp_path, capsys):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickled_models_need_allow_pickle(tmp_path, capsys, zip_format):
     torch.manual_seed(0)
-    torch.save(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3)), tmp_path / "t.pt")
-    torch.save(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "s.pt")
+    torch.save(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3)), tmp_path / "t.pt",
+               _use_new_zipfile_serialization=zip_format)
+    torch.save(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "s.pt",
+               _use_new_zipfile_serialization=zip_format)
     args = ["transfer", "direct", "--teacher", str(tmp_path / "t.pt"), "--student", str(tmp_path / "s.pt")]
     with pytest.raises(SystemExit, match="--allow-pickle"):
         cli(args)
@@ -93,3 +97,55 @@ def test_unknown_option_is_reported(arch, capsys):
     tmp, _, _ = arch
     assert cli(_args(tmp, "--option", "nonsense=1")) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+RAISING_ARCH = textwrap.dedent("""
+    def broken():
+        raise RuntimeError("the config file for this model is missing")
+""")
+
+
+def test_a_builder_that_raises_is_a_clear_error(arch, capsys):
+    tmp, _, _ = arch
+    (tmp / "cli_arch_broken.py").write_text(RAISING_ARCH)
+    args = [x if x != "cli_arch_models:student" else "cli_arch_broken:broken" for x in _args(tmp)]
+    with pytest.raises(SystemExit, match=r"^distillx transfer: --student-arch 'cli_arch_broken:broken' raised "
+                                         r"RuntimeError: the config file for this model is missing$"):
+        cli(args)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_an_output_path_that_is_a_directory(arch, flag):
+    tmp, _, _ = arch
+    (tmp / "outdir").mkdir()
+    with pytest.raises(SystemExit, match=rf"^distillx transfer: {flag} '{tmp / 'outdir'}' is a directory; give the "
+                                         "path of the file to write$"):
+        cli(_args(tmp, flag, str(tmp / "outdir")))
+    assert os.listdir(tmp / "outdir") == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "garbage", "random", "legacy-truncated"])
+def test_a_damaged_checkpoint_does_not_suggest_allow_pickle(arch, damage):
+    tmp, _, _ = arch
+    path = tmp / "teacher.pt"
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+        expected = "is corrupt or truncated: its zip archive is truncated or damaged"
+    elif damage == "zeroed":
+        cut = bytearray(raw)
+        cut[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+        path.write_bytes(cut)
+        expected = "is corrupt or truncated: the data of '.*' fails its CRC-32 check"
+    elif damage == "legacy-truncated":  # the pre-zip format of a whole model, cut in its pickle
+        buffer = io.BytesIO()
+        torch.save(nn.Linear(12, 5), buffer, _use_new_zipfile_serialization=False)
+        path.write_bytes(buffer.getvalue()[:300])
+        expected = r"is corrupt or truncated: it is not a torch.save file \(its pickles do not parse\)"
+    else:
+        path.write_bytes(b"this is not a checkpoint at all" if damage == "garbage" else bytes(range(256)) * 3)
+        expected = r"is corrupt or truncated: it is not a torch.save file \(its pickles do not parse\)"
+    for extra in ((), ("--allow-pickle",)):
+        with pytest.raises(SystemExit, match=rf"--teacher '{path}' {expected}") as info:
+            cli(_args(tmp, *extra))
+        assert "--allow-pickle" not in str(info.value)

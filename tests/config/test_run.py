@@ -61,10 +61,11 @@ def nan_digits(nan_from_pass: int = 1, **options):
 
 
 class _SigintAt:
-    """The wrapped loader's batches; sends SIGINT to this process before batch ``step`` of pass ``first``."""
+    """The wrapped loader's batches; before batch ``step`` of pass ``first`` sends SIGINT to this
+    process (``how="sigint"``) or raises RuntimeError (``how="crash"``: a run that dies)."""
 
-    def __init__(self, loader, first: int, step: int):
-        self.loader, self.first, self.step, self.passes = loader, first, step, 0
+    def __init__(self, loader, first: int, step: int, how: str = "sigint"):
+        self.loader, self.first, self.step, self.how, self.passes = loader, first, step, how, 0
 
     def __len__(self):
         return len(self.loader)
@@ -73,13 +74,15 @@ class _SigintAt:
         this, self.passes = self.passes, self.passes + 1
         for i, batch in enumerate(self.loader):
             if this == self.first and i == self.step:
+                if self.how == "crash":
+                    raise RuntimeError(f"killed in pass {this}, batch {i}")
                 os.kill(os.getpid(), signal.SIGINT)
             yield batch
 
 
-def interrupted_digits(interrupt_pass: int = -1, **options):
+def interrupted_digits(interrupt_pass: int = -1, interrupt_step: int = 5, how: str = "sigint", **options):
     data = digits(**options)
-    return {"train": _SigintAt(data["train"], interrupt_pass, 5), "val": data["val"]}
+    return {"train": _SigintAt(data["train"], interrupt_pass, interrupt_step, how), "val": data["val"]}
 
 
 def not_loaders():
@@ -257,6 +260,132 @@ def test_an_interrupted_run_is_exit_130_and_resumes(tmp_path, capsys):
     code, _ = run(tmp_path, *data, "--resume", epochs=(1, 1))  # interrupt_pass back to -1: no signal
     assert code == 0
     assert epochs_logged(out, "student") == [0] and (out / "student.pt").is_file()
+
+
+NOISE = ["--set", 'augmentations=[{"name": "noise", "std": 0.1}]', "--set", f"data.builder={HERE}:interrupted_digits"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The digits config with noise augmentation, teacher 2 epochs, student 2, run without a stop."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    code, out = run(tmp, *NOISE, epochs=(2, 2))
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("how, interrupt_pass, step, exit_code, phase", [
+    ("sigint", 1, 5, 130, "teacher"),     # mid teacher epoch 1: a checkpoint of the exact step
+    ("sigint", 2, 0, 130, "student"),     # the first student step
+    ("crash", 2, 9, 1, "teacher"),        # dies in the first student epoch: resumes from the teacher's end
+    ("sigint", 3, 11, 130, "student"),    # mid student epoch 1
+    ("crash", 3, 11, 1, "student"),       # dies in student epoch 1: resumes from its start
+], ids=["sigint-teacher", "sigint-student-step0", "crash-first-student-epoch", "sigint-mid-student",
+        "crash-mid-student"])
+def test_an_interrupted_run_with_augmentation_resumes_bitwise(uninterrupted, tmp_path, capsys, how, interrupt_pass,
+                                                              step, exit_code, phase):
+    stop = ["--set", f"data.options.interrupt_pass={interrupt_pass}", "--set", f"data.options.interrupt_step={step}",
+            "--set", f"data.options.how={how}"]
+    code, out = run(tmp_path, *NOISE, *stop, epochs=(2, 2))
+    assert code == exit_code, capsys.readouterr().err
+    assert ckpt.load(str(out / "checkpoint.pt"))["phase"] == phase
+    torch.manual_seed(99)  # the resumed process starts from another state
+    code, _ = run(tmp_path, *NOISE, "--resume", epochs=(2, 2))
+    assert code == 0, capsys.readouterr().err
+    for name in ("student.pt", "teacher.pt"):
+        a = torch.load(uninterrupted / name, weights_only=True)
+        b = torch.load(out / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert epochs_logged(out, "student") == [0, 1] and epochs_logged(out, "teacher") == [0, 1]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["crafted", "zeroed", "incomplete"])
+def test_resume_refuses_a_crafted_or_damaged_checkpoint(finished, tmp_path, capsys, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    path = out / "checkpoint.pt"
+    marker = tmp_path / "code-ran"
+    if damage == "zeroed":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)
+        path.write_bytes(raw)
+    else:
+        content = torch.load(path, weights_only=False)  # our own file
+        if damage == "crafted":
+            content["metrics"] = _RunsCode(marker)
+        else:
+            del content["phase"]
+        torch.save(content, path)
+    before = student_state(out)
+    code, _ = run(tmp_path, "--resume", epochs=(1, 2))
+    assert code == 2
+    err = capsys.readouterr().err
+    expected = {"crafted": "holds objects other than tensors and plain values, which a safe load refuses",
+                "zeroed": "is corrupt: the data of", "incomplete": "is not usable: it is incomplete: missing phase"}
+    assert err.startswith(f"distillx run: --resume: checkpoint {str(path)!r} {expected[damage]}"), err
+    assert not marker.exists(), "nothing from the checkpoint was executed"
+    after = student_state(out)
+    assert all(torch.equal(before[k], after[k]) for k in before), "the run did not start"
+
+
+def test_output_dir_with_files_distillx_did_not_write_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}\n')
+    (out / "metrics.json").write_text('{"accuracy": 0.99}\n')
+    code, _ = run(tmp_path, epochs=(0, 1))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"distillx run: output_dir {str(out)!r} is not empty (config.json, metrics.json) and its "
+                          "config.json is not this run's config; a run would replace config.json, metrics.json."), err
+    assert (out / "config.json").read_text() == '{"mine": true}\n'
+    assert (out / "metrics.json").read_text() == '{"accuracy": 0.99}\n'
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.json"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("mine")
+    code, _ = run(tmp_path, epochs=(0, 1), name="notes")
+    assert code == 2 and "is not empty (README) and it holds no distillx run" in capsys.readouterr().err
+    # --overwrite replaces distillx's outputs there and leaves other files alone
+    (out / "notes.txt").write_text("keep me")
+    code, _ = run(tmp_path, "--overwrite", epochs=(0, 1))
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["output_dir"] == str(out)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_an_output_dir_that_cannot_be_written_is_exit_2(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+        code = main(["digits", "--quiet", "--set", f"output_dir={out}", "--set", "teacher.epochs=1",
+                     "--set", "student.epochs=1"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"distillx run: output_dir {str(out)!r} "), err
+        assert "Traceback" not in err and "training failed" not in err
+
+
+def test_an_earlier_attempt_of_the_same_config_may_be_rerun(tmp_path, capsys):
+    """A run that stopped before its first checkpoint left config.json (and metrics.json): running
+    the same config again is allowed, another config is not."""
+    code, out = run(tmp_path, "--set", f"data.builder={HERE}:nan_digits", "--set", "data.options.nan_from_pass=0",
+                    epochs=(0, 1))
+    assert code == 3 and sorted(os.listdir(out)) == ["config.json", "metrics.json"]
+    capsys.readouterr()
+    code, _ = run(tmp_path, "--set", f"data.builder={HERE}:nan_digits", "--set", "data.options.nan_from_pass=0",
+                  epochs=(0, 1))
+    assert code == 3 and "its loss is nan" in capsys.readouterr().err
+    code, _ = run(tmp_path, epochs=(0, 1))
+    assert code == 2 and "its config.json is not this run's config" in capsys.readouterr().err
 
 
 def test_a_missing_config_file(tmp_path, capsys):

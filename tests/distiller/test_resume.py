@@ -1,72 +1,248 @@
-"""Checkpoints and exact resume: a run interrupted by SIGINT (mid teacher phase or mid distillation)
-and resumed in fresh objects ends with bit-identical weights to an uninterrupted run on CPU; bad
-checkpoints are errors naming what does not match."""
+"""Checkpoints and exact resume: a run interrupted by SIGINT or killed (an exception) in any phase and
+resumed in fresh objects ends with bit-identical weights to an uninterrupted run on CPU, whatever holds
+the loader's generator; loaders whose random state cannot be saved are refused; bad checkpoints are
+errors naming what does not match."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
 import distillx as dx
+from distillx.config.data import digits
+from distillx.data import tensor_loader
 from distillx.engine import CheckpointError, TrainingInterrupted
 from distillx._atomic import save_atomic
 from distillx.engine import checkpoint as ckpt
+from distillx.methods import Method
 
 from distillx.testing import data, loader, same, state, student, teacher
 
 EPOCHS, TEACHER_EPOCHS = 3, 2
 
 
+class Crash(RuntimeError):
+    """A run killed by a failure (no SIGINT handler, no checkpoint of the exact step)."""
+
+
 class InterruptAt:
-    """A task loss that sends SIGINT to this process on its ``at``-th call (cross-entropy otherwise).
+    """A task loss that sends SIGINT to this process (``how="sigint"``) or raises :class:`Crash`
+    (``how="crash"``) on its ``at``-th call (cross-entropy otherwise).
 
     Calls count training steps and validation batches (validation uses the task loss too): with 320
     samples in batches of 32 and 450 validation samples in batches of 256, calls 1-24 are the teacher
     phase (10 steps + 2 validation batches per epoch), 25-60 distillation."""
 
-    def __init__(self, at=None):
-        self.calls, self.at = 0, at
+    def __init__(self, at=None, how="sigint"):
+        self.calls, self.at, self.how = 0, at, how
 
     def __call__(self, logits, targets):
         self.calls += 1
         if self.calls == self.at:
+            if self.how == "crash":
+                raise Crash(f"killed at call {self.at}")
             os.kill(os.getpid(), signal.SIGINT)
         return F.cross_entropy(logits, targets)
 
 
-def run(tmp, global_shuffle, interrupt_at=None, resume=None, seeds=(0, 1)):
+class LogitAdapter(Method):
+    """MSE between a linear map of the student's logits and the teacher's; the map is built from the
+    first features seen (the Distiller's dry forward pass before the student phase), with random
+    weights from the global generator. ``signal_in_setup`` sends SIGINT during that pass."""
+
+    name = "logit_adapter"
+    options = {"signal_in_setup": False}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.adapter = None
+
+    @property
+    def needs_setup(self):
+        return self.adapter is None
+
+    def setup(self, student, teacher):
+        if self.signal_in_setup:
+            os.kill(os.getpid(), signal.SIGINT)
+        self.adapter = nn.Linear(student["logits"].shape[1], teacher["logits"].shape[1])
+
+    def loss(self, student, teacher, batch=None):
+        return F.mse_loss(self.adapter(student["logits"]), teacher["logits"])
+
+
+class Transfer:
+    """``select`` from the teacher; ``fail=True`` raises first (a run killed between the phases)."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def __call__(self, t, s):
+        if self.fail:
+            raise Crash("killed during the transfer")
+        return dx.transfer("select", t, s)
+
+
+class ShuffledBatches(Sampler):
+    """A batch sampler of its own: a nested RandomSampler (with its generator) orders the samples, a
+    second generator decides whether the batches run backwards."""
+
+    def __init__(self, n, batch_size, seed):
+        self.order = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+        self.coin = torch.Generator().manual_seed(seed + 1)
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        idx = list(self.order)
+        batches = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if torch.rand((), generator=self.coin) < 0.5:
+            batches.reverse()
+        return iter(batches)
+
+    def __len__(self):
+        return -(-len(self.order) // self.batch_size)
+
+
+def make_loader(kind, x, y):
+    if kind == "batch-sampler-as-sampler":  # distillx.data.tensor_loader, the digits config's loader
+        return tensor_loader(x, y, 32, shuffle=True, seed=5)
+    if kind == "custom-batch-sampler":
+        return DataLoader(TensorDataset(x, y), batch_sampler=ShuffledBatches(len(x), 32, seed=5))
+    return loader(x, y, 32, seed=None if kind == "global-rng-shuffle" else 5)
+
+
+def run(tmp, kind, interrupt_at=None, how="sigint", resume=None, seeds=(0, 1), transfer_fails=False,
+        signal_in_setup=False):
     x, y, xv, yv = data(320)
     t, s = teacher(seeds[0]), student(seeds[1])
-    train = loader(x, y, 32, seed=None if global_shuffle else 5)
-    d = dx.Distiller(t, s, [dx.method("kd", T=2.0, weight=0.5)], task_loss=InterruptAt(interrupt_at),
-                     checkpoint_dir=str(tmp), augmentations=[{"name": "noise", "std": 0.05}], seed=3,
-                     transfer="select", weight_schedules={"kd": dx.engine.linear(0.0, 1.0, 2)}, progress=False)
+    train = make_loader(kind, x, y)
+    d = dx.Distiller(t, s, [dx.method("kd", T=2.0, weight=0.5), LogitAdapter(weight=0.1, signal_in_setup=signal_in_setup)],
+                     task_loss=InterruptAt(interrupt_at, how), checkpoint_dir=str(tmp),
+                     augmentations=[{"name": "noise", "std": 0.05}], seed=3, transfer=Transfer(transfer_fails),
+                     weight_schedules={"kd": dx.engine.linear(0.0, 1.0, 2)}, progress=False)
     if resume:
         torch.manual_seed(1234)  # a different process state: everything must come from the checkpoint
+        random.seed(1234)
+        np.random.seed(1234)
     d.fit(train, EPOCHS, loader(xv, yv, 256, shuffle=False), teacher_epochs=TEACHER_EPOCHS, resume=resume)
     return d, state(s), state(t)
 
 
-@pytest.mark.parametrize("global_shuffle", [False, True], ids=["loader-generator", "global-rng-shuffle"])
-@pytest.mark.parametrize("at", [15, 30, 52], ids=["teacher-phase", "student-epoch0", "student-epoch2"])
-def test_interrupt_and_resume_is_bitwise(tmp_path, global_shuffle, at):
+_REFERENCES = {}
+
+
+def reference(kind, tmp_path_factory):
+    """The uninterrupted run of a loader kind (computed once per kind)."""
+    if kind not in _REFERENCES:
+        torch.manual_seed(0)
+        _REFERENCES[kind] = run(tmp_path_factory.mktemp(f"ref-{kind}"), kind)
+    return _REFERENCES[kind]
+
+
+def check_resume_is_bitwise(tmp_path, tmp_path_factory, kind, at=None, how="sigint", expect=None, **cut):
+    ref, ref_student, ref_teacher = reference(kind, tmp_path_factory)
     torch.manual_seed(0)
-    ref, ref_student, ref_teacher = run(tmp_path / "ref", global_shuffle)
-    torch.manual_seed(0)
-    with pytest.raises(TrainingInterrupted) as info:
-        run(tmp_path / "cut", global_shuffle, interrupt_at=at)
-    assert info.value.path == str(tmp_path / "cut" / "checkpoint.pt") and os.path.isfile(info.value.path)
-    saved = ckpt.load(info.value.path)
-    assert saved["position"]["step"] > 0, "interrupted mid-epoch"
+    with pytest.raises(TrainingInterrupted if how == "sigint" else Crash) as info:
+        run(tmp_path, kind, interrupt_at=at, how=how, **cut)
+    path = str(tmp_path / "checkpoint.pt")
+    if how == "sigint":
+        assert info.value.path == path
+    saved = ckpt.load(path)
+    assert (saved["phase"], saved["position"]["epoch"], saved["position"]["step"] > 0) == expect
     # fresh models with other initial weights: the checkpoint restores everything
-    resumed, res_student, res_teacher = run(tmp_path / "cut", global_shuffle, resume=True, seeds=(7, 8))
+    resumed, res_student, res_teacher = run(tmp_path, kind, resume=True, seeds=(7, 8))
     assert same(res_teacher, ref_teacher)
     assert same(res_student, ref_student)
     assert resumed.history == ref.history and resumed.teacher_history == ref.teacher_history
     assert resumed.metrics.epochs() == ref.metrics.epochs()
+
+
+# (how, where) -> the checkpoint the resumed run starts from: (phase, epoch, mid-epoch?)
+KILLS = {
+    "sigint-teacher-epoch": (dict(how="sigint", at=15), ("teacher", 1, True)),
+    "crash-teacher-epoch": (dict(how="crash", at=15), ("teacher", 1, False)),
+    "sigint-boundary-setup-forward": (dict(how="sigint", signal_in_setup=True), ("student", 0, False)),
+    "crash-boundary-transfer": (dict(how="crash", transfer_fails=True), ("teacher", TEACHER_EPOCHS, False)),
+    "sigint-first-student-epoch": (dict(how="sigint", at=30), ("student", 0, True)),
+    "crash-first-student-epoch": (dict(how="crash", at=30), ("teacher", TEACHER_EPOCHS, False)),
+    "sigint-mid-student": (dict(how="sigint", at=52), ("student", 2, True)),
+    "crash-mid-student": (dict(how="crash", at=52), ("student", 2, False)),
+}
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
+def test_a_kill_in_any_phase_resumes_bitwise(tmp_path, tmp_path_factory, kill):
+    """SIGINT (a checkpoint of the exact step) or a crash (the last epoch's checkpoint) in the teacher
+    phase, between the phases (transfer, the dry forward pass that builds adapters), in the first
+    student epoch and later: the resumed run ends exactly where the uninterrupted one does."""
+    options, expect = KILLS[kill]
+    check_resume_is_bitwise(tmp_path, tmp_path_factory, "batch-sampler-as-sampler", expect=expect, **options)
+
+
+@pytest.mark.parametrize("kind", ["loader-generator", "global-rng-shuffle", "custom-batch-sampler"])
+@pytest.mark.parametrize("how", ["sigint", "crash"])
+def test_every_loader_kind_resumes_bitwise(tmp_path, tmp_path_factory, kind, how):
+    expect = ("student", 0, True) if how == "sigint" else ("teacher", TEACHER_EPOCHS, False)
+    check_resume_is_bitwise(tmp_path, tmp_path_factory, kind, at=30, how=how, expect=expect)
+
+
+def test_generators_are_found_wherever_the_loader_keeps_them():
+    train = digits()["train"]  # a BatchSampler passed as sampler=, over a RandomSampler with a generator
+    assert ckpt.loader_generators(train) == [train.sampler.sampler.generator]
+    custom = make_loader("custom-batch-sampler", *data(64)[:2])
+    assert ckpt.loader_generators(custom) == [custom.batch_sampler.coin, custom.batch_sampler.order.generator]
+    plain = make_loader("loader-generator", *data(64)[:2])
+    assert ckpt.loader_generators(plain) == [plain.generator]
+
+    class Wrapper:  # an iterable around a loader (e.g. one that counts or filters batches)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            return iter(self.inner)
+
+    assert ckpt.loader_generators(Wrapper(train), train) == [train.sampler.sampler.generator]
+    assert ckpt.loader_generators([(torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))]) == []
+
+
+class ForeignShuffle(Sampler):
+    def __init__(self, n, rng):
+        self.n, self.rng = n, rng
+
+    def __iter__(self):
+        idx = list(range(self.n))
+        self.rng.shuffle(idx)
+        return iter(idx)
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("rng, kind", [(random.Random(0), "random.Random"),
+                                       (np.random.RandomState(0), "numpy.random.mtrand.RandomState"),
+                                       (np.random.default_rng(0), "numpy.random._generator.Generator")],
+                         ids=["random.Random", "RandomState", "numpy-Generator"])
+def test_a_sampler_whose_random_state_cannot_be_saved_is_refused(tmp_path, rng, kind):
+    x, y, xv, yv = data(64)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, sampler=ForeignShuffle(len(x), rng))
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], checkpoint_dir=str(tmp_path), progress=False)
+    before = state(d.student)
+    with pytest.raises(ValueError, match=rf"train_loader draws from random state distillx cannot save in a checkpoint: "
+                                         rf"train_loader\.sampler\.rng \({kind}\).*torch\.Generator"):
+        d.fit(train, 1)
+    assert same(state(d.student), before) and not (tmp_path / "checkpoint.pt").exists(), "refused before training"
+    val = DataLoader(TensorDataset(xv, yv), batch_size=256, sampler=ForeignShuffle(len(xv), rng))
+    with pytest.raises(ValueError, match=r"val_loader draws from random state .*val_loader\.sampler\.rng"):
+        d.fit(loader(x, y, 32, seed=0), 1, val_loader=val)
+    # Without checkpoints nothing is ever resumed: the loader is accepted.
+    plain = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False)
+    assert len(plain.fit(train, 1)) == 1
 
 
 def test_checkpoint_every_epoch_is_atomic(tmp_path):
@@ -116,7 +292,7 @@ def test_corrupt_or_missing_checkpoints(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(100)
     d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False)
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="is corrupt or truncated: not a readable zip archive"):
         d.fit(loader(x, y, 32, seed=0), 2, resume=path)
     with pytest.raises(CheckpointError, match="does not exist"):
         d.fit(loader(x, y, 32, seed=0), 2, resume=str(tmp_path / "nope.pt"))

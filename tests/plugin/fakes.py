@@ -38,6 +38,18 @@ plugin = Plugin()
 
 IMPORT_ERROR = "import not_a_real_module_xyz\n"
 
+# Parses the command line at import, as a script would: argparse exits (SystemExit 2) on distillx's arguments.
+ARGPARSE_AT_IMPORT = '''
+import argparse
+parser = argparse.ArgumentParser(prog="fake-argparse")
+parser.add_argument("--only-mine", required=True)
+parser.parse_args(["--not-an-option"])
+'''
+
+# Exits at import with a status, and one that presses Ctrl-C (the user's interrupt must stop the load).
+EXIT_AT_IMPORT = "import sys\nsys.exit(3)\n"
+INTERRUPT_AT_IMPORT = "raise KeyboardInterrupt\n"
+
 # Adds a method, then fails: the method must be withdrawn. {hook} picks the hook that raises.
 RAISING = '''
 from distillx.methods import Method

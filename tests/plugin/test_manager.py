@@ -59,6 +59,26 @@ def test_import_failure_is_reported_by_name_and_others_load(install_fake):
     assert not pm.has_plugin("broken") and "broken" not in pm.plugin_info
 
 
+@pytest.mark.parametrize("source, error", [(fakes.ARGPARSE_AT_IMPORT, "SystemExit: 2"),
+                                           (fakes.EXIT_AT_IMPORT, "SystemExit: 3")], ids=["argparse", "sys.exit"])
+def test_system_exit_at_import_is_contained(install_fake, capsys, source, error):
+    """A plugin that exits while importing (argparse on distillx's command line, sys.exit) is one failed
+    plugin, reported by name; the manager and the other plugins keep working."""
+    install_fake("fake-good", "1.2.3", {"good": "fake_good_mod"}, {"fake_good_mod": fakes.GOOD})
+    install_fake("fake-exit", "0.3", {"exiter": "fake_exit_mod"}, {"fake_exit_mod": source})
+    with pytest.warns(PluginLoadWarning, match=rf"'exiter' from fake-exit 0\.3 failed to import.*{error}"):
+        pm = get_plugin_manager()
+    assert [(f.name, f.stage, f.error) for f in pm.failed] == [("exiter", "import", error)]
+    assert {"kd", "fake_mse"} <= set(get_registries().methods)
+    assert not pm.has_plugin("exiter")
+
+
+def test_keyboard_interrupt_at_import_is_not_swallowed(install_fake):
+    install_fake("fake-ctrl-c", "0.1", {"ctrl_c": "fake_ctrl_c_mod"}, {"fake_ctrl_c_mod": fakes.INTERRUPT_AT_IMPORT})
+    with pytest.raises(KeyboardInterrupt):
+        get_plugin_manager()
+
+
 @pytest.mark.parametrize("hook", ["methods", "augmentations"])
 def test_raising_register_hook_is_reported_and_withdrawn(install_fake, hook):
     install_fake("fake-good", "1.2.3", {"good": "fake_good_mod"}, {"fake_good_mod": fakes.GOOD})
