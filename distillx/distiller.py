@@ -52,10 +52,11 @@ from .compose import Composed
 from .features import FeatureSpec, Trunk
 from .engine import checkpoint as ckpt
 from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, cache_options, check_amp,
-                               check_grad_clip, check_methods, check_models, check_weight, method_name, metric_keys,
-                               student_input_spec)
+                               check_grad_clip, check_methods, check_models, check_strategy, check_weight, method_name,
+                               metric_keys, student_input_spec)
 from .engine.batches import check_loader, logits_of, unpack_batch
-from .engine.distributed import Trainable, init_from_env, wrap
+from .engine import fsdp
+from .engine.distributed import init_from_env, parallelize, wrap
 from .engine.loop import Phase, Runner, SignalGuard, steps_per_epoch
 from .engine.sharding import shard_loader
 from .engine.plan import FeaturePlan
@@ -115,6 +116,11 @@ class Distiller:
             method reads its logits or later features; with ``cache_teacher=True`` the cut features
             are cached and training runs only the student. ``d.composed`` (teacher trunk + student)
             is what :meth:`evaluate` and validation run, and what :func:`distillx.compose` deploys.
+        strategy: under ``torchrun``, ``"ddp"`` (the student and the adapters replicated in
+            DistributedDataParallel) or ``"fsdp"`` (sharded with FSDP2 per block; bf16 ``amp`` becomes
+            FSDP2's mixed-precision policy; checkpoints are distributed checkpoints that load back at any
+            world size; needs an optimizer factory). ``shard_teacher``: with ``"fsdp"``, shard the teacher
+            too for its forward passes instead of replicating it.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
@@ -129,7 +135,8 @@ class Distiller:
                  cache_teacher: bool = False, cache_dir: Optional[str] = None, cache_dtype: str = "float16",
                  cache_top_k: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  progress: Optional[bool] = None, seed: Optional[int] = None,
-                 student_input: Union[None, str, FeatureSpec] = None):
+                 student_input: Union[None, str, FeatureSpec] = None, strategy: str = "ddp",
+                 shard_teacher: bool = False):
         check_models(teacher, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
@@ -140,6 +147,7 @@ class Distiller:
         self.task_loss = F.cross_entropy if task_loss is None else task_loss
         self.device = resolve_device(student, device)
         self.amp = check_amp(amp, self.device)
+        self.strategy, self.shard_teacher = check_strategy(strategy, shard_teacher, optimizer)
         self.grad_clip = check_grad_clip(grad_clip)
         self.teacher = teacher.to(self.device)
         self.student = student.to(self.device)
@@ -169,7 +177,7 @@ class Distiller:
         self._step.full_teacher = any(m.uses_teacher_logits for m in self.methods) or bool(later)
         self.composed: Optional[Composed] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self._ddp = None
+        self._parallel: Optional[nn.Module] = None  # the DDP wrapper or the FSDP-sharded student
         self.metrics = MetricsLog()
         self.history: list[dict[str, float]] = []
         self.teacher_history: list[dict[str, float]] = []
@@ -367,9 +375,13 @@ class Distiller:
                     self.teacher, loader, directory=opts.pop("directory"), checkpoint_dir=self.checkpoint_dir,
                     feature_keys=self._plan.capture_keys("teacher"), collect=lambda: self._plan.collect("teacher"),
                     ctx=self.ctx, device=self.device, **opts)
-            if self.ctx.enabled and self._ddp is None:
-                self._ddp = wrap(Trainable(self.student, self.methods), self.ctx, self.device)
-            self._step.student = self._ddp if self._ddp is not None else self.student
+            if self.ctx.enabled and self._parallel is None:
+                self._parallel = parallelize(self.student, self.methods, self.teacher, self.ctx, self.device,
+                                             self.strategy, AMP[self.amp] if self._sharded else None,
+                                             self.shard_teacher)
+                if self._sharded:  # the parameters are DTensors now: the optimizer must hold those
+                    self.optimizer = build_optimizer(self._phase_specs["student"][0], self._trainable_parameters())
+            self._step.student = self._parallel if self._parallel is not None else self.student
             # eval(): dropout off and BatchNorm statistics frozen, so the teacher's targets are
             # deterministic and its buffers never change.
             self.teacher.eval()
@@ -399,34 +411,52 @@ class Distiller:
         scheduler = build_scheduler(sched, optimizer, max(1, (steps_per_epoch(loader) or 1) * epochs), warmup)
         scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         if state is not None:
-            self._teacher_trained |= ckpt.restore(state, student=self.student, teacher=self.teacher,
-                                                  methods=self.methods, method_keys=self._keys, metrics=self.metrics,
-                                                  optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            self._teacher_trained |= ckpt.restore(
+                state, student=self.student, teacher=self.teacher, methods=self.methods, method_keys=self._keys,
+                metrics=self.metrics, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                load_sharded=lambda directory, sharded: fsdp.load(directory, sharded, self._sharded_modules(),
+                                                                  optimizer))
             self.teacher_history = list(state["history"]["teacher"])
             self.history = list(state["history"]["student"])
             # The saved student already holds the transfer's result: never apply it a second time.
             self._transfer_done |= state["phase"] == "student"
         if on_start is not None:
             on_start()
-        phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, AMP[self.amp],
+        autocast = None if name == "student" and self._sharded else AMP[self.amp]  # FSDP2's policy instead
+        phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, autocast,
                       self.grad_clip, self._augment(), self.aug_generator,
                       validator(val_loader, val_model, self.task_loss, self.device), indexed=indexed, params=params)
         self._step.epoch_fraction = lambda: phase.epoch_fraction
 
-        def build(phase_name, at):
+        sharded = name == "student" and self._sharded
+
+        def build(phase_name, at, shards=None):
             teacher = self.teacher if (self._teacher_trained or phase_name == "teacher") else None
             return ckpt.build(phase_name, at, student=self.student, methods=self.methods, method_keys=self._keys,
                               teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                               metrics=self.metrics, history={"teacher": self.teacher_history, "student": self.history},
-                              transfer_report=self.transfer_report.to_dict() if self.transfer_report else None)
+                              transfer_report=self.transfer_report.to_dict() if self.transfer_report else None,
+                              sharded=shards)
 
         def save(phase_name, at):
+            """Called on every rank; rank 0 writes the file (after every rank wrote its shards)."""
             if self.checkpoint_dir is None:
                 return None
-            return ckpt.save(build(phase_name, at), os.path.join(self.checkpoint_dir, ckpt.FILENAME))
+            path = os.path.join(self.checkpoint_dir, ckpt.FILENAME)
+            shards = None
+            if sharded:
+                shards = fsdp.save(self.checkpoint_dir, f"{fsdp.DCP_DIR}.{phase_name}-{at['epoch']}-{at['step']}",
+                                   self._sharded_modules(), optimizer)
+            if self.ctx.is_main:
+                ckpt.save(build(phase_name, at, shards), path)
+                if shards:
+                    fsdp.prune(self.checkpoint_dir, keep=shards)
+            self.ctx.barrier()
+            return path
 
         if self.checkpoint_dir is not None and self.ctx.is_main:  # a state a checkpoint cannot hold: now, not later
-            build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0})
+            build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0},
+                  fsdp.DCP_DIR if sharded else None)
         generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
         Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators).run(position)
 
@@ -452,6 +482,15 @@ class Distiller:
         # Adapters live with the student (built lazily, so move them whenever new ones appear).
         for m in self.methods:
             m.to(self.device)
+
+    @property
+    def _sharded(self) -> bool:
+        """The student phase shards the student with FSDP2 (several processes, ``strategy="fsdp"``)."""
+        return self.strategy == "fsdp" and self.ctx.enabled
+
+    def _sharded_modules(self) -> dict[str, nn.Module]:
+        """What a sharded checkpoint holds besides the optimizer: the student and the methods with parameters."""
+        return {"student": self.student, **{f"method{i}": m for i, m in enumerate(self.methods) if fsdp.has_parameters(m)}}
 
     def _student_model(self) -> nn.Module:
         """What maps a batch's inputs to the student's outputs: the student, or the teacher trunk + student."""

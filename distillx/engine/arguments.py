@@ -12,6 +12,7 @@ from torch import nn
 from .. import _checks
 from ..augment import any_changes_inputs
 from ..features import PENULTIMATE, FeaturePathError, FeatureSpec, resolve_module
+from .distributed import STRATEGIES
 from ..methods import Method
 from ..plugin import resolve_augmentation, transfer as resolve_transfer
 from ..transfer import Transfer, TransferReport
@@ -59,6 +60,17 @@ def student_input_spec(student_input, teacher: nn.Module) -> Optional[FeatureSpe
         except FeaturePathError as exc:
             raise FeaturePathError(f"student_input={student_input!r}: {exc}") from None
     return spec
+
+
+def check_strategy(strategy, shard_teacher, optimizer) -> tuple[str, bool]:
+    _checks.choice("strategy", strategy, STRATEGIES)
+    _checks.boolean("shard_teacher", shard_teacher)
+    if shard_teacher and strategy != "fsdp":
+        raise ValueError("shard_teacher=True shards the teacher with FSDP2: it needs strategy='fsdp'")
+    if strategy == "fsdp" and isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError("strategy='fsdp' replaces the student's parameters by their shards, so the optimizer must be "
+                         "built afterwards: pass a factory such as `lambda params: torch.optim.AdamW(params, lr=1e-3)`")
+    return strategy, shard_teacher
 
 
 def check_grad_clip(grad_clip) -> Optional[float]:

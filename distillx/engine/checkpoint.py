@@ -215,7 +215,8 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
     if state["method_keys"] != list(method_keys):
         raise CheckpointError(f"checkpoint {path!r} was written with methods {state['method_keys']}, this "
                               f"Distiller has {list(method_keys)}")
-    check_state_dict(state["student"], student, "student", path)
+    if not state.get("sharded"):  # a sharded student is checked when its shards load
+        check_state_dict(state["student"], student, "student", path)
     if state.get("teacher") is not None:
         check_state_dict(state["teacher"], teacher, "teacher", path)
     state["path"] = path
@@ -224,27 +225,40 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
 
 def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list, method_keys: list,
           teacher: Optional[torch.nn.Module], optimizer, scheduler, scaler, metrics, history: dict,
-          transfer_report: Optional[dict]) -> dict:
+          transfer_report: Optional[dict], sharded: Optional[str] = None) -> dict:
     """The checkpoint of a distillation run at ``position`` of ``phase`` (``teacher`` None when its
-    weights need not be saved: an untrained teacher is the user's own)."""
+    weights need not be saved: an untrained teacher is the user's own). ``sharded``: the student's,
+    the methods' and the optimizer's states are in that distributed-checkpoint directory beside the
+    file (``strategy="fsdp"``), not in it."""
     state = {
         "format": FORMAT, "version": VERSION, "phase": phase, "position": position,
-        "student": student.state_dict(), "methods": [m.state_dict() for m in methods],
+        "student": {} if sharded else student.state_dict(),
+        "methods": [{} if sharded else m.state_dict() for m in methods],
         "method_keys": list(method_keys), "teacher": teacher.state_dict() if teacher is not None else None,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "optimizer": {} if sharded else optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None, "metrics": metrics.state_dict(),
-        "history": history, "transfer_report": transfer_report,
+        "history": history, "transfer_report": transfer_report, "sharded": sharded,
     }
     check_plain(state, "checkpoint")
     return state
 
 
 def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, methods: list, method_keys: list,
-            metrics, optimizer, scheduler, scaler) -> bool:
+            metrics, optimizer, scheduler, scaler, load_sharded=None) -> bool:
     """Load a checkpoint :func:`for_resume` returned into the run's objects; True when it held
     the teacher's weights (a trained teacher). The optimizer, schedule, scaler and metrics states
-    load first (they are what an altered checkpoint most likely breaks), the weights last."""
-    for obj, saved, what in ((optimizer, state["optimizer"], "optimizer"), (scheduler, state.get("scheduler"), "scheduler"),
+    load first (they are what an altered checkpoint most likely breaks), the weights last; a sharded
+    checkpoint's student, methods and optimizer come from ``load_sharded(directory)``."""
+    sharded = state.get("sharded")
+    if sharded:
+        try:
+            load_sharded(os.path.dirname(state["path"]), sharded)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {state['path']!r}: its sharded states ({sharded}) do not load into "
+                                  f"this run ({type(exc).__name__}: {exc})") from exc
+    for obj, saved, what in ((None if sharded else optimizer, state["optimizer"], "optimizer"),
+                             (scheduler, state.get("scheduler"), "scheduler"),
                              (scaler, state.get("scaler"), "scaler"), (metrics, state["metrics"], "metrics log")):
         if obj is None:
             continue
@@ -255,13 +269,14 @@ def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, 
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {state['path']!r}: the saved {what} state does not load into this "
                                   f"run's {what} ({type(exc).__name__}: {exc})") from exc
-    for key, m, sd in zip(method_keys, methods, state["methods"]):
+    for key, m, sd in zip(method_keys, methods, [] if sharded else state["methods"]):
         try:
             m.load_state_dict(sd)
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {state['path']!r}: method {key!r} does not match its saved "
                                   f"state: {exc}") from exc
-    student.load_state_dict(state["student"])
+    if not sharded:
+        student.load_state_dict(state["student"])
     if state.get("teacher") is not None:
         teacher.load_state_dict(state["teacher"])
     return state.get("teacher") is not None

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from . import fsdp
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,26 @@ class DistContext:
         if self.enabled:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on some rank (every rank gets the same answer)."""
+        if not self.enabled:
+            return bool(flag)
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, obj):
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mine(self, per_rank: list):
+        """This rank's entry of a list gathered by :meth:`gather` (round robin at another world size)."""
+        return per_rank[self.rank % len(per_rank)]
 
     def barrier(self) -> None:
         if self.enabled:
@@ -66,6 +89,27 @@ class Trainable(nn.Module):
 
     def forward(self, inputs):
         return self.student(inputs)
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def parallelize(student: nn.Module, methods, teacher: nn.Module, ctx: DistContext, device: torch.device,
+                strategy: str, param_dtype: Optional[torch.dtype] = None, shard_teacher: bool = False) -> nn.Module:
+    """What the step calls for the student's outputs when several processes train:
+
+    - ``"ddp"``: the student and the methods in one DistributedDataParallel (every gradient averaged);
+    - ``"fsdp"``: the student sharded per block (:func:`distillx.engine.fsdp.shard`) and every method
+      layer holding parameters sharded (``param_dtype`` is FSDP2's mixed-precision policy); the teacher
+      too when ``shard_teacher``. The optimizer must be built after this (the parameters change).
+    """
+    if strategy == "ddp":
+        return wrap(Trainable(student, methods), ctx, device)
+    for m in methods:
+        fsdp.shard_leaves(m, param_dtype)
+    if shard_teacher:
+        fsdp.shard(teacher)
+    return fsdp.shard(student, param_dtype)
 
 
 def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:

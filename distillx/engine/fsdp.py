@@ -9,12 +9,15 @@ block for its forward passes, freed after). Mixed precision is FSDP2's policy
 (``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=float32)``), not autocast.
 
 Checkpoints: :func:`save` writes the student's and the methods' sharded state and the optimizer's as
-a ``torch.distributed.checkpoint`` directory (every rank writes its shards); :func:`load` reads it back
-into any world size (also into one process without a process group, into plain modules).
+a ``torch.distributed.checkpoint`` directory (every rank writes its shards), a new one per position:
+``checkpoint.pt``, written atomically after it, names the complete one, and :func:`prune` then removes
+the others, so an interruption mid-save leaves the previous checkpoint whole. :func:`load` reads it
+back into any world size (also into one process without a process group, into plain modules).
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
@@ -51,6 +54,16 @@ def has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def shard_leaves(module: nn.Module, param_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``fully_shard`` on every submodule of ``module`` that holds parameters of its own (the layers of
+    a method's adapters, which the method calls as modules inside its loss)."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for sub in module.modules():
+        if any(True for _ in sub.parameters(recurse=False)):
+            fully_shard(sub, mp_policy=policy)
+    return module
+
+
 def _state(modules: dict[str, nn.Module], optimizer) -> dict[str, Any]:
     options = StateDictOptions(ignore_frozen_params=False)
     state = {name: get_model_state_dict(m, options=options) for name, m in modules.items()}
@@ -68,17 +81,25 @@ class _Named(nn.Module):
             self.add_module(name, m)
 
 
-def save(directory: str, modules: dict[str, nn.Module], optimizer) -> str:
-    """Write the modules' and the optimizer's (sharded) state to ``directory/checkpoint.dcp`` on every rank."""
-    path = os.path.join(directory, DCP_DIR)
+def save(directory: str, name: str, modules: dict[str, nn.Module], optimizer) -> str:
+    """Write the modules' and the optimizer's (sharded) state to ``directory/name`` (every rank calls it)."""
+    path = os.path.join(directory, name)
     dcp.save(_state(modules, optimizer), checkpoint_id=path)
-    return path
+    return name
 
 
-def load(directory: str, modules: dict[str, nn.Module], optimizer) -> None:
-    """Read ``directory/checkpoint.dcp`` into the modules and the optimizer, whatever the world size it
-    was written at."""
-    path = os.path.join(directory, DCP_DIR)
+def prune(directory: str, keep: str) -> None:
+    """Remove the sharded checkpoints in ``directory`` other than ``keep`` (rank 0, after the file
+    naming ``keep`` was written)."""
+    for entry in os.listdir(directory):
+        if entry.startswith(DCP_DIR) and entry != keep:
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+
+
+def load(directory: str, name: str, modules: dict[str, nn.Module], optimizer) -> None:
+    """Read ``directory/name`` into the modules and the optimizer, whatever the world size it was
+    written at."""
+    path = os.path.join(directory, name)
     state = _state(modules, optimizer)
     dcp.load(state, checkpoint_id=path)
     for name, m in modules.items():
@@ -87,4 +108,4 @@ def load(directory: str, modules: dict[str, nn.Module], optimizer) -> None:
         set_optimizer_state_dict(_Named(modules), optimizer, state["optimizer"])
 
 
-__all__ = ["blocks", "shard", "save", "load", "DCP_DIR", "has_parameters"]
+__all__ = ["blocks", "shard", "shard_leaves", "save", "load", "prune", "DCP_DIR", "has_parameters"]

@@ -173,16 +173,15 @@ class Runner:
                 # Mid-epoch: the loader's shuffle is drawn from the generators' epoch-start state.
                 # Also when no epoch is left to run (a checkpoint of the phase's end): whatever runs
                 # next (the student phase after the teacher's) starts from the saved state.
-                ckpt.set_rng_state(position["epoch_rng"] if start_step > 0 else position["step_rng"],
-                                   self.generators, ckpt.CheckpointError)
-            if guard.signum is not None:  # caught while the phase was being set up: nothing trained yet
+                self._set_rng(position["epoch_rng"] if start_step > 0 else position["step_rng"])
+            if self.ctx.any(guard.signum is not None):  # caught while the phase was being set up
                 self._interrupted(guard, start_epoch, start_step, lambda: dict(position) if position else {
-                    "epoch": start_epoch, "step": 0, "epoch_rng": None, "step_rng": ckpt.rng_state(self.generators),
+                    "epoch": start_epoch, "step": 0, "epoch_rng": None, "step_rng": self._rng(),
                     "sums": None, "n": 0}, None)
             for epoch in range(start_epoch, p.epochs):
                 resuming = position is not None and epoch == start_epoch and start_step > 0
                 # Only a checkpoint needs it (a run without checkpoints skips the copy).
-                epoch_rng = ckpt.rng_state(self.generators) if self._saving else None
+                epoch_rng = self._rng() if self.save is not None else None
                 for m in p.modules:
                     m.train()
                 set_epoch(p.loader, epoch)
@@ -192,10 +191,11 @@ class Runner:
                 if resuming:
                     for _ in range(start_step):
                         next(batches)
-                    ckpt.set_rng_state(position["step_rng"], self.generators, ckpt.CheckpointError)
+                    self._set_rng(position["step_rng"])
                     epoch_rng = position["epoch_rng"]
-                    sums = {k: torch.tensor(v, dtype=torch.float64, device=p.device) for k, v in position["sums"].items()}
-                    n, step = position["n"], start_step
+                    mine = self.ctx.mine(position["ranks"]) if "ranks" in position else position
+                    sums = {k: torch.tensor(v, dtype=torch.float64, device=p.device) for k, v in mine["sums"].items()}
+                    n, step = mine["n"], start_step
                 bar = self._bar(epoch)
                 for batch in batches:
                     try:
@@ -217,11 +217,10 @@ class Runner:
                             self.metrics.log_step(p.name, epoch, step, **floats)
                         if bar is not None:
                             bar.update(size * self.ctx.world_size, **floats)
-                    if guard.signum is not None:
-                        self._interrupted(guard, epoch, step, lambda: {
-                            "epoch": epoch, "step": step, "epoch_rng": epoch_rng,
-                            "step_rng": ckpt.rng_state(self.generators),
-                            "sums": {k: float(v) for k, v in sums.items()}, "n": n}, bar)
+                    # Every rank stops at the same step (a signal may reach them at different ones).
+                    if self.ctx.any(guard.signum is not None):
+                        self._interrupted(guard, epoch, step, lambda: self._partial(epoch, step, epoch_rng, sums, n),
+                                          bar)
                 metrics = self._epoch_metrics(epoch, sums, n)
                 if bar is not None:
                     bar.close(**{k: v for k, v in metrics.items() if k.startswith("val_")})
@@ -230,8 +229,8 @@ class Runner:
                     self.metrics.log_epoch(p.name, epoch, **{k: v for k, v in metrics.items() if k != "epoch"})
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics)
-                self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None,
-                                    "step_rng": ckpt.rng_state(self.generators), "sums": None, "n": 0})
+                self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None, "step_rng": self._rng(),
+                                    "sums": None, "n": 0})
         return history
 
     def _interrupted(self, guard: SignalGuard, epoch: int, step: int, position: Callable[[], dict], bar) -> None:
@@ -240,7 +239,7 @@ class Runner:
             bar.close()
         path = self._save(position)
         raise TrainingInterrupted(
-            f"training interrupted by signal {guard.signum} in phase {self.phase.name!r} at epoch {epoch}, step {step}"
+            f"training interrupted by signal {guard.signum or 'on another rank'} in phase {self.phase.name!r} at epoch {epoch}, step {step}"
             + (f"; checkpoint written to {path}" if path else " (no checkpoint_dir: nothing was saved)"), path)
 
     def _epoch_metrics(self, epoch: int, sums: dict, n: int) -> dict:
@@ -257,13 +256,30 @@ class Runner:
             metrics.update({f"val_{k}": v for k, v in p.validate().items()})
         return metrics
 
-    @property
-    def _saving(self) -> bool:
-        return self.save is not None and self.ctx.is_main
+    def _partial(self, epoch: int, step: int, epoch_rng, sums: dict, n: int) -> dict:
+        """A mid-epoch position: the epoch's running sums are each rank's own (``ranks`` under several
+        processes; ``sums``/``n`` are this rank's). A collective, like :meth:`_rng`."""
+        own = {"sums": {k: float(v) for k, v in sums.items()}, "n": n}
+        position = {"epoch": epoch, "step": step, "epoch_rng": epoch_rng, "step_rng": self._rng(), **own}
+        if self.ctx.enabled:
+            position["ranks"] = self.ctx.gather(own)
+        return position
+
+    def _rng(self) -> dict:
+        """Every generator's state; under several processes every rank's (``{"ranks": [...]}``, a
+        collective: all ranks call it at the same point)."""
+        state = ckpt.rng_state(self.generators)
+        return {"ranks": self.ctx.gather(state)} if self.ctx.enabled else state
+
+    def _set_rng(self, state: dict) -> None:
+        ckpt.set_rng_state(self.ctx.mine(state["ranks"]) if "ranks" in state else state, self.generators,
+                           ckpt.CheckpointError)
 
     def _save(self, position: Callable[[], dict]) -> Optional[str]:
-        """Write a checkpoint of ``position()`` (built only when something is written)."""
-        if not self._saving:
+        """Write a checkpoint of ``position()`` (built only when something is written). Every rank
+        calls it at the same points: ``position()`` gathers the ranks' random states, and ``save``
+        writes on rank 0 (or collectively, for sharded models); it returns the path on every rank."""
+        if self.save is None:
             return None
         self.last_path = self.save(self.phase.name, position())
         return self.last_path

@@ -168,9 +168,14 @@ def set_rng_state(state: dict, extra: Iterable[torch.Generator] = (), error: typ
 
 
 def check_state(state: Any, where: str) -> Optional[str]:
-    """What is wrong with a saved :func:`rng_state` (None when nothing)."""
+    """What is wrong with a saved :func:`rng_state`, or ``{"ranks": [state, ...]}`` (every rank's, under
+    several processes), None when nothing."""
     if not isinstance(state, dict):
         return f"{where} is a {type(state).__name__}, not a random state"
+    if set(state) == {"ranks"}:
+        if not isinstance(state["ranks"], list) or not state["ranks"]:
+            return f"{where}.ranks is not a non-empty list of random states"
+        return next((p for i, s in enumerate(state["ranks"]) if (p := check_state(s, f"{where}.ranks[{i}]"))), None)
     missing = [k for k in ("torch", "python", "extra") if k not in state]
     if missing:
         return f"{where} lacks {', '.join(missing)}"
