@@ -34,7 +34,9 @@ import json
 import shlex
 import sys
 
-from ..config.execute import PROG, execute
+import torch.distributed as dist
+
+from ..config.execute import PROG, StoppedByRankZero, execute
 from ..config.files import apply_override, read_config
 from ..config.schema import ConfigError, validate
 from ..reporting.progress import quiet_from_env
@@ -76,14 +78,26 @@ def main(argv=None) -> int:
         progress = False if (args.quiet or quiet_from_env()) else cfg["training"]["progress"]
         command = " ".join([PROG, args.config] + [f"--set {shlex.quote(o)}" for o in args.overrides])
         return execute(cfg, source, args.resume, args.overwrite, progress, command)
+    except StoppedByRankZero:
+        return 2  # rank 0 said why
     except ConfigError as exc:
         if args.traceback:
             raise
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{_who()}{exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         if args.traceback:
             raise
-        print(f"{PROG}: training failed: {type(exc).__name__}: {exc}\n{PROG}: (rerun with --traceback for the "
+        print(f"{_who()}training failed: {type(exc).__name__}: {exc}\n{PROG}: (rerun with --traceback for the "
               "traceback)", file=sys.stderr)
         return 1
+    finally:
+        if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group cleanly
+            dist.destroy_process_group()
+
+
+def _who() -> str:
+    """``distillx run: `` , or ``distillx run (rank 1 of 2): `` under several processes."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"{PROG} (rank {dist.get_rank()} of {dist.get_world_size()}): "
+    return f"{PROG}: "

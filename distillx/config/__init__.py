@@ -42,6 +42,7 @@ A config with every key (``*`` required; the rest show their defaults or are off
     optimizer = { name = "sgd", lr = 0.1, weight_decay = 0.0, momentum = 0.9, nesterov = true }
     scheduler = { name = "constant", warmup = 0 }
     task_weight = 0.0                   # weight of the task loss (default 1.0)
+    # input = "teacher:4"               # a head on the teacher's feature at layer 4 (writes composed.pt too)
 
     [[methods]]                         # name + the method's options: dx.method(name, **options)
     name = "kd"
@@ -65,6 +66,8 @@ A config with every key (``*`` required; the rest show their defaults or are off
     cache_dtype = "float16"
     cache_top_k = 5                     # off when unset
     progress = true                     # default: on when stderr is a terminal
+    strategy = "ddp"                    # under torchrun: "ddp" (replicated student) or "fsdp" (sharded)
+    shard_teacher = false               # with "fsdp": shard the teacher too
 
 Optimizer names: ``adamw``/``adam`` (``lr``, ``weight_decay``, ``betas``) and ``sgd`` (``lr``,
 ``weight_decay``, ``momentum``, ``nesterov``); ``weight_decay`` defaults to PyTorch's (0.01 for

@@ -1,7 +1,11 @@
 """Run a resolved config (:mod:`distillx.config`): build the data, models and Distiller, train the
 teacher and the student, and write ``checkpoint.pt``, ``config.json``, ``metrics.json``,
-``metrics.png``, ``student.pt`` and ``teacher.pt`` into ``output_dir``; the command is
-``distillx run`` (:mod:`distillx.cli.run`)."""
+``metrics.png``, ``student.pt``, ``teacher.pt`` (and ``composed.pt`` for a student on the teacher's
+features) into ``output_dir``; the command is ``distillx run`` (:mod:`distillx.cli.run`).
+
+Under ``torchrun`` every process runs this; rank 0 alone checks and writes ``output_dir`` (the others
+wait for its verdict and stop with it) and prints, the others stay quiet.
+"""
 from __future__ import annotations
 
 import json
@@ -14,14 +18,21 @@ from typing import Any, Optional
 import torch
 
 from .._atomic import atomic_open, save_atomic
+from ..compose import save_composed
 from ..engine import checkpoint as ckpt
+from ..engine.distributed import init_from_env
+from ..engine.fsdp import full_state_dict
 from ..engine.loop import TrainingInterrupted
 from ..engine.step import NonFiniteLossError
 from .build import _message, build
 from .schema import ConfigError
 
 PROG = "distillx run"
-OUTPUTS = ("checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt", "teacher.pt")
+OUTPUTS = ("checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt", "teacher.pt", "composed.pt")
+
+
+class StoppedByRankZero(ConfigError):
+    """Raised on the other ranks when rank 0 refused the run (rank 0 printed why)."""
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -101,6 +112,22 @@ def _percent(x: Optional[float]) -> str:
 def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Optional[bool],
             command: str = "distillx run CONFIG") -> int:
     """Run a resolved config; return the exit status. ``command`` is how the user ran it (for hints)."""
+    ctx = init_from_env(torch.device(cfg["device"]))
+    problem = None
+    finished = False
+    if ctx.is_main:
+        try:
+            finished = _prepare_output_dir(cfg, resume, overwrite)
+        except ConfigError as exc:
+            problem = exc
+    if ctx.any(problem is not None):  # every rank stops with rank 0's verdict
+        raise problem if problem is not None else StoppedByRankZero("rank 0 refused the run")
+    finished = bool(ctx.gather(finished)[0])
+    return _run(cfg, source, resume, progress, command, finished, ctx)
+
+
+def _prepare_output_dir(cfg: dict, resume: bool, overwrite: bool) -> bool:
+    """Check ``output_dir`` for this run (rank 0); True when the checkpoint to resume has finished."""
     out = cfg["output_dir"]
     path = {name: os.path.join(out, name) for name in OUTPUTS}
     finished = False
@@ -135,23 +162,30 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
         for name in OUTPUTS:  # so a new run that fails early never sits next to the old run's files
             if os.path.isfile(path[name]):
                 os.unlink(path[name])
+    return finished
 
+
+def _run(cfg: dict, source: str, resume: bool, progress: Optional[bool], command: str, finished: bool, ctx) -> int:
+    out = cfg["output_dir"]
+    path = {name: os.path.join(out, name) for name in OUTPUTS}
+    note = _note if ctx.is_main else (lambda text: None)
     threads = torch.get_num_threads()
     try:
         if cfg["threads"] is not None:
             torch.set_num_threads(cfg["threads"])
         # A private copy of the global CPU generator: main() called in-process leaves the caller's as it was.
         with torch.random.fork_rng(devices=[]):
-            run = build(cfg, progress)  # seeds torch first
+            run = build(cfg, progress if ctx.is_main else False)  # seeds torch first
             d = run.distiller
             try:
                 try:
-                    os.makedirs(out, exist_ok=True)
-                    write_json(cfg, path["config.json"])
+                    if ctx.is_main:
+                        os.makedirs(out, exist_ok=True)
+                        write_json(cfg, path["config.json"])
                 except OSError as exc:
                     raise ConfigError(f"output_dir {out!r} cannot be written: {exc}") from exc
                 if finished:
-                    _note(f"the checkpoint has finished all {cfg['student']['epochs']} student epochs: nothing left "
+                    note(f"the checkpoint has finished all {cfg['student']['epochs']} student epochs: nothing left "
                           "to train (raise student.epochs to train on); writing the outputs again")
                 start = time.perf_counter()
                 try:
@@ -159,11 +193,11 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
                           resume=True if resume else None)
                 except NonFiniteLossError as exc:
                     d.save_metrics(path["metrics.json"])
-                    _note(f"{exc}\n{PROG}: the metrics up to this point are in {path['metrics.json']}")
+                    note(f"{exc}\n{PROG}: the metrics up to this point are in {path['metrics.json']}")
                     return 3
                 except TrainingInterrupted as exc:
                     d.save_metrics(path["metrics.json"])
-                    _note(f"{exc}; continue with: {command} --resume")
+                    note(f"{exc}; continue with: {command} --resume")
                     return 130
                 except ckpt.CheckpointError as exc:
                     raise ConfigError(f"--resume: {exc}") from exc
@@ -171,19 +205,22 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
                     raise ConfigError(_message(exc)) from exc
                 seconds = time.perf_counter() - start
                 written = ["checkpoint.pt", "config.json", "student.pt"]
-                save_atomic({k: v.detach().cpu() for k, v in run.student.state_dict().items()},
-                                 path["student.pt"])
-                if cfg["teacher"]["epochs"] > 0:
-                    save_atomic({k: v.detach().cpu() for k, v in run.teacher.state_dict().items()},
-                                     path["teacher.pt"])
-                    written.append("teacher.pt")
+                student_state = full_state_dict(run.student)  # every rank: gathers a sharded student
+                if ctx.is_main:
+                    save_atomic(student_state, path["student.pt"])
+                    if cfg["teacher"]["epochs"] > 0:
+                        save_atomic(full_state_dict(run.teacher), path["teacher.pt"])
+                        written.append("teacher.pt")
+                    if d.composed is not None:
+                        save_composed(d.composed, path["composed.pt"])
+                        written.append("composed.pt")
                 d.save_metrics(path["metrics.json"])
                 written.append("metrics.json")
                 try:
                     d.plot(path["metrics.png"])
                     written.append("metrics.png")
                 except ImportError as exc:  # matplotlib is optional
-                    _note(f"metrics.png not written: {exc}")
+                    note(f"metrics.png not written: {exc}")
                 teacher_acc = student_acc = None
                 if run.val is not None:
                     teacher_acc = d.evaluate(run.val, model=run.teacher)["accuracy"]
@@ -196,6 +233,8 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
     def params(m):
         return sum(p.numel() for p in m.parameters())
 
+    if not ctx.is_main:
+        return 0
     t_note = (f"trained {cfg['teacher']['epochs']} epochs" if cfg["teacher"]["epochs"]
               else "loaded from teacher.checkpoint" if cfg["teacher"]["checkpoint"] else "untrained, as built")
     val_note = "val accuracy" if run.val is not None else "val accuracy (no val loader)"

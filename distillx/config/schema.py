@@ -43,6 +43,10 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     epochs *                 int >= 1: distillation epochs.
     optimizer, scheduler     tables, see below.
     task_weight = 1.0        float >= 0: weight of the task (cross-entropy) loss; 0 = pure distillation.
+    input                    "teacher:PATH": a student that consumes the teacher's feature at PATH
+                             (a layer path, "PATH@input", "penultimate") instead of the data
+                             (Distiller(student_input=PATH)); the run then also writes composed.pt,
+                             the teacher's trunk up to PATH and the student (distillx.load_composed).
 
     [teacher.optimizer] / [student.optimizer]
     name = "adamw"           "adamw", "adam" or "sgd".
@@ -87,6 +91,9 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     cache_top_k              int >= 1: keep only the k largest teacher logits in the cache.
     progress                 bool: progress bars on/off; default: on when stderr is a terminal.
                              (``distillx run --quiet`` or DISTILLX_QUIET=1 turn them off.)
+    strategy = "ddp"         "ddp" or "fsdp": how the student is spread over the processes of
+                             ``torchrun ... distillx run`` (replicated, or sharded with FSDP2).
+    shard_teacher = false    bool: with strategy "fsdp", shard the teacher too.
 
 In JSON, ``null`` is accepted for the keys whose default is "off"/unset (threads, checkpoint,
 transfer, amp, grad_clip, cache_top_k, progress).
@@ -179,6 +186,8 @@ def _model(student: bool) -> Table:
     keys["scheduler"] = Key(_scheduler(), default=lambda t: _default_of(_scheduler()))
     if student:
         keys["task_weight"] = Key(Float(0.0), default=1.0)
+        keys["input"] = Key(Str(pattern=r"teacher:\S+", what='"teacher:PATH" (a teacher layer path, e.g. '
+                                                           '"teacher:layer3")'), nullable=True)
     return Table(keys, expected="a table")
 
 
@@ -222,6 +231,8 @@ SCHEMA = Table({
         "cache_dtype": Key(Str(("float16", "float32")), default="float16"),
         "cache_top_k": Key(Int(1), nullable=True),
         "progress": Key(Bool(), nullable=True),
+        "strategy": Key(Str(("ddp", "fsdp")), default="ddp"),
+        "shard_teacher": Key(Bool(), default=False),
     }), default=lambda t: _default_of(SCHEMA.keys["training"].spec)),
 })
 """The whole schema (see the module docstring for every key)."""

@@ -23,10 +23,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 DCP_DIR = "checkpoint.dcp"  # the sharded part of a checkpoint, beside checkpoint.pt
 
@@ -48,6 +53,14 @@ def shard(model: nn.Module, param_dtype: Optional[torch.dtype] = None, reshard_a
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """``module``'s whole state on CPU: gathered from every rank when it is sharded (then every rank
+    must call it), else its plain ``state_dict``."""
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def has_parameters(module: nn.Module) -> bool:
@@ -108,4 +121,5 @@ def load(directory: str, name: str, modules: dict[str, nn.Module], optimizer) ->
         set_optimizer_state_dict(_Named(modules), optimizer, state["optimizer"])
 
 
-__all__ = ["blocks", "shard", "shard_leaves", "save", "load", "prune", "DCP_DIR", "has_parameters"]
+__all__ = ["blocks", "shard", "shard_leaves", "save", "load", "prune", "DCP_DIR", "has_parameters",
+           "full_state_dict"]

@@ -72,10 +72,10 @@ def test_defaults_are_filled_in():
     assert cfg["teacher"]["epochs"] == 0 and cfg["teacher"]["checkpoint"] is None
     assert cfg["teacher"]["optimizer"] == {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999]}
     assert cfg["student"]["scheduler"] == {"name": "cosine", "warmup": 0.05}
-    assert cfg["student"]["task_weight"] == 1.0
+    assert cfg["student"]["task_weight"] == 1.0 and cfg["student"]["input"] is None
     assert cfg["transfer"] is None and cfg["augmentations"] == [] and cfg["weight_schedules"] == {}
     assert cfg["training"] == {"amp": None, "grad_clip": None, "cache_teacher": False, "cache_dtype": "float16",
-                               "cache_top_k": None, "progress": None}
+                               "cache_top_k": None, "progress": None, "strategy": "ddp", "shard_teacher": False}
     assert cfg["data"]["options"] == {}
 
 
