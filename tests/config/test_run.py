@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from distillx.config import load
+import distillx as dx
+from distillx.config import ConfigError, load
 from distillx.config.data import digits
 from distillx.cli.run import main
 from distillx.demo import mlp
@@ -212,7 +213,7 @@ def test_a_teacher_checkpoint_that_does_not_load(finished, tmp_path, capsys, kin
     code, out = run(tmp_path, "--set", f"teacher.checkpoint={path}")
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"distillx run: teacher.checkpoint: ") and repr(str(path)) in err
+    assert err.startswith("distillx run: teacher.checkpoint: ") and repr(str(path)) in err
     expected = {"mismatch": "does not match the teacher built by teacher.builder: missing from the checkpoint: 3.bias",
                 "garbage": "does not load as a state dict with torch.load(weights_only=True)",
                 "missing": "does not exist"}[kind]
@@ -424,3 +425,21 @@ def test_the_distillx_cli_dispatches_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "distillx run: bundled config 'digits.toml' ->" in proc.stdout and proc.stderr == ""
     assert (out / "student.pt").is_file() and (out / "metrics.json").is_file()
+
+
+def test_a_student_on_the_teachers_features_writes_the_composed_model(tmp_path, capsys):
+    out = tmp_path / "head"
+    rc = main(["digits", "--set", f"output_dir={out}", "--set", "teacher.epochs=2", "--set", "student.epochs=2",
+               "--set", "student.input=teacher:4", "--set", "student.options.widths=[256, 16, 10]", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert "composed.pt" in os.listdir(out)
+    teacher, head = mlp((64, 256, 256, 10), 0.5), mlp((256, 16, 10))
+    teacher.load_state_dict(torch.load(out / "teacher.pt", weights_only=True))
+    head.load_state_dict(student_state(out))
+    composed = dx.load_composed(out / "composed.pt", mlp((64, 256, 256, 10), 0.5), mlp((256, 16, 10))).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(composed(x), head(teacher.eval()[:5](x)))
+    assert "val accuracy" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match='student.input: .* "teacher:PATH"'):
+        load("digits", ["output_dir=x", "student.input=layer4"])
