@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
@@ -52,13 +51,15 @@ from .augment import compose
 from .engine import checkpoint as ckpt
 from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, cache_options, check_amp,
                                check_grad_clip, check_methods, check_models, check_weight, method_name, metric_keys)
-from .engine.batches import check_loader, logits_of, unpack_batch
+from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, logits_of, task_cross_entropy, to_device,
+                             unpack_batch)
 from .engine.distributed import Trainable, init_from_env, shard_loader, wrap
 from .engine.loop import Phase, Runner, steps_per_epoch
 from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
 from .engine.step import DistillStep, NonFiniteLossError
 from .engine.training import OptimizerSpec, build_optimizer, check_epochs, evaluate, resolve_device, validator
+from .hf.pretrained import is_causal_lm, save_model
 from .methods import Method
 from .plugin import get_plugin_manager
 from .reporting import MetricsLog, plot_metrics
@@ -75,8 +76,9 @@ class Distiller:
             optimizer); trained first when :meth:`fit` gets ``teacher_epochs > 0``.
         student: the model to train; moved to ``device``.
         methods: distillation methods, e.g. ``[distillx.method("kd", T=4.0, weight=0.9)]``.
-        task_loss: ``(student_logits, targets) -> Tensor``; default cross-entropy (which also takes
-            the soft (N, C) targets of mixup/cutmix).
+        task_loss: ``(student_logits, targets) -> Tensor``; default cross-entropy (soft (N, C) targets
+            of mixup/cutmix too; token logits (B, L, C) with (B, L) labels, ``-100`` ignored), the
+            next-token loss for a causal LM student (``*ForCausalLM``). Applied to batches with targets.
         task_weight: weight of the task loss (0 disables it: pure distillation).
         optimizer: ``None`` (AdamW, lr 1e-3), a factory ``params -> Optimizer``, or an optimizer
             that already holds the student's and the methods' parameters.
@@ -105,6 +107,7 @@ class Distiller:
         checkpoint_dir: where ``checkpoint.pt`` (latest position) is written; None writes nothing.
         progress: progress bars (None: when stderr is a terminal and ``DISTILLX_QUIET`` is unset).
         seed: seeds the augmentation generator (default: ``torch.initial_seed()``).
+        label_key: the targets of mapping batches (default ``"labels"``; the other keys are inputs).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
@@ -118,7 +121,7 @@ class Distiller:
                  augmentations: Sequence = (), amp: Optional[str] = None, grad_clip: Optional[float] = None,
                  cache_teacher: bool = False, cache_dir: Optional[str] = None, cache_dtype: str = "float16",
                  cache_top_k: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-                 progress: Optional[bool] = None, seed: Optional[int] = None):
+                 progress: Optional[bool] = None, seed: Optional[int] = None, label_key: str = LABELS):
         check_models(teacher, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
@@ -126,7 +129,11 @@ class Distiller:
             raise ValueError("task_weight is 0 and no method has a non-zero weight: there is nothing to train")
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be callable (logits, targets) -> Tensor, got {type(task_loss).__name__}")
-        self.task_loss = F.cross_entropy if task_loss is None else task_loss
+        if not isinstance(label_key, str) or not label_key:
+            raise TypeError(f"label_key must be a non-empty string (the targets' key in mapping batches), got {label_key!r}")
+        self.label_key = label_key
+        self.task_loss = task_loss if task_loss is not None else (
+            causal_lm_loss if is_causal_lm(student) else task_cross_entropy)
         self.device = resolve_device(student, device)
         self.amp = check_amp(amp, self.device)
         self.grad_clip = check_grad_clip(grad_clip)
@@ -177,18 +184,19 @@ class Distiller:
         return self._step.check_finite
 
     # -- public API ------------------------------------------------------------------------------
-    def setup(self, inputs: torch.Tensor) -> torch.optim.Optimizer:
-        """Build the methods' shape-dependent parts (adapters) from one dry forward pass on ``inputs``,
-        then the optimizer over the student's and the methods' parameters; return the optimizer.
+    def setup(self, inputs: Any) -> torch.optim.Optimizer:
+        """Build the methods' shape-dependent parts (adapters) from one dry forward pass on ``inputs``
+        (a batch's model inputs: a tensor, a tuple or a mapping), then the optimizer over the
+        student's and the methods' parameters; return the optimizer.
 
         Both models run in ``eval()`` mode under ``no_grad`` (BatchNorm statistics do not move);
         their modes are restored. :meth:`fit` calls this on its first batch when needed.
         """
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"inputs must be a tensor batch of model inputs, got {type(inputs).__name__}")
+        if inputs is None:
+            raise TypeError("inputs must be a batch of model inputs (a tensor, a tuple or a mapping), got None")
         pending = self._pending_setup()
         if pending:
-            inputs = inputs.to(self.device)
+            inputs = to_device(inputs, self.device)
             self._plan.attach()
             modes = [(m, m.training) for m in (self.teacher, self.student)]
             try:
@@ -253,7 +261,23 @@ class Distiller:
 
     def evaluate(self, loader: Iterable, model: Optional[nn.Module] = None) -> dict[str, float]:
         """Accuracy and task loss of ``model`` (default the student) on ``loader``."""
-        return evaluate(self.student if model is None else model, loader, self.task_loss, self.device)
+        return evaluate(self.student if model is None else model, loader, self.task_loss, self.device, self.label_key)
+
+    def losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch as a training step computes them (``"loss"`` is the total, with
+        its graph), without augmentations or an optimizer step; the models keep their modes."""
+        if self.optimizer is None:
+            self.setup(unpack_batch(batch, self.device, self.label_key)[0])
+        self._plan.attach()
+        return self._step(*unpack_batch(batch, self.device, self.label_key))
+
+    def save_student(self, path: str, tokenizer: Any = None) -> str:
+        """Write the student: a transformers ``PreTrainedModel`` with ``save_pretrained(path)`` (and
+        ``tokenizer.save_pretrained(path)``), loadable by ``AutoModel.from_pretrained(path)``; any other
+        model's ``state_dict`` to the file ``path``. Only rank 0 writes. Returns ``path``."""
+        if self.ctx.is_main:
+            save_model(self.student, path, tokenizer)
+        return path
 
     def save_metrics(self, path: str) -> str:
         """Write every logged step and epoch metric as JSON (atomically); return ``path``."""
@@ -293,7 +317,9 @@ class Distiller:
         model = wrap(self.teacher, self.ctx, self.device)
 
         def losses(inputs, targets, indices):
-            return {"loss": self.task_loss(logits_of(model(inputs), "teacher"), targets)}
+            if targets is None:
+                raise ValueError(f"training the teacher needs targets: a mapping batch has no {self.label_key!r}")
+            return {"loss": self.task_loss(logits_of(call_model(model, inputs, "teacher"), "teacher"), targets)}
 
         was_training = self.teacher.training
         base = len(self.teacher_history) if state is None else 0  # a resumed run returns its whole history
@@ -320,7 +346,7 @@ class Distiller:
                 first = next(batches, None)
                 if first is None:
                     raise ValueError("train_loader is empty: it yields no batches")
-                self.setup(unpack_batch(first, self.device)[0])
+                self.setup(unpack_batch(first, self.device, self.label_key)[0])
                 if batches is loader:  # a one-shot iterator: do not lose the batch we looked at
                     loader = itertools.chain([first], batches)
             if self._cache_opts is not None:
@@ -328,7 +354,8 @@ class Distiller:
                 self._step.cache, loader = cache_for_run(
                     self.teacher, loader, directory=opts.pop("directory"), checkpoint_dir=self.checkpoint_dir,
                     feature_keys=self._plan.capture_keys("teacher"), collect=lambda: self._plan.collect("teacher"),
-                    ctx=self.ctx, device=self.device, **opts)
+                    ctx=self.ctx, device=self.device, run=self._step.cache_forward,
+                    with_logits=self._step.teacher_logits_used(), label_key=self.label_key, **opts)
             if self.ctx.enabled and self._ddp is None:
                 self._ddp = wrap(Trainable(self.student, self.methods), self.ctx, self.device)
             self._step.student = self._ddp if self._ddp is not None else self.student
@@ -372,7 +399,8 @@ class Distiller:
             on_start()
         phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, AMP[self.amp],
                       self.grad_clip, self._augment(), self.aug_generator,
-                      validator(val_loader, val_model, self.task_loss, self.device), indexed=indexed, params=params)
+                      validator(val_loader, val_model, self.task_loss, self.device, self.label_key), indexed=indexed,
+                      params=params, label_key=self.label_key)
         self._step.epoch_fraction = lambda: phase.epoch_fraction
 
         def save(phase_name, at):

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .batches import call_model
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -52,7 +54,10 @@ def init_from_env(device: torch.device) -> DistContext:
 
 
 class Trainable(nn.Module):
-    """The student and the methods (their adapters) as one module, so DDP averages every gradient."""
+    """The student and the methods (their adapters) as one module, so DDP averages every gradient.
+    Called with a batch's inputs as they are (a tensor, a tuple or a mapping)."""
+
+    distillx_whole_inputs = True  # engine.batches.call_model passes the inputs unchanged
 
     def __init__(self, student: nn.Module, methods):
         super().__init__()
@@ -60,7 +65,7 @@ class Trainable(nn.Module):
         self.methods = nn.ModuleList(methods)
 
     def forward(self, inputs):
-        return self.student(inputs)
+        return call_model(self.student, inputs, "student")
 
 
 def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:

@@ -6,6 +6,11 @@ method its captured features, weight and sum the terms, and stop on a non-finite
 with ``w(e)`` a term's weight, or its schedule's value at the fractional epoch ``e``; ``s_i``/``t_i``
 hold the logits and the features method ``i`` asked for, under its own keys. The teacher runs in
 ``eval()`` under ``no_grad`` (the caller sets the mode), or not at all when a cache is set.
+
+Models are called with the batch's inputs as :func:`~distillx.engine.batches.call_model` says
+(``model(x)``, ``model(*x)``, ``model(**x)``). The task term needs targets (a mapping batch without
+labels has none: no task term) and the student's logits. When no active term reads one side's
+logits, the output layers methods apply themselves (``lm_kd``) are skipped on that side.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from ..methods import Method
-from .batches import logits_of
+from .batches import call_model, logits_of
 from .plan import FeaturePlan
 
 TASK = "task"  # metrics key of the weighted task loss
@@ -44,17 +49,40 @@ class DistillStep:
         self.cache = None
         self.epoch_fraction: Callable[[], float] = lambda: 0.0
 
-    def forward(self, inputs, indices=None, live_teacher: bool = False):
-        """``(student_logits, student_feats, teacher_logits, teacher_feats)`` of one batch."""
+    def needs_logits(self, targets=None) -> tuple[bool, bool]:
+        """Whether this step's active terms read the (student, teacher) logits."""
+        methods = any(m.uses_logits and self.weight(k, m.weight) for k, m in zip(self.keys, self.methods))
+        task = targets is not None and bool(self.weight(TASK, self.task_weight))
+        return task or methods, methods
+
+    def teacher_logits_used(self) -> bool:
+        """Whether any method reading logits may ever be active (what a teacher cache must hold)."""
+        return any(m.uses_logits and (m.weight or k in self.weight_schedules) for k, m in zip(self.keys, self.methods))
+
+    def cache_forward(self, inputs) -> Optional[torch.Tensor]:
+        """The teacher's logits of one batch for a teacher cache (None when no method reads them: its
+        output layers are skipped then, as in training); the plan's hooks capture its features."""
+        need = self.teacher_logits_used()
+        with self.plan.skipping("teacher", not need):
+            out = call_model(self.teacher, inputs, "teacher")
+        return logits_of(out, "teacher", required=False) if need else None
+
+    def forward(self, inputs, indices=None, live_teacher: bool = False, targets=None):
+        """``(student_logits, student_feats, teacher_logits, teacher_feats)`` of one batch (logits
+        None where no active term reads them or the model has none)."""
+        need_s, need_t = self.needs_logits(targets)
         if self.cache is not None and not live_teacher:
             cached = self.cache.lookup(indices, device=self.device)
-            teacher_logits = cached.pop("logits")
-            teacher_feats = {k: v for k, v in cached.items() if not k.startswith("topk_")}
+            teacher_logits = cached.pop("logits", None) if need_t else None
+            teacher_feats = {k: v for k, v in cached.items() if not k.startswith("topk_") and k != "logits"}
         else:
-            with torch.no_grad():
-                teacher_logits = logits_of(self.teacher(inputs), "teacher")
+            with torch.no_grad(), self.plan.skipping("teacher", not need_t):
+                out = call_model(self.teacher, inputs, "teacher")
+            teacher_logits = logits_of(out, "teacher", required=False) if need_t else None
             teacher_feats = self.plan.collect("teacher")
-        student_logits = logits_of(self.student(inputs), "student")
+        with self.plan.skipping("student", not need_s):
+            out = call_model(self.student, inputs, "student")
+        student_logits = logits_of(out, "student", required=False) if need_s else None
         student_feats = self.plan.collect("student")
         return student_logits, student_feats, teacher_logits, teacher_feats
 
@@ -63,14 +91,20 @@ class DistillStep:
         return base if sched is None else float(sched(self.epoch_fraction()))
 
     def __call__(self, inputs, targets, indices=None) -> dict[str, torch.Tensor]:
-        outs = self.forward(inputs, indices)
+        outs = self.forward(inputs, indices, targets=targets)
         student_logits = outs[0]
         batch = (inputs, targets)
         terms: dict[str, torch.Tensor] = {}
-        zero = student_logits.new_zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
         # A zero weight skips the computation: a non-finite loss times 0 would still be NaN.
         w = self.weight(TASK, self.task_weight)
-        terms[TASK] = w * self.task_loss(student_logits, targets) if w else zero
+        if w and targets is not None:
+            if student_logits is None:
+                raise ValueError("the task loss needs the student's logits, but the student returned none (a model "
+                                 "without an output layer?); set task_weight=0 to distil it on features only")
+            terms[TASK] = w * self.task_loss(student_logits, targets)
+        else:
+            terms[TASK] = zero
         for i, (key, m) in enumerate(zip(self.keys, self.methods)):
             w = self.weight(key, m.weight)
             if w:
@@ -88,7 +122,8 @@ class DistillStep:
             return
         key = next(key for key, ok in zip(terms, flags.tolist()) if not ok)
         if key == TASK:
-            where = " (the student logits hold NaN/inf)" if not bool(torch.isfinite(outs[0]).all()) else ""
+            where = (" (the student logits hold NaN/inf)" if outs[0] is not None and not bool(torch.isfinite(outs[0]).all())
+                     else "")
             raise NonFiniteLossError(f"the task loss is {terms[key].item()}{where}; stopped before the optimizer step")
         problem: Optional[str] = self.plan.non_finite(self.keys.index(key), outs)
         raise NonFiniteLossError(f"method {key!r}: its loss is {terms[key].item()}"

@@ -36,11 +36,12 @@ method, the feature and its layers.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from .._batch import attention_mask_of, check_token_mask
 from .._options import Options
 from ..features import PENULTIMATE, FeatureRequest  # noqa: F401  (part of this module's API)
 
@@ -72,6 +73,10 @@ class Method(Options, nn.Module):
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {"weight": 1.0}
     registry_options: ClassVar[dict[str, str]] = {}
+    #: Whether :meth:`loss` reads ``student["logits"]``/``teacher["logits"]``. A method that only reads
+    #: features says False, so a step whose terms need no logits may skip an output layer (see
+    #: :meth:`output_layers`); then ``"logits"`` is absent from the dicts.
+    uses_logits: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         nn.Module.__init__(self)
@@ -86,6 +91,17 @@ class Method(Options, nn.Module):
     def features(self) -> list[FeatureRequest]:
         """Intermediate features this method needs; logit methods need none."""
         return []
+
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Resolve what depends on the models (layer paths, head counts, output layers) before
+        :meth:`features` is asked. The Distiller calls it once with both models (unwrapped), before
+        it hooks them; used on its own, call it yourself. Default: nothing."""
+
+    def output_layers(self) -> dict[str, str]:
+        """``{side: module path}`` of output layers this method applies itself (to the layer's captured
+        input, with the layer's weights), so that the layer need not run when no term reads logits.
+        Default: none."""
+        return {}
 
     @property
     def needs_setup(self) -> bool:
@@ -122,6 +138,15 @@ class Method(Options, nn.Module):
         except KeyError:
             have = ", ".join(map(repr, outputs)) or "nothing"
             raise KeyError(f"method {self.name!r} needs {side}[{key!r}], but the {side} outputs hold {have}") from None
+
+    def attention_mask(self, batch: Any, shape: Optional[tuple] = None, key: str = "") -> Optional[torch.Tensor]:
+        """The batch's ``attention_mask`` as a (B, L) bool tensor (True = real token), or None when the
+        batch has none. With ``shape`` = (B, L) of the tokens it will mask, a mismatch is an error
+        naming this method and ``key``."""
+        mask = attention_mask_of(batch)
+        if mask is not None and shape is not None:
+            check_token_mask(mask, shape, f"method {self.label!r}, feature {key!r}")
+        return mask
 
     def describe_feature(self, key: str, side: str | None = None) -> str:
         """``"feature 'hint' (student layer 'layer2', teacher layer 'layer3')"`` for error messages."""

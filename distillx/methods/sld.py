@@ -26,7 +26,8 @@ class SLD(Method):
       the spatial sizes differ, the larger map (adapted student or teacher) is average-pooled to the
       smaller size.
 
-    With ``adapter="auto"`` a pair whose widths already agree uses no adapter (identity).
+    With ``adapter="auto"`` a pair whose widths already agree uses no adapter (identity). Token
+    features of a batch with an ``attention_mask`` are compared on the real tokens only.
 
     When adapters are built: from the observed shapes, lazily: the :class:`~distillx.Distiller`
     runs one dry forward pass of both models on the first batch (``eval()`` mode, no gradient)
@@ -61,6 +62,7 @@ class SLD(Method):
     """
 
     name = "sld"
+    uses_logits = False
     options = {"student": PENULTIMATE, "teacher": PENULTIMATE, "adapter": "auto",
                "student_width": None, "teacher_width": None}
 
@@ -153,6 +155,9 @@ class SLD(Method):
                 size = (min(y.shape[-2], t.shape[-2]), min(y.shape[-1], t.shape[-1]))
                 y = F.adaptive_avg_pool2d(y, size) if tuple(y.shape[-2:]) != size else y
                 t = F.adaptive_avg_pool2d(t, size) if tuple(t.shape[-2:]) != size else t
+            mask = self.attention_mask(batch)
+            if mask is not None and y.dim() == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+                y, t = y[mask], t[mask]  # tokens: padding is out of the loss
             term = F.mse_loss(y, t.detach().to(y.dtype))
             total = term if total is None else total + term
         return total

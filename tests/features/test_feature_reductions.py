@@ -89,15 +89,17 @@ def test_l2_normalize_formula(fmap):
 def test_low_precision_inputs_keep_their_dtype_and_match_float32(fmap):
     x = fmap.to(torch.bfloat16)
     ref = x.float()
+    tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C): the token reductions' input
     for name, fn in REDUCTIONS.items():
-        got, want = fn(x), fn(ref)
+        args = {"masked_mean": (), "chunk": (5, 2)}.get(name)
+        got, want = (fn(x), fn(ref)) if args is None else (fn(tokens, *args), fn(tokens.float(), *args))
         got, want = (got, want) if isinstance(got, torch.Tensor) else (got.var, want.var)
         assert got.dtype == torch.bfloat16, name
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2, msg=name)
 
 
 def test_reductions_registry_is_read_only():
-    assert set(REDUCTIONS) == {"attention_map", "adaptive_pool", "channel_stats", "l2_normalize"}
+    assert set(REDUCTIONS) == {"attention_map", "adaptive_pool", "channel_stats", "l2_normalize", "masked_mean", "chunk"}
     with pytest.raises(TypeError):
         REDUCTIONS["mine"] = l2_normalize
 
