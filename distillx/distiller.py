@@ -357,8 +357,8 @@ class Distiller:
                     ctx=self.ctx, device=self.device, run=self._step.cache_forward,
                     with_logits=self._step.teacher_logits_used(), label_key=self.label_key, **opts)
             if self.ctx.enabled and self._ddp is None:
-                self._ddp = wrap(Trainable(self.student, self.methods), self.ctx, self.device)
-            self._step.student = self._ddp if self._ddp is not None else self.student
+                self._ddp = wrap(Trainable(self.student, self.methods, self._step.terms), self.ctx, self.device)
+            self._step.ddp = self._ddp
             # eval(): dropout off and BatchNorm statistics frozen, so the teacher's targets are
             # deterministic and its buffers never change.
             self.teacher.eval()

@@ -55,24 +55,30 @@ def init_from_env(device: torch.device) -> DistContext:
 
 class Trainable(nn.Module):
     """The student and the methods (their adapters) as one module, so DDP averages every gradient.
-    Called with a batch's inputs as they are (a tensor, a tuple or a mapping)."""
 
-    distillx_whole_inputs = True  # engine.batches.call_model passes the inputs unchanged
+    Its forward is ``compute(*args)`` (the step's student forward and loss terms): DDP's output is
+    then the losses themselves, and it finds the parameters they do not reach (``find_unused_parameters``).
+    """
 
-    def __init__(self, student: nn.Module, methods):
+    def __init__(self, student: nn.Module, methods, compute=None):
         super().__init__()
         self.student = student
         self.methods = nn.ModuleList(methods)
+        self.compute = compute
 
-    def forward(self, inputs):
-        return call_model(self.student, inputs, "student")
+    def forward(self, *args):
+        if self.compute is None:
+            return call_model(self.student, args[0], "student")
+        return self.compute(*args)
 
 
 def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
     """``module`` in DistributedDataParallel when ``ctx`` has several ranks (on ``device``), else itself."""
     if not ctx.enabled:
         return module
-    kwargs = {}
+    # The wrapped forward returns the losses (Trainable), so parameters they never reach (a BERT pooler,
+    # the layers above the last distilled one) are found and skipped by the gradient reduction.
+    kwargs = {"find_unused_parameters": isinstance(module, Trainable) and module.compute is not None}
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
     return nn.parallel.DistributedDataParallel(module, **kwargs)

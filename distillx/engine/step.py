@@ -34,8 +34,8 @@ class NonFiniteLossError(FloatingPointError):
 class DistillStep:
     """Callable ``(inputs, targets, indices) -> {"loss": total, "task": ..., <method key>: ...}``.
 
-    ``student`` is what is called for the student's outputs (the student, or its DDP wrapper);
-    ``cache`` (a :class:`~distillx.teacher_cache.TeacherCache`) replaces the teacher's forward pass
+    ``ddp``, when set, is the DistributedDataParallel wrapper of a
+    :class:`~distillx.engine.distributed.Trainable` whose forward is :meth:`terms`; ``cache`` (a :class:`~distillx.teacher_cache.TeacherCache`) replaces the teacher's forward pass
     when set; ``epoch_fraction`` is read for the weight schedules.
     """
 
@@ -47,6 +47,8 @@ class DistillStep:
         self.plan, self.task_loss, self.task_weight = plan, task_loss, task_weight
         self.weight_schedules, self.check_finite = weight_schedules, check_finite
         self.cache = None
+        self.ddp = None
+        self._outs = None
         self.epoch_fraction: Callable[[], float] = lambda: 0.0
 
     def needs_logits(self, targets=None) -> tuple[bool, bool]:
@@ -67,31 +69,46 @@ class DistillStep:
             out = call_model(self.teacher, inputs, "teacher")
         return logits_of(out, "teacher", required=False) if need else None
 
+    def teacher_outputs(self, inputs, indices, need: bool, live: bool = False):
+        """``(teacher_logits, teacher_feats)``: from the cache, or the teacher under ``no_grad``."""
+        if self.cache is not None and not live:
+            cached = self.cache.lookup(indices, device=self.device)
+            logits = cached.pop("logits", None) if need else None
+            return logits, {k: v for k, v in cached.items() if not k.startswith("topk_") and k != "logits"}
+        with torch.no_grad(), self.plan.skipping("teacher", not need):
+            out = call_model(self.teacher, inputs, "teacher")
+        return (logits_of(out, "teacher", required=False) if need else None), self.plan.collect("teacher")
+
+    def student_outputs(self, inputs, need: bool):
+        """``(student_logits, student_feats)`` of the (unwrapped) student."""
+        with self.plan.skipping("student", not need):
+            out = call_model(self.student, inputs, "student")
+        return (logits_of(out, "student", required=False) if need else None), self.plan.collect("student")
+
     def forward(self, inputs, indices=None, live_teacher: bool = False, targets=None):
         """``(student_logits, student_feats, teacher_logits, teacher_feats)`` of one batch (logits
         None where no active term reads them or the model has none)."""
         need_s, need_t = self.needs_logits(targets)
-        if self.cache is not None and not live_teacher:
-            cached = self.cache.lookup(indices, device=self.device)
-            teacher_logits = cached.pop("logits", None) if need_t else None
-            teacher_feats = {k: v for k, v in cached.items() if not k.startswith("topk_") and k != "logits"}
-        else:
-            with torch.no_grad(), self.plan.skipping("teacher", not need_t):
-                out = call_model(self.teacher, inputs, "teacher")
-            teacher_logits = logits_of(out, "teacher", required=False) if need_t else None
-            teacher_feats = self.plan.collect("teacher")
-        with self.plan.skipping("student", not need_s):
-            out = call_model(self.student, inputs, "student")
-        student_logits = logits_of(out, "student", required=False) if need_s else None
-        student_feats = self.plan.collect("student")
-        return student_logits, student_feats, teacher_logits, teacher_feats
+        teacher_logits, teacher_feats = self.teacher_outputs(inputs, indices, need_t, live_teacher)
+        return (*self.student_outputs(inputs, need_s), teacher_logits, teacher_feats)
 
     def weight(self, key: str, base: float) -> float:
         sched = self.weight_schedules.get(key)
         return base if sched is None else float(sched(self.epoch_fraction()))
 
     def __call__(self, inputs, targets, indices=None) -> dict[str, torch.Tensor]:
-        outs = self.forward(inputs, indices, targets=targets)
+        need_s, need_t = self.needs_logits(targets)
+        teacher = self.teacher_outputs(inputs, indices, need_t)
+        # Under DDP the student's forward *and* the losses run inside the wrapper, so DDP sees which
+        # parameters the losses reach (hooked features, adapters) and which they do not (a pooler).
+        terms = (self.ddp if self.ddp is not None else self.terms)(inputs, targets, need_s, *teacher)
+        if self.check_finite:
+            self._check_finite(terms, self._outs)
+        return {"loss": sum(terms.values()), **terms}
+
+    def terms(self, inputs, targets, need_logits: bool, teacher_logits, teacher_feats) -> dict[str, torch.Tensor]:
+        """The student's forward pass and every weighted loss term of one batch."""
+        outs = self._outs = (*self.student_outputs(inputs, need_logits), teacher_logits, teacher_feats)
         student_logits = outs[0]
         batch = (inputs, targets)
         terms: dict[str, torch.Tensor] = {}
@@ -112,9 +129,7 @@ class DistillStep:
                 terms[key] = w * m.loss(s, t, batch)
             else:
                 terms[key] = zero
-        if self.check_finite:
-            self._check_finite(terms, outs)
-        return {"loss": sum(terms.values()), **terms}
+        return terms
 
     def _check_finite(self, terms: dict[str, torch.Tensor], outs) -> None:
         flags = torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()])
