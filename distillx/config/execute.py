@@ -1,11 +1,13 @@
 """Run a resolved config (:mod:`distillx.config`): build the data, models and Distiller, train the
 teacher and the student, and write ``checkpoint.pt``, ``config.json``, ``metrics.json``,
-``metrics.png``, ``student.pt`` and ``teacher.pt`` into ``output_dir``; the command is
+``metrics.png``, ``student.pt`` (or ``student/`` for a Hugging Face student, with
+``save_pretrained`` and the tokenizer) and ``teacher.pt`` into ``output_dir``; the command is
 ``distillx run`` (:mod:`distillx.cli.run`)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -16,11 +18,13 @@ from .._atomic import atomic_open, save_atomic
 from ..engine import checkpoint as ckpt
 from ..engine.loop import TrainingInterrupted
 from ..engine.step import NonFiniteLossError
+from ..hf.pretrained import is_pretrained
 from .build import _message, build
 from .schema import ConfigError
 
 PROG = "distillx run"
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt", "teacher.pt")
+STUDENT_DIR = "student"  # a Hugging Face student's save_pretrained directory
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
         for name in OUTPUTS:  # so a new run that fails early never sits next to the old run's files
             if os.path.isfile(path[name]):
                 os.unlink(path[name])
+        if os.path.isdir(os.path.join(out, STUDENT_DIR)):
+            shutil.rmtree(os.path.join(out, STUDENT_DIR))
 
     threads = torch.get_num_threads()
     try:
@@ -131,9 +137,14 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
                 except (ValueError, TypeError, KeyError) as exc:
                     raise ConfigError(_message(exc)) from exc
                 seconds = time.perf_counter() - start
-                written = ["checkpoint.pt", "config.json", "student.pt"]
-                save_atomic({k: v.detach().cpu() for k, v in run.student.state_dict().items()},
-                                 path["student.pt"])
+                written = ["checkpoint.pt", "config.json"]
+                if is_pretrained(run.student):  # AutoModel.from_pretrained(output_dir/student) loads it
+                    d.save_student(os.path.join(out, STUDENT_DIR), run.tokenizer)
+                    written.append(STUDENT_DIR + "/")
+                else:
+                    save_atomic({k: v.detach().cpu() for k, v in run.student.state_dict().items()},
+                                path["student.pt"])
+                    written.append("student.pt")
                 if cfg["teacher"]["epochs"] > 0:
                     save_atomic({k: v.detach().cpu() for k, v in run.teacher.state_dict().items()},
                                      path["teacher.pt"])
