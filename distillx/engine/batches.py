@@ -128,7 +128,8 @@ def model_kwargs(model: nn.Module, inputs: Mapping, who: str = "model") -> dict[
     kwargs = {k: v for k, v in inputs.items() if k in named}
     missing = [n for n, p in named.items() if p.default is inspect.Parameter.empty and n not in inputs]
     main = getattr(model, "main_input_name", None)  # transformers: "input_ids", "pixel_values", ...
-    if isinstance(main, str) and main in named and main not in inputs and "inputs_embeds" not in inputs:
+    if isinstance(main, str) and main in named and main not in inputs and "inputs_embeds" not in inputs \
+            and main not in missing:
         missing.append(main)
     if missing or not kwargs:
         need = missing or sorted(named)

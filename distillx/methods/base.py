@@ -43,7 +43,12 @@ from torch import nn
 
 from .._batch import attention_mask_of, check_token_mask
 from .._options import Options
-from ..features import PENULTIMATE, FeatureRequest  # noqa: F401  (part of this module's API)
+from ..features import PENULTIMATE, REDUCTIONS, FeatureRequest  # noqa: F401  (part of this module's API)
+
+#: Options of the methods whose layer features may be reduced at capture time, the same way on both
+#: sides: ``reduction`` (a name in :data:`distillx.features.REDUCTIONS` such as ``"masked_mean"``, or
+#: a callable ``f(feature, **kwargs)``) and its ``reduction_kwargs``.
+CAPTURE_OPTIONS = {"reduction": None, "reduction_kwargs": None}
 
 # Attributes nn.Module sets on instances (e.g. "training"); an option with such a name would clobber them.
 _MODULE_INSTANCE_ATTRS = frozenset(vars(nn.Module()))
@@ -147,6 +152,21 @@ class Method(Options, nn.Module):
         if mask is not None and shape is not None:
             check_token_mask(mask, shape, f"method {self.label!r}, feature {key!r}")
         return mask
+
+    def check_capture_options(self) -> None:
+        """Check the :data:`CAPTURE_OPTIONS` (``reduction``, ``reduction_kwargs``)."""
+        r, kw = self.reduction, self.reduction_kwargs
+        if r is not None and not callable(r) and (not isinstance(r, str) or r not in REDUCTIONS):
+            raise ValueError(f"method {self.label!r}: option reduction must be None, a capture-time reduction "
+                             f"({', '.join(REDUCTIONS)}) or a callable, got {r!r}")
+        if kw is not None and (not isinstance(kw, Mapping) or r is None):
+            raise ValueError(f"method {self.label!r}: option reduction_kwargs must be None or a mapping of the "
+                             f"reduction's options, given with a reduction, got {kw!r}")
+
+    def layer_request(self, key: str, student: str, teacher: str) -> FeatureRequest:
+        """A request for one layer pair, with the capture-time reduction of :data:`CAPTURE_OPTIONS` if any."""
+        return FeatureRequest(key, student, teacher, reduction=getattr(self, "reduction", None),
+                              reduction_kwargs=getattr(self, "reduction_kwargs", None))
 
     def describe_feature(self, key: str, side: str | None = None) -> str:
         """``"feature 'hint' (student layer 'layer2', teacher layer 'layer3')"`` for error messages."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .. import functional
 from ..ops.kernel_table import PARAMS, check_kernel, check_params
-from .base import PENULTIMATE, FeatureRequest, Method, layer_pairs
+from .base import CAPTURE_OPTIONS, PENULTIMATE, FeatureRequest, Method, layer_pairs
 
 #: Flat kernel options of the kernel methods -> the built-in kernels that take them (the kernel table's).
 KERNEL_OPTIONS = PARAMS
@@ -22,9 +22,11 @@ class _PairsMethod(Method):
 
     def validate(self) -> None:
         self._pairs = layer_pairs(self.name, self.student, self.teacher)
+        if "reduction" in self._defaults:
+            self.check_capture_options()
 
     def features(self) -> list[FeatureRequest]:
-        return [FeatureRequest(f"pair{i}", s, t) for i, (s, t) in enumerate(self._pairs)]
+        return [self.layer_request(f"pair{i}", s, t) for i, (s, t) in enumerate(self._pairs)]
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:
         total = None
@@ -116,6 +118,8 @@ class KFD(_KernelMethod):
         student, teacher: layer paths (or lists paired by position); default ``"penultimate"``.
         kernel: kernel name or callable ``k(x, z) -> (N, M)`` (default ``"rbf"``).
         normalize_rows: L2-normalise Gram rows (default False).
+        reduction, reduction_kwargs: a capture-time reduction of both features, e.g.
+            ``"masked_mean"`` (sentence embeddings from token features; default none).
         degree, coef0: polynomial kernel (defaults 2 and 1); sigma2: rbf bandwidth (default: the
             mean pairwise squared distance); order, eps, scale: Chebyshev kernel (defaults 3, 1e-3 and
             max|x| over the batch).
@@ -132,7 +136,7 @@ class KFD(_KernelMethod):
 
     name = "kfd"
     options = {"student": PENULTIMATE, "teacher": PENULTIMATE, "kernel": "rbf", "normalize_rows": False,
-               **dict.fromkeys(KERNEL_OPTIONS)}
+               **dict.fromkeys(KERNEL_OPTIONS), **CAPTURE_OPTIONS}
 
     def validate(self) -> None:
         super().validate()
@@ -164,6 +168,7 @@ class SP(_PairsMethod):
 
     Options:
         student, teacher: layer paths (or lists paired by position); default ``"penultimate"``.
+        reduction, reduction_kwargs: a capture-time reduction of both features (``"masked_mean"``).
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -175,7 +180,7 @@ class SP(_PairsMethod):
     """
 
     name = "sp"
-    options = {"student": PENULTIMATE, "teacher": PENULTIMATE}
+    options = {"student": PENULTIMATE, "teacher": PENULTIMATE, **CAPTURE_OPTIONS}
 
     def pair_loss(self, key, student, teacher, batch=None):
         s, t = self.rows(student, key, "student"), self.rows(teacher, key, "teacher")
@@ -216,6 +221,7 @@ class NST(_KernelMethod):
         kernel: kernel name or callable (default ``"polynomial"``).
         degree, coef0: polynomial kernel (defaults here 2 and 0, the paper's); sigma2, order, eps,
             scale: as in :class:`KFD`.
+        reduction, reduction_kwargs: a capture-time reduction of both features (default none).
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -227,7 +233,8 @@ class NST(_KernelMethod):
     """
 
     name = "nst"
-    options = {"student": None, "teacher": None, "kernel": "polynomial", **dict.fromkeys(KERNEL_OPTIONS)}
+    options = {"student": None, "teacher": None, "kernel": "polynomial", **dict.fromkeys(KERNEL_OPTIONS),
+               **CAPTURE_OPTIONS}
     kernel_defaults = {"polynomial": {"degree": 2, "coef0": 0.0}}
 
     def pair_loss(self, key, student, teacher, batch=None):

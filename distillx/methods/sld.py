@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import adapters as _adapters
-from .base import PENULTIMATE, FeatureRequest, Method, layer_pairs
+from .base import CAPTURE_OPTIONS, PENULTIMATE, FeatureRequest, Method, layer_pairs
 
 
 class SLD(Method):
@@ -48,6 +48,9 @@ class SLD(Method):
             agree), ``"linear"``, ``"conv"`` or ``"identity"``.
         student_width, teacher_width: feature widths (last dim for vectors/tokens, channels for
             maps), an int or a list per pair, to build the adapters eagerly.
+        reduction, reduction_kwargs: a capture-time reduction of both features, e.g.
+            ``reduction="masked_mean"`` to match sentence embeddings (mean over the real tokens of a
+            transformer layer's output) through the adapter.
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -64,7 +67,7 @@ class SLD(Method):
     name = "sld"
     uses_logits = False
     options = {"student": PENULTIMATE, "teacher": PENULTIMATE, "adapter": "auto",
-               "student_width": None, "teacher_width": None}
+               "student_width": None, "teacher_width": None, **CAPTURE_OPTIONS}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -75,6 +78,7 @@ class SLD(Method):
 
     def validate(self) -> None:
         self._pairs = layer_pairs(self.name, self.student, self.teacher)
+        self.check_capture_options()
         self.check_choice("adapter", _adapters.ADAPTERS)
         given = [w is not None for w in (self.student_width, self.teacher_width)]
         if any(given):
@@ -97,7 +101,7 @@ class SLD(Method):
         return values
 
     def features(self) -> list[FeatureRequest]:
-        return [FeatureRequest(f"pair{i}", s, t) for i, (s, t) in enumerate(self._pairs)]
+        return [self.layer_request(f"pair{i}", s, t) for i, (s, t) in enumerate(self._pairs)]
 
     @property
     def needs_setup(self) -> bool:
