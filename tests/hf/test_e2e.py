@@ -156,6 +156,8 @@ def test_two_ranks_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
         sys.path.remove(HERE)
+        for name in ("ddp_script", "models"):  # top-level names of this run only
+            sys.modules.pop(name, None)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           script, multi, "2"], env=env, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
