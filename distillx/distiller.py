@@ -83,7 +83,8 @@ class Distiller:
         optimizer: ``None`` (AdamW, lr 1e-3), a factory ``params -> Optimizer``, or an optimizer
             that already holds the student's and the methods' parameters.
         device: where to train; default the student's device.
-        example_inputs: a batch for the dry forward pass that builds shape-dependent adapters now.
+        example_inputs: a batch's model inputs (a tensor, a tuple or a mapping) for the dry forward pass
+            that builds shape-dependent adapters now.
         check_finite: stop with :class:`~distillx.engine.NonFiniteLossError` on a NaN/inf loss term (one device
             synchronisation per step).
         transfer: initialise the student from the teacher's weights at the start of distillation: a
@@ -113,7 +114,7 @@ class Distiller:
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
                  task_loss: Optional[Callable] = None, task_weight: float = 1.0,
                  optimizer: OptimizerSpec = None, device: Union[None, str, torch.device] = None,
-                 example_inputs: Optional[torch.Tensor] = None, check_finite: bool = True,
+                 example_inputs: Any = None, check_finite: bool = True,
                  transfer: Union[None, str, Callable] = None, *,
                  scheduler: Any = "cosine", warmup: Union[int, float] = 0.05,
                  teacher_optimizer: OptimizerSpec = None, teacher_scheduler: Any = "cosine",
@@ -237,10 +238,10 @@ class Distiller:
         state, position = self._resume_state(resume, "teacher")
         return self._teacher_phase(train_loader, epochs, val_loader, state, position)
 
-    def fit(self, train_loader: Iterable, epochs: int, val_loader: Optional[Iterable] = None, *,
+    def fit(self, train_loader: Iterable, epochs: int = 1, val_loader: Optional[Iterable] = None, *,
             teacher_epochs: int = 0, resume: Union[None, bool, str] = None) -> list[dict[str, float]]:
         """Train the teacher first if ``teacher_epochs`` > 0, apply the transfer, then distil for
-        ``epochs`` epochs over ``train_loader``; return the student's per-epoch metrics.
+        ``epochs`` epochs (default 1) over ``train_loader``; return the student's per-epoch metrics.
 
         ``resume``: a checkpoint path, or True for ``<checkpoint_dir>/checkpoint.pt``; the run then
         continues from the saved phase, epoch and step. Fires the plugin events

@@ -1,13 +1,15 @@
 """The training engine behind :class:`distillx.Distiller` and :func:`distillx.engine.train`.
 
 ``loop`` (the epoch loop every phase runs), ``step`` (the per-batch distillation loss),
-``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields),
+``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields:
+pairs or mappings, and calling a model with them),
 ``schedules`` (LR and loss-weight schedules), ``checkpoint`` (atomic checkpoints, build/restore,
 random state for exact resume), ``distributed`` (torchrun/DDP), ``plan`` (which features each method
 needs), ``arguments`` (the Distiller's argument checks).
 """
 from __future__ import annotations
 
+from .batches import call_model, causal_lm_loss
 from .checkpoint import CheckpointError
 from .loop import TrainingInterrupted
 from .schedules import LinearRamp, linear
@@ -15,4 +17,4 @@ from .step import NonFiniteLossError
 from .training import evaluate, train
 
 __all__ = ["CheckpointError", "TrainingInterrupted", "NonFiniteLossError", "LinearRamp", "linear", "train",
-           "evaluate"]
+           "evaluate", "call_model", "causal_lm_loss"]

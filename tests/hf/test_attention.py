@@ -133,3 +133,18 @@ def test_a_mask_of_the_wrong_shape_is_named():
     with pytest.raises(ValueError, match=r"method 'minilmv2', feature 'q0': the attention mask has shape \(2, 4\) but "
                                          r"the tokens are \(2, 5\) \(batch, tokens\)"):
         m.loss(feats, feats, ({"attention_mask": torch.ones(2, 4)}, None))
+
+
+def test_the_issue_example_runs_as_a_new_user_writes_it():
+    """A BERT-style encoder teacher, a 2-layer BertModel student, batches straight from the tokenizer."""
+    from .models import sentences, tokenizer
+
+    torch.manual_seed(0)
+    tok = tokenizer()
+    teacher, student = bert(4, 32, 4).eval(), bert(2, 16, 2)
+    text = sentences(12)
+    batches = [tok(text[i:i + 4], padding=True, return_tensors="pt") for i in range(0, 12, 4)]
+    history = dx.Distiller(teacher, student, [dx.method(
+        "minilmv2", student="encoder.layer.-1.attention.self", teacher="encoder.layer.-1.attention.self",
+        projections=("query", "key", "value"))], progress=False).fit(batches)
+    assert len(history) == 1 and history[0]["minilmv2"] > 0 and history[0]["task"] == 0.0
