@@ -34,9 +34,10 @@ class NonFiniteLossError(FloatingPointError):
 class DistillStep:
     """Callable ``(inputs, targets, indices) -> {"loss": total, "task": ..., <method key>: ...}``.
 
-    ``ddp``, when set, is the DistributedDataParallel wrapper of a
-    :class:`~distillx.engine.distributed.Trainable` whose forward is :meth:`terms`; ``cache`` (a :class:`~distillx.teacher_cache.TeacherCache`) replaces the teacher's forward pass
-    when set; ``epoch_fraction`` is read for the weight schedules.
+    ``student`` is the plain student; ``ddp``, when set, is the DistributedDataParallel wrapper of a
+    :class:`~distillx.engine.distributed.Trainable` whose forward is :meth:`terms`; ``cache`` (a
+    :class:`~distillx.teacher_cache.TeacherCache`) replaces the teacher's forward pass when set;
+    ``epoch_fraction`` is read for the weight schedules.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Sequence[Method], keys: Sequence[str],

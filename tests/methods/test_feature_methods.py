@@ -339,6 +339,7 @@ def test_attention_methods_need_tokens():
     ("minilm", {"student": "a", "teacher": "b", "student_heads": 2, "teacher_heads": 2}),
     ("minilmv2", {"student": "a", "teacher": "b", "num_relation_heads": 2}),
     ("tinybert_attn", {"student": "a", "teacher": "b", "student_heads": 2, "teacher_heads": 2}),
+    ("lm_kd", {"divergence": "jsd", "beta": 0.2}),
 ])
 def test_registered_with_docs_and_config_round_trip(name, options):
     m = dx.method(name, **options)
