@@ -15,6 +15,7 @@ from .. import functional
 from ..hf.attention import relation_heads
 from .attention import PROJECTIONS, AttentionMethod, _layers
 
+
 class MiniLM(AttentionMethod):
     r"""MiniLM deep self-attention distillation: the student's self-attention distributions and
     value relations of one layer pair (the last layers in the paper) match the teacher's.
