@@ -100,3 +100,15 @@ def test_lm_kd_errors():
     h = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match=r"method 'lm_kd', feature 'hidden': the attention mask has shape \(2, 4\)"):
         m.loss({"hidden": h}, {"hidden": torch.randn(2, 5, 32)}, ({"attention_mask": torch.ones(2, 4)}, None))
+
+
+def test_kd_on_token_logits_leaves_padding_out():
+    torch.manual_seed(0)
+    teacher, student = llama(2, 32, 4, 2).eval(), llama(1, 16, 4, 1).eval()
+    batch = token_batch(3, 8, seed=4)
+    d = dx.Distiller(teacher, student, [dx.method("kd", T=2.0)], task_weight=0.0)
+    with torch.no_grad():
+        got = d.losses(batch)["kd"]
+        want = full_logits_kd(student, teacher, batch, batch["attention_mask"].bool(), T=2.0)
+    torch.testing.assert_close(got, want)
+    d.close()
