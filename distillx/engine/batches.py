@@ -132,11 +132,11 @@ def model_kwargs(model: nn.Module, inputs: Mapping, who: str = "model") -> dict[
             and main not in missing:
         missing.append(main)
     if missing or not kwargs:
-        need = missing or sorted(named)
-        raise BatchError(f"the batch does not hold what the {who} ({type(model).__name__}) needs: "
-                         f"{'missing ' + ', '.join(map(repr, need)) if missing else 'none of its inputs ' + ', '.join(map(repr, need))}"
-                         f"; the batch has keys {sorted(map(str, inputs))} (mapping batches are passed as "
-                         "model(**batch), with the keys its forward accepts)")
+        need = ("missing " + ", ".join(map(repr, missing)) if missing
+                else "none of its inputs " + ", ".join(map(repr, sorted(named))))
+        raise BatchError(f"the batch does not hold what the {who} ({type(model).__name__}) needs: {need}; the batch "
+                         f"has keys {sorted(map(str, inputs))} (mapping batches are passed as model(**batch), with "
+                         "the keys its forward accepts)")
     return kwargs
 
 

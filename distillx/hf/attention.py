@@ -131,7 +131,7 @@ def _stack(model: nn.Module, paths: list[str]) -> tuple[str, int]:
     counts: dict[str, set] = {}
     for path in paths:
         parts = path.split(".")
-        for i in range(len(parts) - 1, 0, -1):
+        for i in range(len(parts) - 1, -1, -1):
             if parts[i].isdigit():
                 parent = ".".join(parts[:i])
                 if isinstance(model.get_submodule(parent), (nn.ModuleList, nn.Sequential)):
@@ -173,9 +173,10 @@ def find_attention(model: nn.Module, layer: Layer = "last", projections: Optiona
                                          f"modules with {_looked_for(projections)}; {_found(model)}")
         stack, n = _stack(model, paths)
         if not -n <= index < n:
-            raise IndexError(f"{name}: layer index {index} is out of range: the layer stack {stack!r} has {n} "
-                             f"layers (indices 0..{n - 1}, or -{n}..-1)")
-        prefix = f"{stack}.{index % n}"
+            where = repr(stack) if stack else "(the model itself)"
+            raise IndexError(f"{name}: layer index {index} is out of range: the layer stack {where} has {n} layers "
+                             f"(indices 0..{n - 1}, or -{n}..-1)")
+        prefix = f"{stack}.{index % n}" if stack else str(index % n)
         inside = [p for p in paths if p.startswith(prefix + ".") or p == prefix]
         if not inside:
             raise AttentionNotFoundError(f"{name}: layer {prefix!r} holds no attention with {_looked_for(projections)}")

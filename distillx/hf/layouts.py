@@ -54,7 +54,8 @@ def attention_blocks(teacher: nn.Module, student: nn.Module) -> dict[str, dict[i
     out: dict[str, dict[int, int]] = {}
     for path in attention_paths(student):
         s = layout_at(student, path)
-        same = t_layout is not None and s.heads is not None and (s.heads, s.kv_heads) == (t_layout.heads, t_layout.kv_heads)
+        same = (t_layout is not None and s.heads is not None
+                and (s.heads, s.kv_heads) == (t_layout.heads, t_layout.kv_heads))
         heads = s.heads if same else 1
         if s.chunks > 1:
             for local in ("weight", "bias"):

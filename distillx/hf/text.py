@@ -19,7 +19,8 @@ def read_texts(path: str, field: str = "text") -> list[str]:
         raise FileNotFoundError(f"text file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".txt", ".jsonl"):
-        raise ValueError(f"text file {path!r}: expected a .txt (one example per line) or .jsonl file, got {ext or 'no extension'!r}")
+        raise ValueError(f"text file {path!r}: expected a .txt (one example per line) or .jsonl file, "
+                         f"got {ext or 'no extension'!r}")
     texts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

@@ -61,6 +61,8 @@ class AttentionMethod(Method):
                "student_heads": None, "teacher_heads": None, "key_padding_mask": None}
     #: which of q/k/v this method reads
     uses: tuple[str, ...] = PROJECTIONS
+    #: whether the loss splits q/k/v into the models' own heads (bind() then fails early without them)
+    needs_heads: bool = True
 
     def used_projections(self) -> tuple[str, ...]:
         return self.uses
@@ -155,6 +157,8 @@ class AttentionMethod(Method):
                 self._heads[side], self._kv_heads[side] = first.heads, first.kv_heads
             else:
                 self._heads[side] = self._kv_heads[side] = option
+            if self.needs_heads:
+                self.heads_known(side)
         self.check_bound()
 
     def check_bound(self) -> None:

@@ -131,6 +131,7 @@ class MiniLMv2(AttentionMethod):
 
     name = "minilmv2"
     options = {"num_relation_heads": None, "relations": ("qq", "kk", "vv")}
+    needs_heads = False  # relation heads, not the models' own
 
     def used_projections(self) -> tuple[str, ...]:
         return tuple(p for p in PROJECTIONS if p + p in self.relations)

@@ -152,3 +152,23 @@ def test_distiller_on_mapping_batches_and_pairs_of_mappings():
     assert dx.Distiller(teacher, Clf(8), [dx.method("kd")], progress=False).fit(unlabeled, 1)[0]["task"] == 0.0
     with pytest.raises(ValueError, match=r"evaluation needs targets, but a mapping batch of the loader has no 'labels'"):
         d.evaluate(unlabeled)
+
+
+def test_the_label_key_is_configurable():
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    class Net(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+    batch = {"x": torch.randn(6, 4), "target": torch.randint(0, 3, (6,))}
+    d = dx.Distiller(Net(teacher), Net(student), [dx.method("kd")], label_key="target", progress=False)
+    losses = d.losses(batch)
+    torch.testing.assert_close(losses["task"], F.cross_entropy(student(batch["x"]), batch["target"]))
+    with pytest.raises(TypeError, match=r"label_key must be a non-empty string"):
+        dx.Distiller(Net(teacher), Net(student), [dx.method("kd")], label_key="")

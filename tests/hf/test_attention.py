@@ -148,3 +148,24 @@ def test_the_issue_example_runs_as_a_new_user_writes_it():
         "minilmv2", student="encoder.layer.-1.attention.self", teacher="encoder.layer.-1.attention.self",
         projections=("query", "key", "value"))], progress=False).fit(batches)
     assert len(history) == 1 and history[0]["minilmv2"] > 0 and history[0]["task"] == 0.0
+
+
+def test_models_without_head_counts_need_the_option():
+    class Attn(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(width, width) for _ in range(3))
+
+        def forward(self, x):
+            return self.q_proj(x) + self.k_proj(x) + self.v_proj(x)
+
+    def net(width):  # the model itself is the layer stack
+        return torch.nn.Sequential(Attn(width), Attn(width))
+
+    with pytest.raises(ValueError, match=r"method 'minilm': the student's attention head count is unknown: give "
+                                         r"student_heads"):
+        dx.Distiller(net(8), net(8), [dx.method("minilm")])
+    d = dx.Distiller(net(8), net(8), [dx.method("minilm", student_heads=2, teacher_heads=2)], task_weight=0.0,
+                     progress=False)
+    assert [r.student for r in d.methods[0].features()] == ["1.q_proj", "1.k_proj", "1.v_proj"]
+    assert d.fit([(torch.randn(4, 5, 8), None)], 1)[0]["minilm"] > 0
