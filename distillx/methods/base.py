@@ -24,10 +24,14 @@ for logit methods), ``.to(device)`` moves them and ``state_dict()`` checkpoints 
 student.
 
 Contract with the Distiller: ``student["logits"]`` and ``teacher["logits"]`` hold the two models'
-outputs, and each :class:`FeatureRequest` from :meth:`Method.features` is captured under its
-``key`` in both dicts (keys are the method's own: the Distiller namespaces them internally, so two
+outputs (absent for a model without logits, or when no active term reads them and a method applies
+the output layer itself: :attr:`Method.uses_logits`, :meth:`Method.output_layers`), and each
+:class:`FeatureRequest` from :meth:`Method.features` is captured under its ``key`` in both dicts (keys are the method's own: the Distiller namespaces them internally, so two
 methods may use the same key). Teacher tensors come from ``no_grad`` and are detached.
 ``loss()`` returns the *unweighted* loss; the Distiller multiplies it by ``method.weight``.
+``batch`` is the ``(inputs, targets)`` pair; :meth:`Method.attention_mask` reads the padding mask
+of mapping inputs. :meth:`Method.bind` gets both models before :meth:`Method.features` is asked,
+for what must be found in them (layers, heads, output layers).
 
 Methods whose submodules depend on feature shapes (adapters) say so with :attr:`Method.needs_setup`;
 the Distiller then calls :meth:`Method.setup` with the features of one dry forward pass before it
