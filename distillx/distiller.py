@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
@@ -54,7 +53,8 @@ from .engine import checkpoint as ckpt
 from .engine.arguments import (AMP, TASK, apply_transfer, build_augmentations, cache_options, check_amp,
                                check_grad_clip, check_methods, check_models, check_strategy, check_weight, method_name,
                                metric_keys, student_input_spec)
-from .engine.batches import check_loader, logits_of, unpack_batch
+from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, logits_of, task_cross_entropy, to_device,
+                             unpack_batch)
 from .engine import fsdp
 from .engine.distributed import init_from_env, parallelize, wrap
 from .engine.loop import Phase, Runner, SignalGuard, steps_per_epoch
@@ -63,6 +63,7 @@ from .engine.plan import FeaturePlan
 from .engine.schedules import build_scheduler, check_weight_schedules
 from .engine.step import STUDENT_INPUT, DistillStep, NonFiniteLossError
 from .engine.training import OptimizerSpec, build_optimizer, check_epochs, evaluate, resolve_device, validator
+from .hf.pretrained import is_causal_lm, save_model
 from .methods import Method
 from .plugin import get_plugin_manager
 from .reporting import MetricsLog, plot_metrics
@@ -79,13 +80,15 @@ class Distiller:
             optimizer); trained first when :meth:`fit` gets ``teacher_epochs > 0``.
         student: the model to train; moved to ``device``.
         methods: distillation methods, e.g. ``[distillx.method("kd", T=4.0, weight=0.9)]``.
-        task_loss: ``(student_logits, targets) -> Tensor``; default cross-entropy (which also takes
-            the soft (N, C) targets of mixup/cutmix).
+        task_loss: ``(student_logits, targets) -> Tensor``; default cross-entropy (soft (N, C) targets
+            of mixup/cutmix too; token logits (B, L, C) with (B, L) labels, ``-100`` ignored), the
+            next-token loss for a causal LM student (``*ForCausalLM``). Applied to batches with targets.
         task_weight: weight of the task loss (0 disables it: pure distillation).
         optimizer: ``None`` (AdamW, lr 1e-3), a factory ``params -> Optimizer``, or an optimizer
             that already holds the student's and the methods' parameters.
         device: where to train; default the student's device.
-        example_inputs: a batch for the dry forward pass that builds shape-dependent adapters now.
+        example_inputs: a batch's model inputs (a tensor, a tuple or a mapping) for the dry forward pass
+            that builds shape-dependent adapters now.
         check_finite: stop with :class:`~distillx.engine.NonFiniteLossError` on a NaN/inf loss term (one device
             synchronisation per step).
         transfer: initialise the student from the teacher's weights at the start of distillation: a
@@ -121,12 +124,13 @@ class Distiller:
             FSDP2's mixed-precision policy; checkpoints are distributed checkpoints that load back at any
             world size; needs an optimizer factory). ``shard_teacher``: with ``"fsdp"``, shard the teacher
             too for its forward passes instead of replicating it.
+        label_key: the targets of mapping batches (default ``"labels"``; the other keys are inputs).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
                  task_loss: Optional[Callable] = None, task_weight: float = 1.0,
                  optimizer: OptimizerSpec = None, device: Union[None, str, torch.device] = None,
-                 example_inputs: Optional[torch.Tensor] = None, check_finite: bool = True,
+                 example_inputs: Any = None, check_finite: bool = True,
                  transfer: Union[None, str, Callable] = None, *,
                  scheduler: Any = "cosine", warmup: Union[int, float] = 0.05,
                  teacher_optimizer: OptimizerSpec = None, teacher_scheduler: Any = "cosine",
@@ -134,7 +138,7 @@ class Distiller:
                  augmentations: Sequence = (), amp: Optional[str] = None, grad_clip: Optional[float] = None,
                  cache_teacher: bool = False, cache_dir: Optional[str] = None, cache_dtype: str = "float16",
                  cache_top_k: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-                 progress: Optional[bool] = None, seed: Optional[int] = None,
+                 progress: Optional[bool] = None, seed: Optional[int] = None, label_key: str = LABELS,
                  student_input: Union[None, str, FeatureSpec] = None, strategy: str = "ddp",
                  shard_teacher: bool = False):
         check_models(teacher, student)
@@ -144,7 +148,11 @@ class Distiller:
             raise ValueError("task_weight is 0 and no method has a non-zero weight: there is nothing to train")
         if task_loss is not None and not callable(task_loss):
             raise TypeError(f"task_loss must be callable (logits, targets) -> Tensor, got {type(task_loss).__name__}")
-        self.task_loss = F.cross_entropy if task_loss is None else task_loss
+        if not isinstance(label_key, str) or not label_key:
+            raise TypeError(f"label_key must be a non-empty string (the targets' key in mapping batches), got {label_key!r}")
+        self.label_key = label_key
+        self.task_loss = task_loss if task_loss is not None else (
+            causal_lm_loss if is_causal_lm(student) else task_cross_entropy)
         self.device = resolve_device(student, device)
         self.amp = check_amp(amp, self.device)
         self.strategy, self.shard_teacher = check_strategy(strategy, shard_teacher, optimizer)
@@ -174,7 +182,7 @@ class Distiller:
                                  self.task_weight, self.weight_schedules, bool(check_finite), self.device)
         # The teacher's layers after a cut run only when a method reads its logits or later features.
         later = [k for k in self._plan.capture_keys("teacher") if k != STUDENT_INPUT]
-        self._step.full_teacher = any(m.uses_teacher_logits for m in self.methods) or bool(later)
+        self._step.full_teacher = any(m.uses_logits for m in self.methods) or bool(later)
         self.composed: Optional[Composed] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._parallel: Optional[nn.Module] = None  # the DDP wrapper or the FSDP-sharded student
@@ -202,26 +210,28 @@ class Distiller:
         return self._step.check_finite
 
     # -- public API ------------------------------------------------------------------------------
-    def setup(self, inputs: torch.Tensor) -> torch.optim.Optimizer:
-        """Build the methods' shape-dependent parts (adapters) from one dry forward pass on ``inputs``,
-        then the optimizer over the student's and the methods' parameters; return the optimizer.
+    def setup(self, inputs: Any) -> torch.optim.Optimizer:
+        """Build the methods' shape-dependent parts (adapters) from one dry forward pass on ``inputs``
+        (a batch's model inputs: a tensor, a tuple or a mapping), then the optimizer over the
+        student's and the methods' parameters; return the optimizer.
 
         Both models run in ``eval()`` mode under ``no_grad`` (BatchNorm statistics do not move);
         their modes are restored. :meth:`fit` calls this on its first batch when needed.
         """
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"inputs must be a tensor batch of model inputs, got {type(inputs).__name__}")
+        if inputs is None:
+            raise TypeError("inputs must be a batch of model inputs (a tensor, a tuple or a mapping), got None")
         pending = self._pending_setup()
         new_trunk = self.student_input is not None and self._step.trunk is None
         if pending or new_trunk:
-            inputs = inputs.to(self.device)
+            inputs = to_device(inputs, self.device)
             self._plan.attach()
             modes = [(m, m.training) for m in (self.teacher, self.student)]
             try:
                 self.teacher.eval()
                 self.student.eval()
                 if new_trunk:  # traced in eval(): a graph trunk bakes in the modes it saw
-                    self._step.trunk = Trunk(self.teacher, self.student_input, example_inputs=(inputs,))
+                    self._step.trunk = Trunk(self.teacher, self.student_input, example_inputs=(
+                        inputs if isinstance(inputs, Mapping) else (inputs,)))
                     self.composed = Composed(self._step.trunk, self.student)
                 with torch.no_grad():
                     outs = self._dry_forward(inputs)
@@ -248,7 +258,7 @@ class Distiller:
         try:
             return self._step.forward(inputs, None, live_teacher=True)
         except RuntimeError as exc:
-            feature = self._step.trunk(inputs)
+            feature = call_model(self._step.trunk, inputs, "teacher")
             shape = tuple(feature.shape) if isinstance(feature, torch.Tensor) else type(feature).__name__
             raise ValueError(f"student_input={self._step.trunk.at!r}: the student cannot take the teacher's feature "
                              f"there, of shape {shape} ({type(exc).__name__}: {exc})") from exc
@@ -272,10 +282,10 @@ class Distiller:
             state, position = self._resume_state(resume, "teacher", train_loader, val_loader)
             return self._teacher_phase(train_loader, epochs, val_loader, state, position)
 
-    def fit(self, train_loader: Iterable, epochs: int, val_loader: Optional[Iterable] = None, *,
+    def fit(self, train_loader: Iterable, epochs: int = 1, val_loader: Optional[Iterable] = None, *,
             teacher_epochs: int = 0, resume: Union[None, bool, str] = None) -> list[dict[str, float]]:
         """Train the teacher first if ``teacher_epochs`` > 0, apply the transfer, then distil for
-        ``epochs`` epochs over ``train_loader``; return the student's per-epoch metrics.
+        ``epochs`` epochs (default 1) over ``train_loader``; return the student's per-epoch metrics.
 
         ``resume``: a checkpoint path, or True for ``<checkpoint_dir>/checkpoint.pt``; the run then
         continues from the saved phase, epoch and step. Fires the plugin events
@@ -299,7 +309,24 @@ class Distiller:
 
     def evaluate(self, loader: Iterable, model: Optional[nn.Module] = None) -> dict[str, float]:
         """Accuracy and task loss of ``model`` (default the student) on ``loader``."""
-        return evaluate(self._student_model() if model is None else model, loader, self.task_loss, self.device)
+        return evaluate(self._student_model() if model is None else model, loader, self.task_loss, self.device,
+                        self.label_key)
+
+    def losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch as a training step computes them (``"loss"`` is the total, with
+        its graph), without augmentations or an optimizer step; the models keep their modes."""
+        if self.optimizer is None:
+            self.setup(unpack_batch(batch, self.device, self.label_key)[0])
+        self._plan.attach()
+        return self._step(*unpack_batch(batch, self.device, self.label_key))
+
+    def save_student(self, path: str, tokenizer: Any = None) -> str:
+        """Write the student: a transformers ``PreTrainedModel`` with ``save_pretrained(path)`` (and
+        ``tokenizer.save_pretrained(path)``), loadable by ``AutoModel.from_pretrained(path)``; any other
+        model's ``state_dict`` to the file ``path``. Only rank 0 writes. Returns ``path``."""
+        if self.ctx.is_main:
+            save_model(self.student, path, tokenizer)
+        return path
 
     def save_metrics(self, path: str) -> str:
         """Write every logged step and epoch metric as JSON (atomically); return ``path``."""
@@ -339,7 +366,9 @@ class Distiller:
         model = wrap(self.teacher, self.ctx, self.device)
 
         def losses(inputs, targets, indices):
-            return {"loss": self.task_loss(logits_of(model(inputs), "teacher"), targets)}
+            if targets is None:
+                raise ValueError(f"training the teacher needs targets: a mapping batch has no {self.label_key!r}")
+            return {"loss": self.task_loss(logits_of(call_model(model, inputs, "teacher"), "teacher"), targets)}
 
         was_training = self.teacher.training
         base = len(self.teacher_history) if state is None else 0  # a resumed run returns its whole history
@@ -366,7 +395,7 @@ class Distiller:
                 first = next(batches, None)
                 if first is None:
                     raise ValueError("train_loader is empty: it yields no batches")
-                self.setup(unpack_batch(first, self.device)[0])
+                self.setup(unpack_batch(first, self.device, self.label_key)[0])
                 if batches is loader:  # a one-shot iterator: do not lose the batch we looked at
                     loader = itertools.chain([first], batches)
             if self._cache_opts is not None:
@@ -374,14 +403,16 @@ class Distiller:
                 self._step.cache, loader = cache_for_run(
                     self.teacher, loader, directory=opts.pop("directory"), checkpoint_dir=self.checkpoint_dir,
                     feature_keys=self._plan.capture_keys("teacher"), collect=lambda: self._plan.collect("teacher"),
-                    ctx=self.ctx, device=self.device, **opts)
+                    ctx=self.ctx, device=self.device, run=self._step.cache_forward,
+                    with_logits=self._step.teacher_logits_used(), label_key=self.label_key, **opts)
             if self.ctx.enabled and self._parallel is None:
                 self._parallel = parallelize(self.student, self.methods, self.teacher, self.ctx, self.device,
                                              self.strategy, AMP[self.amp] if self._sharded else None,
-                                             self.shard_teacher)
+                                             self.shard_teacher, compute=self._step.terms)
                 if self._sharded:  # the parameters are DTensors now: the optimizer must hold those
                     self.optimizer = build_optimizer(self._phase_specs["student"][0], self._trainable_parameters())
-            self._step.student = self._parallel if self._parallel is not None else self.student
+            # DDP runs the student's forward and the losses inside its wrapper; FSDP shards in place
+            self._step.ddp = None if self._sharded else self._parallel
             # eval(): dropout off and BatchNorm statistics frozen, so the teacher's targets are
             # deterministic and its buffers never change.
             self.teacher.eval()
@@ -425,7 +456,8 @@ class Distiller:
         autocast = None if name == "student" and self._sharded else AMP[self.amp]  # FSDP2's policy instead
         phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, autocast,
                       self.grad_clip, self._augment(), self.aug_generator,
-                      validator(val_loader, val_model, self.task_loss, self.device), indexed=indexed, params=params)
+                      validator(val_loader, val_model, self.task_loss, self.device, self.label_key), indexed=indexed,
+                      params=params, label_key=self.label_key)
         self._step.epoch_fraction = lambda: phase.epoch_fraction
 
         sharded = name == "student" and self._sharded

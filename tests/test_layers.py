@@ -21,12 +21,12 @@ PACKAGE = ROOT / "distillx"
 # Bottom to top; a module may import its own layer and those before it. The most specific prefix wins.
 LAYERS = [
     ("base", ["distillx._checks", "distillx._ext", "distillx._atomic", "distillx._options", "distillx._version",
-              "distillx._C", "distillx.data"]),
+              "distillx._batch", "distillx._C", "distillx.data"]),
     ("ops", ["distillx.ops"]),
     ("functional", ["distillx.functional"]),
     ("features", ["distillx.features"]),
     ("components", ["distillx.methods", "distillx.transfer", "distillx.augment", "distillx.kernels",
-                    "distillx.compose"]),
+                    "distillx.compose", "distillx.hf"]),
     ("plugin", ["distillx.plugin"]),
     ("engine", ["distillx.engine", "distillx.teacher_cache", "distillx.reporting"]),
     ("distiller", ["distillx.distiller"]),

@@ -18,13 +18,15 @@ Every size key of every case becomes a ``distillx bench --KEY`` flag automatical
 from __future__ import annotations
 
 import dataclasses
-
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
+
+from . import lm
 
 
 @dataclass
@@ -290,3 +292,33 @@ register_case(Case(
     op="kernel_mmd",
     size_doc={"N": "student rows", "M": "teacher rows", "D": "width"},
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_kd: a whole LM distillation step, full logits + kd (eager/compile) vs lm_kd (distillx)
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_lm(sizes):
+    return {k: sizes[k] for k in ("B", "L", "C", "Hs", "Ht")}
+
+
+def _build_lm(sizes, dtype, device, gen):
+    args, kwargs = lm.build(sizes, dtype, device, gen)
+    return Inputs(args=args, kwargs=kwargs)
+
+
+if importlib.util.find_spec("transformers") is not None:  # the hf extra: LLaMA-style models from configs
+    register_case(Case(
+        name="lm_kd",
+        description="LLaMA-style LM pair, forward+backward of the distillation loss: full logits + kd vs lm_kd",
+        reference="distillx.benchmarks.lm:kd_full_logits",
+        fused="distillx.benchmarks.lm:lm_kd_step",
+        build=_build_lm,
+        sizes={"B": 8, "L": 512, "C": 32000, "Hs": 256, "Ht": 512},
+        quick={"B": 2, "L": 16, "C": 512, "Hs": 32, "Ht": 64},
+        params={"temperature": 1.0, "divergence": "kl"},
+        resolve=_resolve_lm,
+        op="linear_divergence",
+        size_doc={"B": "batch", "L": "sequence length", "C": "vocabulary", "Hs": "student hidden width",
+                  "Ht": "teacher hidden width"},
+    ))

@@ -8,6 +8,7 @@ weight transfer, distils the student (``student.epochs``), then writes into ``ou
     config.json     the resolved config of the run (itself a valid config)
     metrics.json    every logged step and epoch metric;  metrics.png: their plot
     student.pt      the final student's state dict;  teacher.pt: the teacher's (when it was trained)
+    student/        instead of student.pt for a Hugging Face student: save_pretrained + the tokenizer
 
 CONFIG is a path (``.toml`` or ``.json``) or the name of a bundled config (``distillx run digits``).
 ``--set student.epochs=5 --set methods.0.T=4`` override keys (dotted paths, list items by index;

@@ -9,7 +9,8 @@ Quick start::
 
 What a run does (:mod:`distillx.config.execute`): ``torch.manual_seed(seed)``; build the data, the
 teacher (optionally loading ``teacher.checkpoint``) and the student from ``"module:callable"``
-builders; ``Distiller(...).fit(train, student.epochs, val, teacher_epochs=teacher.epochs)`` with a
+builders (or Hugging Face directories); ``Distiller(...).fit(train, student.epochs, val,
+teacher_epochs=teacher.epochs)`` with a
 checkpoint after every epoch in ``output_dir``; then write ``metrics.json``, ``metrics.png``,
 ``student.pt`` (state dict; ``teacher.pt`` too when the teacher was trained) and print the teacher's
 and the student's validation accuracy. ``config.json`` holds the resolved config of the run and can
@@ -81,6 +82,28 @@ required keys are named. Options of methods, transfers, augmentations and builde
 their receivers, and their errors name the config key (``methods.0 ('kd'): ...``). ``distillx run``
 prints ``distillx run: <message>`` and exits with 2 for such mistakes, 3 when a loss becomes NaN/inf
 (the last checkpoint is kept), 1 when training fails otherwise.
+
+Hugging Face models (the ``hf`` extra): ``[teacher] pretrained = "DIR"`` loads a model directory;
+the student is ``pretrained = "DIR"`` too, or ``config = {num_hidden_layers = 2, ...}`` (the
+teacher's class and config with these overrides, randomly initialised: add a ``[transfer]``);
+``[data.text]`` reads ``train = "corpus.txt"`` (or ``.jsonl`` with ``field``) and tokenizes it with
+the teacher's tokenizer (``max_length``, ``batch_size``, ``shuffle``, ``tokenizer``). Such a
+student is written with ``save_pretrained`` into ``output_dir/student/``, with the tokenizer::
+
+    output_dir = "runs/mini"
+    [data.text]
+    train = "corpus.txt"
+    max_length = 128
+    [teacher]
+    pretrained = "models/bert-base"
+    [student]
+    config = { num_hidden_layers = 4 }
+    epochs = 3
+    task_weight = 0.0
+    [[methods]]
+    name = "minilmv2"
+    [transfer]
+    name = "layer_map"
 
 From Python::
 

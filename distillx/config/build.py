@@ -18,18 +18,22 @@ from torch import nn
 from ..distiller import Distiller
 from ..engine.checkpoint import CheckpointError, check_state_dict
 from ..engine.schedules import linear
+from ..hf.pretrained import load_pretrained, load_tokenizer, student_from_config
+from ..hf.text import text_loader
 from ..plugin import method, resolve_augmentation, transfer
 from .schema import ConfigError, describe
 
 
 class Run(NamedTuple):
-    """What :func:`build` makes from a config."""
+    """What :func:`build` makes from a config (``tokenizer``: the Hugging Face tokenizer of
+    ``teacher.pretrained`` or ``data.text.tokenizer``, else None)."""
 
     train: Iterable
     val: Optional[Iterable]
     teacher: nn.Module
     student: nn.Module
     distiller: Any  # distillx.Distiller
+    tokenizer: Any = None
 
 
 def _message(exc: BaseException) -> str:
@@ -80,8 +84,36 @@ def _check_loader(loader: Any, which: str, builder: str) -> None:
                           "(check data.options: the data set may be empty or smaller than one batch with drop_last)")
 
 
-def build_data(cfg: dict) -> tuple[Iterable, Optional[Iterable]]:
-    """``(train, val)`` from ``[data]``."""
+def _hf(call: Callable, key: str, *args, **kwargs) -> Any:
+    """``call(*args, **kwargs)`` of a Hugging Face helper, its mistakes as ConfigErrors naming ``key``."""
+    try:
+        return call(*args, **kwargs)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{key}: {type(exc).__name__}: {_message(exc)}") from exc
+
+
+def load_tokenizer_for(cfg: dict) -> Any:
+    """The tokenizer of ``data.text.tokenizer`` or ``teacher.pretrained`` (None when neither is set)."""
+    text = cfg["data"].get("text") or {}
+    if text.get("tokenizer"):
+        return _hf(load_tokenizer, "data.text.tokenizer", text["tokenizer"], "data.text.tokenizer")
+    if cfg["teacher"].get("pretrained"):
+        return _hf(load_tokenizer, "teacher.pretrained", cfg["teacher"]["pretrained"], "teacher.pretrained")
+    return None
+
+
+def build_data(cfg: dict, tokenizer: Any = None) -> tuple[Iterable, Optional[Iterable]]:
+    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]`` tokenized (no val)."""
+    text = cfg["data"].get("text")
+    if text is not None:
+        if tokenizer is None:
+            raise ConfigError("data.text: the text is tokenized with the teacher's tokenizer: set teacher.pretrained "
+                              "(a Hugging Face directory) or data.text.tokenizer")
+        train = _hf(text_loader, "data.text.train", text["train"], tokenizer, max_length=text["max_length"],
+                    batch_size=text["batch_size"], field=text["field"], shuffle=text["shuffle"], seed=cfg["seed"])
+        return train, None
     builder = cfg["data"]["builder"]
     result = call_builder(cfg["data"], "data")
     if isinstance(result, Mapping):
@@ -101,7 +133,13 @@ def build_data(cfg: dict) -> tuple[Iterable, Optional[Iterable]]:
     return train, val
 
 
-def build_model(section: dict, key: str) -> nn.Module:
+def build_model(section: dict, key: str, teacher: Optional[nn.Module] = None) -> nn.Module:
+    """The model of a ``[teacher]``/``[student]`` table: a builder's, a Hugging Face directory's
+    (``pretrained``), or the teacher's class with its config overridden (``config``)."""
+    if section.get("pretrained"):
+        return _hf(load_pretrained, f"{key}.pretrained", section["pretrained"], f"{key}.pretrained")
+    if section.get("config") is not None:
+        return _hf(student_from_config, f"{key}.config", teacher, section["config"], f"{key}.config")
     model = call_builder(section, key)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{key}: {section['builder']!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -211,11 +249,12 @@ def build(cfg: dict, progress: Optional[bool] = None) -> Run:
     """Data, models and the Distiller of a resolved config. Seeds torch with ``cfg["seed"]`` first."""
     check_device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    train, val = build_data(cfg)
+    tokenizer = load_tokenizer_for(cfg)
+    train, val = build_data(cfg, tokenizer)
     teacher = build_model(cfg["teacher"], "teacher")
     if cfg["teacher"]["checkpoint"] is not None:
         load_state_dict_file(teacher, cfg["teacher"]["checkpoint"], "teacher.checkpoint")
-    student = build_model(cfg["student"], "student")
+    student = build_model(cfg["student"], "student", teacher)
     methods = build_methods(cfg)
     transfer = build_transfer(cfg)
     augmentations = build_augmentations(cfg)
@@ -236,4 +275,4 @@ def build(cfg: dict, progress: Optional[bool] = None) -> Run:
             checkpoint_dir=cfg["output_dir"], progress=progress, seed=cfg["seed"])
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot set up the distillation: {_message(exc)}") from exc
-    return Run(train, val, teacher, student, distiller)
+    return Run(train, val, teacher, student, distiller, tokenizer)

@@ -1,7 +1,8 @@
 """Run a resolved config (:mod:`distillx.config`): build the data, models and Distiller, train the
 teacher and the student, and write ``checkpoint.pt``, ``config.json``, ``metrics.json``,
-``metrics.png``, ``student.pt``, ``teacher.pt`` (and ``composed.pt`` for a student on the teacher's
-features) into ``output_dir``; the command is ``distillx run`` (:mod:`distillx.cli.run`).
+``metrics.png``, ``student.pt`` (or ``student/`` for a Hugging Face student, with ``save_pretrained``
+and the tokenizer), ``teacher.pt`` (and ``composed.pt`` for a student on the teacher's features) into
+``output_dir``; the command is ``distillx run`` (:mod:`distillx.cli.run`).
 
 Under ``torchrun`` every process runs this; rank 0 alone checks and writes ``output_dir`` (the others
 wait for its verdict and stop with it) and prints, the others stay quiet.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -24,11 +26,13 @@ from ..engine.distributed import init_from_env
 from ..engine.fsdp import full_state_dict
 from ..engine.loop import TrainingInterrupted
 from ..engine.step import NonFiniteLossError
+from ..hf.pretrained import is_pretrained
 from .build import _message, build
 from .schema import ConfigError
 
 PROG = "distillx run"
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt", "teacher.pt", "composed.pt")
+STUDENT_DIR = "student"  # a Hugging Face student's save_pretrained directory
 
 
 class StoppedByRankZero(ConfigError):
@@ -162,6 +166,8 @@ def _prepare_output_dir(cfg: dict, resume: bool, overwrite: bool) -> bool:
         for name in OUTPUTS:  # so a new run that fails early never sits next to the old run's files
             if os.path.isfile(path[name]):
                 os.unlink(path[name])
+        if os.path.isdir(os.path.join(out, STUDENT_DIR)):
+            shutil.rmtree(os.path.join(out, STUDENT_DIR))
     return finished
 
 
@@ -204,10 +210,16 @@ def _run(cfg: dict, source: str, resume: bool, progress: Optional[bool], command
                 except (ValueError, TypeError, KeyError) as exc:
                     raise ConfigError(_message(exc)) from exc
                 seconds = time.perf_counter() - start
-                written = ["checkpoint.pt", "config.json", "student.pt"]
-                student_state = full_state_dict(run.student)  # every rank: gathers a sharded student
+                written = ["checkpoint.pt", "config.json"]
+                if is_pretrained(run.student):  # AutoModel.from_pretrained(output_dir/student) loads it
+                    d.save_student(os.path.join(out, STUDENT_DIR), run.tokenizer)
+                    written.append(STUDENT_DIR + "/")
+                else:
+                    student_state = full_state_dict(run.student)  # every rank: gathers a sharded student
+                    if ctx.is_main:
+                        save_atomic(student_state, path["student.pt"])
+                    written.append("student.pt")
                 if ctx.is_main:
-                    save_atomic(student_state, path["student.pt"])
                     if cfg["teacher"]["epochs"] > 0:
                         save_atomic(full_state_dict(run.teacher), path["teacher.pt"])
                         written.append("teacher.pt")

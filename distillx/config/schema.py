@@ -21,15 +21,25 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     device = "cpu"           string, a torch device ("cpu", "cuda", "cuda:1").
     threads                  int >= 1: torch.set_num_threads for the run (default: leave it as is).
 
-    [data] *
-    builder *                "module:callable"; callable(**options) returns {"train": loader, "val":
+    [data] *                 one of builder or [data.text]:
+    builder                  "module:callable"; callable(**options) returns {"train": loader, "val":
                              loader or None} or a (train, val) pair. Built-in:
                              "distillx.config.data:digits".
     options = {}             table, keyword arguments of the builder.
+    [data.text]              text files tokenized with the teacher's tokenizer (teacher.pretrained):
+    text.train *             a .txt (one example per non-empty line) or .jsonl file (one JSON object
+                             per line, the text under text.field = "text"); mapping batches without
+                             labels (no task loss), no validation loader.
+    text.max_length = 128    int >= 1: examples are truncated to this many tokens.
+    text.batch_size = 16     int >= 1.
+    text.shuffle = true      bool (seeded with seed, so --resume sees the same order).
+    text.tokenizer           string: a tokenizer directory instead of teacher.pretrained's.
 
-    [teacher] *
-    builder *                "module:callable"; callable(**options) returns the teacher nn.Module.
+    [teacher] *              one of builder or pretrained:
+    builder                  "module:callable"; callable(**options) returns the teacher nn.Module.
     options = {}             table, keyword arguments of the builder.
+    pretrained               string: a Hugging Face model directory (save_pretrained), loaded as the
+                             class its config.json names (needs the hf extra: pip install 'distillx[hf]').
     checkpoint               string: a state dict file loaded into the built teacher
                              (torch.load(weights_only=True); a {"state_dict": ...} or {"model": ...}
                              wrapper is accepted).
@@ -38,8 +48,14 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     optimizer                table, see [*.optimizer] below.
     scheduler                table, see [*.scheduler] below.
 
-    [student] *
-    builder *, options       as for the teacher.
+    [student] *              one of builder, pretrained or config:
+    builder, options         as for the teacher.
+    pretrained               string: a Hugging Face model directory (the student's own weights).
+    config                   table: the teacher's class and config with these overrides
+                             ({num_hidden_layers = 2, hidden_size = 256, ...}), randomly initialised
+                             (a [transfer] such as layer_map or select then initialises it).
+                             A Hugging Face student is written with save_pretrained into
+                             output_dir/student/ (with the tokenizer) instead of student.pt.
     epochs *                 int >= 1: distillation epochs.
     optimizer, scheduler     tables, see below.
     task_weight = 1.0        float >= 0: weight of the task (cross-entropy) loss; 0 = pure distillation.
@@ -100,7 +116,7 @@ transfer, amp, grad_clip, cache_top_k, progress).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -172,13 +188,25 @@ def _named(kind: str, example: str) -> Table:
                  expected=f"a table with name = <{kind}> and its options", open=True)
 
 
+def _one_source(names: tuple) -> Callable:
+    def post(out: dict, given: dict, path: str, errors: list) -> None:
+        chosen = [n for n in names if given.get(n) is not None]  # given (a bad value is reported on its own)
+        if len(chosen) != 1:
+            what = "none" if not chosen else " and ".join(chosen)
+            errors.append(f"{path}: give exactly one of {', '.join(names)} (got {what})")
+    return post
+
+
 def _model(student: bool) -> Table:
     keys = {
-        "builder": Key(Str(pattern=_BUILDER, what='"module:callable" (e.g. "distillx.demo:mlp")'), required=True,
+        "builder": Key(Str(pattern=_BUILDER, what='"module:callable" (e.g. "distillx.demo:mlp")'), nullable=True,
                        doc='"module:callable" returning an nn.Module'),
         "options": Key(AnyTable(), default={}),
+        "pretrained": Key(Str(), nullable=True, doc="a Hugging Face model directory"),
     }
-    if not student:
+    if student:
+        keys["config"] = Key(AnyTable(), nullable=True, doc="overrides of the teacher's config")
+    else:
         keys["checkpoint"] = Key(Str(), nullable=True)
     keys["epochs"] = (Key(Int(1), required=True, doc="distillation epochs, an integer >= 1") if student
                       else Key(Int(0), default=0))
@@ -188,7 +216,8 @@ def _model(student: bool) -> Table:
         keys["task_weight"] = Key(Float(0.0), default=1.0)
         keys["input"] = Key(Str(pattern=r"teacher:\S+", what='"teacher:PATH" (a teacher layer path, e.g. '
                                                            '"teacher:layer3")'), nullable=True)
-    return Table(keys, expected="a table")
+    sources = ("builder", "pretrained", "config") if student else ("builder", "pretrained")
+    return Table(keys, expected="a table", post=_one_source(sources))
 
 
 def _default_of(table: Table) -> dict:
@@ -205,12 +234,22 @@ SCHEMA = Table({
     "threads": Key(Int(1), nullable=True),
     "data": Key(Table({
         "builder": Key(Str(pattern=_BUILDER, what='"module:callable" (e.g. "distillx.config.data:digits")'),
-                       required=True, doc='"module:callable" returning {"train": loader, "val": loader}'),
+                       nullable=True, doc='"module:callable" returning {"train": loader, "val": loader}'),
         "options": Key(AnyTable(), default={}),
-    }), required=True, doc='a table: [data] with builder = "module:callable"'),
-    "teacher": Key(_model(False), required=True, doc='a table: [teacher] with builder = "module:callable"'),
+        "text": Key(Table({
+            "train": Key(Str(), required=True, doc="a .txt or .jsonl file"),
+            "field": Key(Str(), default="text"),
+            "max_length": Key(Int(1), default=128),
+            "batch_size": Key(Int(1), default=16),
+            "shuffle": Key(Bool(), default=True),
+            "tokenizer": Key(Str(), nullable=True),
+        }, expected="a table (train, field, max_length, batch_size, shuffle, tokenizer)"), nullable=True),
+    }, post=_one_source(("builder", "text"))), required=True,
+        doc='a table: [data] with builder = "module:callable" or a [data.text] table'),
+    "teacher": Key(_model(False), required=True,
+                   doc='a table: [teacher] with builder = "module:callable" or pretrained = "DIR"'),
     "student": Key(_model(True), required=True,
-                   doc='a table: [student] with builder = "module:callable" and epochs'),
+                   doc='a table: [student] with builder, pretrained or config, and epochs'),
     "methods": Key(ListOf(_named("method", "kd"), "an array of tables ([[methods]] with name and options)"),
                    default=[]),
     "transfer": Key(_named("weight transfer", "select"), nullable=True),

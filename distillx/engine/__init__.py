@@ -1,14 +1,16 @@
 """The training engine behind :class:`distillx.Distiller` and :func:`distillx.engine.train`.
 
 ``loop`` (the epoch loop every phase runs), ``step`` (the per-batch distillation loss),
-``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields),
-``schedules`` (LR and loss-weight schedules), ``checkpoint`` (atomic, verified, safe checkpoints,
-build/restore), ``rng`` (the random state exact resume saves, and the loaders it refuses),
-``distributed`` (torchrun/DDP), ``plan`` (which features each method
+``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields:
+pairs or mappings, and calling a model with them), ``schedules`` (LR and loss-weight schedules),
+``checkpoint`` (atomic, verified, safe checkpoints, build/restore), ``rng`` (the random state exact
+resume saves, and the loaders it refuses), ``distributed`` (torchrun/DDP/FSDP), ``sharding`` (every
+loader form split across ranks), ``fsdp`` (FSDP2 and distributed checkpoints), ``plan`` (which features each method
 needs), ``arguments`` (the Distiller's argument checks).
 """
 from __future__ import annotations
 
+from .batches import call_model, causal_lm_loss
 from .checkpoint import CheckpointError
 from .loop import TrainingInterrupted
 from .schedules import LinearRamp, linear
@@ -16,4 +18,4 @@ from .step import NonFiniteLossError
 from .training import evaluate, train
 
 __all__ = ["CheckpointError", "TrainingInterrupted", "NonFiniteLossError", "LinearRamp", "linear", "train",
-           "evaluate"]
+           "evaluate", "call_model", "causal_lm_loss"]

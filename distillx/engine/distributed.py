@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import fsdp
+from .batches import call_model
 
 
 @dataclass(frozen=True)
@@ -80,31 +81,40 @@ def init_from_env(device: torch.device) -> DistContext:
 
 
 class Trainable(nn.Module):
-    """The student and the methods (their adapters) as one module, so DDP averages every gradient."""
+    """The student and the methods (their adapters) as one module, so DDP averages every gradient.
 
-    def __init__(self, student: nn.Module, methods):
+    Its forward is ``compute(*args)`` (the step's student forward and loss terms): DDP's output is
+    then the losses themselves, and it finds the parameters they do not reach (``find_unused_parameters``).
+    """
+
+    def __init__(self, student: nn.Module, methods, compute=None):
         super().__init__()
         self.student = student
         self.methods = nn.ModuleList(methods)
+        self.compute = compute
 
-    def forward(self, inputs):
-        return self.student(inputs)
+    def forward(self, *args):
+        if self.compute is None:
+            return call_model(self.student, args[0], "student")
+        return self.compute(*args)
 
 
 STRATEGIES = ("ddp", "fsdp")
 
 
 def parallelize(student: nn.Module, methods, teacher: nn.Module, ctx: DistContext, device: torch.device,
-                strategy: str, param_dtype: Optional[torch.dtype] = None, shard_teacher: bool = False) -> nn.Module:
+                strategy: str, param_dtype: Optional[torch.dtype] = None, shard_teacher: bool = False,
+                compute=None) -> nn.Module:
     """What the step calls for the student's outputs when several processes train:
 
-    - ``"ddp"``: the student and the methods in one DistributedDataParallel (every gradient averaged);
+    - ``"ddp"``: the student and the methods in one DistributedDataParallel (every gradient averaged)
+      whose forward is ``compute`` (the step's student forward and loss terms);
     - ``"fsdp"``: the student sharded per block (:func:`distillx.engine.fsdp.shard`) and every method
       layer holding parameters sharded (``param_dtype`` is FSDP2's mixed-precision policy); the teacher
       too when ``shard_teacher``. The optimizer must be built after this (the parameters change).
     """
     if strategy == "ddp":
-        return wrap(Trainable(student, methods), ctx, device)
+        return wrap(Trainable(student, methods, compute), ctx, device)
     for m in methods:
         fsdp.shard_leaves(m, param_dtype)
     if shard_teacher:
@@ -116,7 +126,9 @@ def wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module
     """``module`` in DistributedDataParallel when ``ctx`` has several ranks (on ``device``), else itself."""
     if not ctx.enabled:
         return module
-    kwargs = {}
+    # The wrapped forward returns the losses (Trainable), so parameters they never reach (a BERT pooler,
+    # the layers above the last distilled one) are found and skipped by the gradient reduction.
+    kwargs = {"find_unused_parameters": isinstance(module, Trainable) and module.compute is not None}
     if device.type == "cuda":
         kwargs["device_ids"] = [device.index if device.index is not None else torch.cuda.current_device()]
     return nn.parallel.DistributedDataParallel(module, **kwargs)

@@ -20,7 +20,7 @@ import torch
 
 from ..reporting import ProgressBar
 from . import checkpoint as ckpt
-from .batches import split, to_device
+from .batches import LABELS, batch_size, split, split_indexed, to_device
 from .distributed import DistContext
 from .sharding import set_epoch
 
@@ -61,16 +61,17 @@ class Phase:
     augment: Optional[Callable] = None        # (inputs, targets, generator) -> (inputs, targets)
     aug_generator: Optional[torch.Generator] = None
     validate: Optional[Callable[[], dict]] = None
-    indexed: bool = False    # batches are (indices, inputs, targets)
+    indexed: bool = False    # batches are (indices, inputs, targets) or (indices, mapping)
+    label_key: str = LABELS  # the targets of a mapping batch
     params: list = field(default_factory=list)  # for gradient clipping
     epoch_fraction: float = 0.0  # epoch + step / steps_per_epoch of the step running now (weight schedules)
 
 
 def _unpack(batch, phase: Phase):
     if phase.indexed:
-        indices, inputs, targets = batch
+        indices, inputs, targets = split_indexed(batch, phase.label_key)
     else:
-        indices, (inputs, targets) = None, split(batch)
+        indices, (inputs, targets) = None, split(batch, phase.label_key)
     return indices, to_device(inputs, phase.device), to_device(targets, phase.device)
 
 
@@ -161,7 +162,7 @@ class Runner:
             p.optimizer.step()
         if p.scheduler is not None:
             p.scheduler.step()
-        return losses, len(targets)
+        return losses, batch_size(inputs, targets)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, position: Optional[dict] = None) -> list[dict]:

@@ -1,12 +1,15 @@
-"""Which features each method needs, how they map to the two models' extractors, and their views."""
+"""Which features each method needs, how they map to the two models' extractors, and their views;
+which output layers a step may skip."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..features import FeatureExtractor, FeaturePathError, FeatureSpec, MissingFeatureError, resolve_module
+from ..features import (FeatureExtractor, FeaturePathError, FeatureSpec, MissingFeatureError, resolve_module,
+                        unwrap_model)
 from ..features.spec import PENULTIMATE
 from ..methods import Method
 
@@ -17,7 +20,8 @@ class FeaturePlan:
     """Which features each method needs, how they map to the two extractors, and their views.
 
     Capture keys are ``"<method key>.<request key>"``; a request identical to an earlier one (same
-    path, capture, selection and reduction on that side) reuses the earlier capture.
+    path, capture, selection and reduction on that side) reuses the earlier capture. Each method is
+    bound to the models first (:meth:`Method.bind`: layers, heads and output layers found in them).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Sequence[Method], keys: Sequence[str],
@@ -26,6 +30,20 @@ class FeaturePlan:
         feature a student consumes, ``Distiller(student_input=...)``)."""
         self.models = {"student": student, "teacher": teacher}
         self.keys = list(keys)
+        for mkey, m in zip(keys, methods):
+            try:
+                m.bind(unwrap_model(student), unwrap_model(teacher))
+            except (TypeError, ValueError, LookupError) as e:
+                if str(e).startswith("method "):
+                    raise
+                raise type(e)(f"method {mkey!r}: {e}") from None
+        # side -> output layers some method applies itself (skipped when no term reads that side's logits)
+        self.heads: dict[str, list[nn.Module]] = {side: [] for side in SIDES}
+        for m in methods:
+            for side, path in m.output_layers().items():
+                module = resolve_module(student if side == "student" else teacher, path, name=side)[0]
+                if all(module is not h for h in self.heads[side]):
+                    self.heads[side].append(module)
         self.requests: list[list] = []
         # per method: {side: {request key: capture key}}
         self.maps: list[dict[str, dict[str, str]]] = []
@@ -109,10 +127,27 @@ class FeaturePlan:
                                      "teacher's forward pass never reached that layer)")
             raise MissingFeatureError(f"{e}. Needed by: {'; '.join(users)}") from None
 
+    @contextlib.contextmanager
+    def skipping(self, side: str, skip: bool) -> Iterator[None]:
+        """While active (and ``skip``), ``side``'s output layers named by methods do not compute: they
+        return an empty (..., 0) tensor. Their forward hooks still run, so their inputs are captured."""
+        modules = self.heads[side] if skip else []
+        saved = [(m, m.__dict__.get("forward")) for m in modules]
+        for m in modules:
+            m.forward = _skipped
+        try:
+            yield
+        finally:
+            for m, forward in saved:
+                if forward is None:
+                    del m.forward
+                else:
+                    m.forward = forward
+
     def views(self, i: int, student_logits, student_feats, teacher_logits, teacher_feats):
-        """The ``(student, teacher)`` dicts method ``i`` receives, under its own keys (no teacher
-        ``"logits"`` when the teacher's output was not computed)."""
-        s = {"logits": student_logits}
+        """The ``(student, teacher)`` dicts method ``i`` receives, under its own keys (``"logits"``
+        only where the model produced them)."""
+        s = {} if student_logits is None else {"logits": student_logits}
         t = {} if teacher_logits is None else {"logits": teacher_logits}
         for rkey, ckey in self.maps[i]["student"].items():
             s[rkey] = student_feats[ckey]
@@ -133,3 +168,9 @@ class FeaturePlan:
             if logits is not None and not bool(torch.isfinite(logits).all()):
                 return f"the {side} logits hold NaN/inf values"
         return None
+
+
+def _skipped(*args, **kwargs) -> torch.Tensor:
+    """The forward of a skipped output layer: (..., 0) of its input, no computation."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    return x.new_empty((*x.shape[:-1], 0))

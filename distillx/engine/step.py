@@ -6,6 +6,11 @@ method its captured features, weight and sum the terms, and stop on a non-finite
 with ``w(e)`` a term's weight, or its schedule's value at the fractional epoch ``e``; ``s_i``/``t_i``
 hold the logits and the features method ``i`` asked for, under its own keys. The teacher runs in
 ``eval()`` under ``no_grad`` (the caller sets the mode), or not at all when a cache is set.
+
+Models are called with the batch's inputs as :func:`~distillx.engine.batches.call_model` says
+(``model(x)``, ``model(*x)``, ``model(**x)``). The task term needs targets (a mapping batch without
+labels has none: no task term) and the student's logits. When no active term reads one side's
+logits, the output layers methods apply themselves (``lm_kd``) are skipped on that side.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from ..methods import Method
-from .batches import logits_of
+from .batches import call_model, logits_of
 from .plan import FeaturePlan
 
 TASK = "task"  # metrics key of the weighted task loss
@@ -30,9 +35,10 @@ class NonFiniteLossError(FloatingPointError):
 class DistillStep:
     """Callable ``(inputs, targets, indices) -> {"loss": total, "task": ..., <method key>: ...}``.
 
-    ``student`` is what is called for the student's outputs (the student, or its DDP wrapper);
-    ``cache`` (a :class:`~distillx.teacher_cache.TeacherCache`) replaces the teacher's forward pass
-    when set; ``epoch_fraction`` is read for the weight schedules.
+    ``student`` is the plain student (FSDP-sharded in place under ``strategy="fsdp"``); ``ddp``, when
+    set, is the DistributedDataParallel wrapper of a :class:`~distillx.engine.distributed.Trainable`
+    whose forward is :meth:`terms`; ``cache`` (a :class:`~distillx.teacher_cache.TeacherCache`) replaces
+    the teacher's forward pass when set; ``epoch_fraction`` is read for the weight schedules.
 
     A student on the teacher's features (``trunk``, a :class:`~distillx.features.Trunk`) is called on
     the teacher's feature at the cut instead of the inputs. The teacher runs whole (capturing that
@@ -48,41 +54,95 @@ class DistillStep:
         self.plan, self.task_loss, self.task_weight = plan, task_loss, task_weight
         self.weight_schedules, self.check_finite = weight_schedules, check_finite
         self.cache = None
+        self.ddp = None
+        self._outs = None
         self.trunk, self.full_teacher = None, True
         self.epoch_fraction: Callable[[], float] = lambda: 0.0
 
-    def forward(self, inputs, indices=None, live_teacher: bool = False):
-        """``(student_logits, student_feats, teacher_logits, teacher_feats)`` of one batch."""
-        if self.cache is not None and not live_teacher:
+    def needs_logits(self, targets=None) -> tuple[bool, bool]:
+        """Whether this step's active terms read the (student, teacher) logits."""
+        methods = any(m.uses_logits and self.weight(k, m.weight) for k, m in zip(self.keys, self.methods))
+        task = targets is not None and bool(self.weight(TASK, self.task_weight))
+        return task or methods, methods
+
+    def teacher_logits_used(self) -> bool:
+        """Whether any method reading logits may ever be active (what a teacher cache must hold)."""
+        return any(m.uses_logits and (m.weight or k in self.weight_schedules) for k, m in zip(self.keys, self.methods))
+
+    def cache_forward(self, inputs) -> Optional[torch.Tensor]:
+        """The teacher's logits of one batch for a teacher cache (None when no method reads them: its
+        output layers are skipped then, as in training); the plan's hooks capture its features."""
+        need = self.teacher_logits_used()
+        with self.plan.skipping("teacher", not need):
+            out = call_model(self.teacher, inputs, "teacher")
+        return logits_of(out, "teacher", required=False) if need else None
+
+    def teacher_outputs(self, inputs, indices, need: bool, live: bool = False):
+        """``(teacher_logits, teacher_feats)``: from the cache, or the teacher under ``no_grad``."""
+        if self.cache is not None and not live:
             cached = self.cache.lookup(indices, device=self.device)
-            teacher_logits = cached.pop("logits")
-            teacher_feats = {k: v for k, v in cached.items() if not k.startswith("topk_")}
-        elif self.trunk is not None and not self.full_teacher:
+            logits = cached.pop("logits", None) if need else None
+            return logits, {k: v for k, v in cached.items() if not k.startswith("topk_") and k != "logits"}
+        if self.trunk is not None and not self.full_teacher:
             with torch.no_grad():
-                teacher_logits, teacher_feats = None, {STUDENT_INPUT: self.trunk(inputs)}
-        else:
-            with torch.no_grad():
-                teacher_logits = logits_of(self.teacher(inputs), "teacher")
-            teacher_feats = self.plan.collect("teacher")
-        if self.trunk is not None:
-            inputs = teacher_feats.pop(STUDENT_INPUT)
-        student_logits = logits_of(self.student(inputs), "student")
-        student_feats = self.plan.collect("student")
-        return student_logits, student_feats, teacher_logits, teacher_feats
+                return None, {STUDENT_INPUT: call_model(self.trunk, inputs, "teacher")}
+        with torch.no_grad(), self.plan.skipping("teacher", not need):
+            out = call_model(self.teacher, inputs, "teacher")
+        return (logits_of(out, "teacher", required=False) if need else None), self.plan.collect("teacher")
+
+    def student_input(self, inputs, teacher_feats):
+        """What the student is called on: the batch's inputs, or the teacher's feature at the cut."""
+        return teacher_feats.pop(STUDENT_INPUT) if self.trunk is not None else inputs
+
+    def student_outputs(self, inputs, need: bool):
+        """``(student_logits, student_feats)`` of the (unwrapped) student."""
+        with self.plan.skipping("student", not need):
+            out = call_model(self.student, inputs, "student")
+        return (logits_of(out, "student", required=False) if need else None), self.plan.collect("student")
+
+    def forward(self, inputs, indices=None, live_teacher: bool = False, targets=None):
+        """``(student_logits, student_feats, teacher_logits, teacher_feats)`` of one batch (logits
+        None where no active term reads them or the model has none)."""
+        need_s, need_t = self.needs_logits(targets)
+        teacher_logits, teacher_feats = self.teacher_outputs(inputs, indices, need_t, live_teacher)
+        student_in = self.student_input(inputs, teacher_feats)
+        return (*self.student_outputs(student_in, need_s), teacher_logits, teacher_feats)
 
     def weight(self, key: str, base: float) -> float:
         sched = self.weight_schedules.get(key)
         return base if sched is None else float(sched(self.epoch_fraction()))
 
     def __call__(self, inputs, targets, indices=None) -> dict[str, torch.Tensor]:
-        outs = self.forward(inputs, indices)
+        need_s, need_t = self.needs_logits(targets)
+        teacher_logits, teacher_feats = self.teacher_outputs(inputs, indices, need_t)
+        student_in = self.student_input(inputs, teacher_feats)
+        # Under DDP the student's forward *and* the losses run inside the wrapper, so DDP sees which
+        # parameters the losses reach (hooked features, adapters) and which they do not (a pooler).
+        terms = (self.ddp if self.ddp is not None else self.terms)(inputs, targets, need_s, teacher_logits,
+                                                                   teacher_feats, student_in)
+        if self.check_finite:
+            self._check_finite(terms, self._outs)
+        return {"loss": sum(terms.values()), **terms}
+
+    def terms(self, inputs, targets, need_logits: bool, teacher_logits, teacher_feats,
+              student_in=None) -> dict[str, torch.Tensor]:
+        """The student's forward pass (on ``student_in``, by default the inputs) and every weighted loss
+        term of one batch (methods get the batch ``(inputs, targets)``, its attention mask included)."""
+        student_in = inputs if student_in is None else student_in
+        outs = self._outs = (*self.student_outputs(student_in, need_logits), teacher_logits, teacher_feats)
         student_logits = outs[0]
         batch = (inputs, targets)
         terms: dict[str, torch.Tensor] = {}
-        zero = student_logits.new_zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
         # A zero weight skips the computation: a non-finite loss times 0 would still be NaN.
         w = self.weight(TASK, self.task_weight)
-        terms[TASK] = w * self.task_loss(student_logits, targets) if w else zero
+        if w and targets is not None:
+            if student_logits is None:
+                raise ValueError("the task loss needs the student's logits, but the student returned none (a model "
+                                 "without an output layer?); set task_weight=0 to distil it on features only")
+            terms[TASK] = w * self.task_loss(student_logits, targets)
+        else:
+            terms[TASK] = zero
         for i, (key, m) in enumerate(zip(self.keys, self.methods)):
             w = self.weight(key, m.weight)
             if w:
@@ -90,9 +150,7 @@ class DistillStep:
                 terms[key] = w * m.loss(s, t, batch)
             else:
                 terms[key] = zero
-        if self.check_finite:
-            self._check_finite(terms, outs)
-        return {"loss": sum(terms.values()), **terms}
+        return terms
 
     def _check_finite(self, terms: dict[str, torch.Tensor], outs) -> None:
         flags = torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()])
@@ -100,7 +158,8 @@ class DistillStep:
             return
         key = next(key for key, ok in zip(terms, flags.tolist()) if not ok)
         if key == TASK:
-            where = " (the student logits hold NaN/inf)" if not bool(torch.isfinite(outs[0]).all()) else ""
+            where = (" (the student logits hold NaN/inf)" if outs[0] is not None and not bool(torch.isfinite(outs[0]).all())
+                     else "")
             raise NonFiniteLossError(f"the task loss is {terms[key].item()}{where}; stopped before the optimizer step")
         problem: Optional[str] = self.plan.non_finite(self.keys.index(key), outs)
         raise NonFiniteLossError(f"method {key!r}: its loss is {terms[key].item()}"

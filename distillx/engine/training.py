@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from .batches import check_loader, logits_of, unpack_batch
+from .batches import LABELS, call_model, check_loader, correct_and_counted, logits_of, task_cross_entropy, unpack_batch
 from .loop import Phase, Runner
 
 # (inputs, targets) -> {"loss": total to backpropagate, other names: components for logging}
@@ -68,42 +67,54 @@ def check_epochs(epochs: Any) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None,
-             device: Union[None, str, torch.device] = None) -> dict[str, float]:
-    """Accuracy (fraction of argmax hits) and mean ``loss_fn`` (default cross-entropy) of ``model`` on ``loader``.
+             device: Union[None, str, torch.device] = None, label_key: str = LABELS) -> dict[str, float]:
+    """Accuracy (fraction of argmax hits) and mean ``loss_fn`` (default cross-entropy, ``-100``
+    ignored) of ``model`` on ``loader``.
 
-    The model runs in ``eval()`` mode; its previous mode is restored afterwards. The loss is averaged
-    per sample (each batch mean weighted by its size), so a short last batch is not over-weighted.
+    Batches are ``(inputs, targets)`` pairs or mappings with targets under ``label_key``. Token
+    targets (B, L) count per token, ``-100`` ones not at all; a ``loss_fn`` marked ``next_token``
+    (:func:`~distillx.engine.batches.causal_lm_loss`) shifts the accuracy by one position. The model
+    runs in ``eval()`` mode; its previous mode is restored afterwards. The loss is averaged per
+    sample (each batch mean weighted by its size), so a short last batch is not over-weighted.
     """
     check_loader(loader, "loader")
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_fn = task_cross_entropy if loss_fn is None else loss_fn
+    next_token = bool(getattr(loss_fn, "next_token", False))
     device = resolve_device(model, device)
     was_training = model.training
     model.eval()
     try:
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        counted = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         n = 0
         for batch in loader:
-            inputs, targets = unpack_batch(batch, device)
-            logits = logits_of(model(inputs), "model")
+            inputs, targets = unpack_batch(batch, device, label_key)
+            if targets is None:
+                raise ValueError(f"evaluation needs targets, but a mapping batch of the loader has no {label_key!r} "
+                                 f"entry (its keys: {sorted(map(str, inputs))})")
+            logits = logits_of(call_model(model, inputs), "model")
             # Sums stay on the device: one host sync per evaluation, not one per batch.
-            correct += (logits.argmax(-1) == targets).sum()
+            hits, count = correct_and_counted(logits, targets, next_token)
+            correct += hits
+            counted += count
             loss_sum += loss_fn(logits, targets).double() * len(targets)
             n += len(targets)
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("loader is empty: it yields no batches")
-    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
+    total = counted.item()
+    return {"accuracy": correct.item() / total if total else float("nan"), "loss": loss_sum.item() / n}
 
 
 def validator(val_loader: Optional[Iterable], model: nn.Module, loss_fn: Optional[Callable],
-              device: torch.device) -> Optional[Callable[[], dict]]:
+              device: torch.device, label_key: str = LABELS) -> Optional[Callable[[], dict]]:
     """``() -> evaluate(model, val_loader, ...)`` after checking ``val_loader``, or None without one."""
     if val_loader is None:
         return None
     check_loader(val_loader, "val_loader")
-    return lambda: evaluate(model, val_loader, loss_fn, device)
+    return lambda: evaluate(model, val_loader, loss_fn, device, label_key)
 
 
 def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: LossFn,
@@ -137,13 +148,15 @@ def train(model: nn.Module, loader: Iterable, epochs: int, optimizer: OptimizerS
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    loss_fn = task_cross_entropy if loss_fn is None else loss_fn
     device = resolve_device(model, device)
     model.to(device)
     opt = build_optimizer(optimizer, [p for p in model.parameters()])
 
     def compute_losses(inputs, targets):
-        return {"loss": loss_fn(logits_of(model(inputs), "model"), targets)}
+        if targets is None:
+            raise ValueError("train() needs targets: a mapping batch has no 'labels' entry")
+        return {"loss": loss_fn(logits_of(call_model(model, inputs), "model"), targets)}
 
     was_training = model.training
     try:

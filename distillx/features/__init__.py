@@ -21,14 +21,15 @@ Pieces: :class:`FeatureRequest` (what a method asks of both models), :class:`Fea
 shorthand), :class:`FeatureExtractor` (hooks, lifecycle, reading), :func:`resolve_module`
 (dotted paths through DataParallel/DDP/``torch.compile`` wrappers, with close-match errors),
 :func:`find_penultimate` (the output-layer rule), and the capture-time :data:`REDUCTIONS`
-(``attention_map``, ``adaptive_pool``, ``channel_stats``, ``l2_normalize``).
+(``attention_map``, ``adaptive_pool``, ``channel_stats``, ``l2_normalize``, ``masked_mean``, ``chunk``).
 """
 from __future__ import annotations
 
 from .extractor import FeatureCaptureError, FeatureExtractor, MissingFeatureError
 from .paths import WRAPPER_ATTRS, FeaturePathError, resolve_module, unwrap_model
 from .penultimate import find_penultimate
-from .reductions import REDUCTIONS, ChannelStats, adaptive_pool, attention_map, channel_stats, l2_normalize
+from .reductions import (REDUCTIONS, ChannelStats, adaptive_pool, attention_map, channel_stats, chunk, l2_normalize,
+                         masked_mean)
 from .request import CAPTURES, FeatureRequest
 from .spec import PENULTIMATE, FeatureSpec
 from .trunk import CutError, Trunk, trunk
@@ -37,5 +38,6 @@ __all__ = [
     "FeatureExtractor", "FeatureSpec", "FeatureRequest", "PENULTIMATE", "CAPTURES", "Trunk", "trunk", "CutError",
     "FeatureCaptureError", "FeaturePathError", "MissingFeatureError",
     "resolve_module", "unwrap_model", "find_penultimate", "WRAPPER_ATTRS",
-    "REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize",
+    "REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize", "masked_mean",
+    "chunk",
 ]

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_map_only
 
 from .paths import model_label, resolve_module, unwrap_chain
 from .penultimate import Probe, tensors_in
-from .spec import PENULTIMATE, FeatureSpec
+from .spec import PENULTIMATE, FeatureSpec, normalize_requests
 
 Request = Union[str, FeatureSpec, Any]  # Any: a FeatureRequest-like object (key/student/teacher/...)
 
@@ -154,7 +154,7 @@ class FeatureExtractor:
         self.detach = bool(detach or no_grad)
         self.clone = bool(clone)
         self.clear_on_forward = bool(clear_on_forward)
-        self.specs: dict[str, FeatureSpec] = _normalize_requests(requests, name)
+        self.specs: dict[str, FeatureSpec] = normalize_requests(requests, name)
         self._captures: dict[str, _Capture] = {}
         self._penultimate: Optional[tuple[nn.Module, str]] = None
         self._probe: Optional[Probe] = None
@@ -183,6 +183,9 @@ class FeatureExtractor:
                 module, path = resolve_module(self.model, spec.path, name=self.name)
             captures[key] = _Capture(key, spec, module, path, model_label(self.name))
         self._captures = captures
+        self._wants_mask = any(getattr(c.reduce, "takes_attention_mask", False) for c in captures.values())
+        self._model_args = _positional_names(unwrap_chain(self.model)[-1]) if self._wants_mask else {}
+        self._mask = None
         chain = unwrap_chain(self.model)
         dp = next((m for m in chain if isinstance(m, nn.DataParallel)), None)
         self._gather = (dp.dim, list(dp.device_ids), dp.output_device) \
@@ -212,14 +215,24 @@ class FeatureExtractor:
                 if any(cap.module is None for cap in self._captures.values()):
                     self._probe = Probe(self.model)
                     self._probe_handle = self.model.register_forward_hook(self._after_probe)
-                if self.clear_on_forward:  # prepended: runs before any capture hook on the model itself
-                    self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.clear(),
-                                                                              prepend=True))
+                if self.clear_on_forward or self._wants_mask:  # prepended: before any capture hook on the model
+                    self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, prepend=True,
+                                                                              with_kwargs=True))
             except BaseException:
                 self._remove_hooks()
                 raise
         self._depth += 1
         return self
+
+    def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.clear_on_forward:
+            self.clear()
+        if self._wants_mask:  # the batch's attention mask, for reductions that leave padding out
+            mask = kwargs.get("attention_mask")
+            index = self._model_args.get("attention_mask")
+            if mask is None and index is not None and index < len(args):
+                mask = args[index]
+            self._mask = mask
 
     def close(self) -> None:
         """Remove every hook this extractor registered (captured features stay readable)."""
@@ -297,7 +310,10 @@ class FeatureExtractor:
             value = tree_map_only(torch.Tensor, torch.Tensor.detach, value)
         if cap.reduce is not None:
             try:
-                value = cap.reduce(value, **cap.reduce_kwargs)
+                if self._wants_mask and getattr(cap.reduce, "takes_attention_mask", False):
+                    value = cap.reduce(value, **cap.reduce_kwargs, attention_mask=self._mask)
+                else:
+                    value = cap.reduce(value, **cap.reduce_kwargs)
             except (TypeError, ValueError) as e:
                 hint = (" (pick a tensor with select= or the 'path:index' shorthand)"
                         if not isinstance(value, torch.Tensor) else "")
@@ -391,48 +407,6 @@ class FeatureExtractor:
                          for k, cap in self._captures.items())
         return (f"FeatureExtractor({model_label(self.name)}, {{{keys}}}, detach={self.detach}, "
                 f"attached={self.attached})")
-
-
-def _normalize_requests(requests: Any, name: Optional[str]) -> dict[str, FeatureSpec]:
-    if requests is None:
-        raise TypeError("requests must be a feature path, a FeatureSpec, or a list/dict of them, got None")
-    if isinstance(requests, Mapping):
-        items = [(key, value) for key, value in requests.items()]
-    else:
-        if isinstance(requests, (str, FeatureSpec)) or _is_request(requests):
-            requests = [requests]
-        if not isinstance(requests, Iterable):
-            raise TypeError(f"requests must be a feature path, a FeatureSpec, or a list/dict of them, "
-                            f"got {type(requests).__name__}")
-        items = [(None, value) for value in requests]
-    specs: dict[str, FeatureSpec] = {}
-    for key, value in items:
-        if isinstance(value, str):
-            spec = FeatureSpec.parse(value)
-            default = value
-        elif isinstance(value, FeatureSpec):
-            spec, default = value, value.default_key
-        elif _is_request(value):
-            if name not in ("student", "teacher"):
-                raise TypeError(f"FeatureRequest {value.key!r} names a student and a teacher path; give the "
-                                "extractor name='student' or name='teacher' to pick one")
-            spec = FeatureSpec.from_request(value, name)
-            default = spec.key
-        else:
-            raise TypeError(f"a feature request must be a string, a FeatureSpec or a FeatureRequest, got "
-                            f"{type(value).__name__}")
-        if key is not None and not (isinstance(key, str) and key):
-            raise TypeError(f"feature keys must be non-empty strings, got {key!r}")
-        key = key if key is not None else default
-        if key in specs:
-            raise ValueError(f"{model_label(name)}: two features share the key {key!r}; give them distinct keys "
-                             "(FeatureSpec(key=...) or a dict of requests)")
-        specs[key] = spec if spec.key == key else spec.with_key(key)
-    return specs
-
-
-def _is_request(value: Any) -> bool:
-    return all(hasattr(value, a) for a in ("key", "student", "teacher")) and not isinstance(value, (str, FeatureSpec))
 
 
 __all__ = ["FeatureExtractor", "FeatureCaptureError", "MissingFeatureError"]

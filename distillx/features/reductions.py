@@ -132,13 +132,68 @@ def l2_normalize(feature: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=1, eps=eps).to(feature.dtype)
 
 
+def masked_mean(feature: torch.Tensor, normalize: bool = False, eps: float = 1e-12, *,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over the real tokens of token features: a sentence embedding without a pooling module.
+
+    ``e_b = Σ_l m[b, l]·F[b, l] / max(Σ_l m[b, l], 1)`` for tokens ``(B, L, D) -> (B, D)``, with
+    ``m`` the batch's ``attention_mask`` (True/1 = real token); the extractor passes it from the
+    model call (``model(**batch)``), so padding never enters the mean. Without a mask every token
+    counts. ``normalize=True`` L2-normalises each embedding: ``e_b / max(‖e_b‖₂, eps)`` (the
+    sentence-transformers convention for cosine similarity).
+
+    Config: ``{"reduction": "masked_mean", "reduction_kwargs": {"normalize": true}}``.
+    """
+    _check(feature, "masked_mean", 3)
+    if feature.dim() != 3:
+        raise ValueError(f"reduction 'masked_mean' needs token features (B, L, D), got shape {tuple(feature.shape)}")
+    x = _upcast(feature)
+    if attention_mask is None:
+        e = x.mean(dim=1)
+    else:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(feature.shape[:2]):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"reduction 'masked_mean': the attention mask has shape {got} but the tokens are "
+                             f"{tuple(feature.shape[:2])} (batch, tokens)")
+        m = (attention_mask != 0).to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+        e = (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    if normalize:
+        e = F.normalize(e, p=2.0, dim=1, eps=eps)
+    return e.to(feature.dtype)
+
+
+masked_mean.takes_attention_mask = True  # FeatureExtractor passes the model call's attention_mask
+
+
+def chunk(feature: torch.Tensor, chunks: int, index: int, dim: int = -1) -> torch.Tensor:
+    """Part ``index`` of ``chunks`` equal parts along ``dim`` (a view): q, k or v of a fused projection.
+
+    GPT-2's ``c_attn`` outputs ``[q | k | v]`` (B, L, 3H); ``chunk(x, chunks=3, index=1)`` is k
+    (B, L, H). ``chunks=1`` returns the feature unchanged.
+    Config: ``{"reduction": "chunk", "reduction_kwargs": {"chunks": 3, "index": 0}}``.
+    """
+    _check(feature, "chunk", 1)
+    _checks.integer("chunk: chunks", chunks, ge=1)
+    _checks.integer("chunk: index", index, ge=0)
+    if index >= chunks:
+        raise ValueError(f"reduction 'chunk': index={index} must be below chunks={chunks}")
+    width = feature.shape[dim]
+    if width % chunks:
+        raise ValueError(f"reduction 'chunk': dim {dim} of shape {tuple(feature.shape)} does not split into "
+                         f"{chunks} equal parts")
+    return feature if chunks == 1 else feature.narrow(dim, index * (width // chunks), width // chunks)
+
+
 REDUCTIONS = MappingProxyType({
     "attention_map": attention_map,
     "adaptive_pool": adaptive_pool,
     "channel_stats": channel_stats,
     "l2_normalize": l2_normalize,
+    "masked_mean": masked_mean,
+    "chunk": chunk,
 })
 """Built-in capture-time reductions by name (read-only). A :class:`~distillx.features.FeatureSpec`
 also accepts any callable ``f(feature, **options)`` as its reduction."""
 
-__all__ = ["REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize"]
+__all__ = ["REDUCTIONS", "ChannelStats", "attention_map", "adaptive_pool", "channel_stats", "l2_normalize",
+           "masked_mean", "chunk"]

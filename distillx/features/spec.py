@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
+from .paths import model_label
 from .reductions import REDUCTIONS
 from .request import CAPTURES
 
@@ -175,6 +177,49 @@ class FeatureSpec:
 
     def with_key(self, key: str) -> "FeatureSpec":
         return replace(self, key=key)
+
+
+def normalize_requests(requests: Any, name: Optional[str]) -> dict[str, "FeatureSpec"]:
+    """What a :class:`~distillx.features.FeatureExtractor` was asked for, as ``{key: FeatureSpec}``."""
+    if requests is None:
+        raise TypeError("requests must be a feature path, a FeatureSpec, or a list/dict of them, got None")
+    if isinstance(requests, Mapping):
+        items = [(key, value) for key, value in requests.items()]
+    else:
+        if isinstance(requests, (str, FeatureSpec)) or is_request(requests):
+            requests = [requests]
+        if not isinstance(requests, Iterable):
+            raise TypeError(f"requests must be a feature path, a FeatureSpec, or a list/dict of them, "
+                            f"got {type(requests).__name__}")
+        items = [(None, value) for value in requests]
+    specs: dict[str, FeatureSpec] = {}
+    for key, value in items:
+        if isinstance(value, str):
+            spec = FeatureSpec.parse(value)
+            default = value
+        elif isinstance(value, FeatureSpec):
+            spec, default = value, value.default_key
+        elif is_request(value):
+            if name not in ("student", "teacher"):
+                raise TypeError(f"FeatureRequest {value.key!r} names a student and a teacher path; give the "
+                                "extractor name='student' or name='teacher' to pick one")
+            spec = FeatureSpec.from_request(value, name)
+            default = spec.key
+        else:
+            raise TypeError(f"a feature request must be a string, a FeatureSpec or a FeatureRequest, got "
+                            f"{type(value).__name__}")
+        if key is not None and not (isinstance(key, str) and key):
+            raise TypeError(f"feature keys must be non-empty strings, got {key!r}")
+        key = key if key is not None else default
+        if key in specs:
+            raise ValueError(f"{model_label(name)}: two features share the key {key!r}; give them distinct keys "
+                             "(FeatureSpec(key=...) or a dict of requests)")
+        specs[key] = spec if spec.key == key else spec.with_key(key)
+    return specs
+
+
+def is_request(value: Any) -> bool:
+    return all(hasattr(value, a) for a in ("key", "student", "teacher")) and not isinstance(value, (str, FeatureSpec))
 
 
 __all__ = ["FeatureSpec", "PENULTIMATE"]

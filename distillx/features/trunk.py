@@ -22,7 +22,7 @@ In every way the layers after the cut never run and are never saved with the tru
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -143,12 +143,15 @@ class Trunk(nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         spec = _as_spec(at, reduction, reduction_kwargs)
         base = unwrap_model(model)
-        examples = None if example_inputs is None else tuple(
-            example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+        examples = None if example_inputs is None else (
+            dict(example_inputs) if isinstance(example_inputs, Mapping) else
+            tuple(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
         if spec.path == PENULTIMATE:
             if examples is None:
                 raise CutError("at='penultimate' needs example_inputs: the output layer is found by one forward pass")
-            spec = FeatureSpec(find_penultimate(base, *examples), capture="input", reduction=spec.reduction,
+            output_layer = (find_penultimate(base, **examples) if isinstance(examples, dict)
+                            else find_penultimate(base, *examples))
+            spec = FeatureSpec(output_layer, capture="input", reduction=spec.reduction,
                                reduction_kwargs=spec.reduction_kwargs)
         try:
             cut, self.path = resolve_module(base, spec.path, name="model")
@@ -180,7 +183,7 @@ class Trunk(nn.Module):
                        for m in self.body.modules()]
             try:
                 with torch.no_grad():
-                    self(*examples)
+                    self(**examples) if isinstance(examples, dict) else self(*examples)
             finally:
                 for h in handles:
                     h.remove()

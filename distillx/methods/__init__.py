@@ -14,6 +14,7 @@ The plugin manager registers :data:`BUILTIN_METHODS` as the built-in plugin ``di
 ``minilm``          MiniLM attention distributions + value relation (:class:`MiniLM`)
 ``minilmv2``        MiniLMv2 Q-Q/K-K/V-V relations (:class:`MiniLMv2`)
 ``tinybert_attn``   TinyBERT attention-score MSE (:class:`TinyBERTAttention`)
+``lm_kd``           LM distillation through the output layers, no (tokens × vocab) logits (:class:`LMKD`)
 ==================  =====================================================================
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ from .at import AT
 from .base import FeatureRequest, FeatureShapeError, Method
 from .kd import KD
 from .kfd import KFD, NST, SP
+from .lm_kd import LMKD
 from .minilm import MiniLM, MiniLMv2, TinyBERTAttention
 from .sld import SLD
 
-BUILTIN_METHODS = (KD, SLD, KFD, SP, NST, AT, MiniLM, MiniLMv2, TinyBERTAttention)
+BUILTIN_METHODS = (KD, SLD, KFD, SP, NST, AT, MiniLM, MiniLMv2, TinyBERTAttention, LMKD)
 
 
 __all__ = ["Method", "FeatureRequest", "FeatureShapeError", "KD", "SLD", "KFD", "SP", "NST", "AT", "MiniLM",
-           "MiniLMv2", "TinyBERTAttention", "BUILTIN_METHODS"]
+           "MiniLMv2", "TinyBERTAttention", "LMKD", "BUILTIN_METHODS"]

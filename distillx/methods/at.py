@@ -47,7 +47,8 @@ class AT(_PairsMethod):
         super().validate()
         self.check_number("p", gt=0)
 
-    def pair_loss(self, key: str, student: Mapping[str, Any], teacher: Mapping[str, Any]) -> torch.Tensor:
+    def pair_loss(self, key: str, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None
+                  ) -> torch.Tensor:
         what = "feature maps (B, C, H, W)"
         s = self.require_feature(student, key, "student", ndim=(4,), what=what)
         t = self.require_feature(teacher, key, "teacher", ndim=(4,), what=what)

@@ -24,10 +24,14 @@ for logit methods), ``.to(device)`` moves them and ``state_dict()`` checkpoints 
 student.
 
 Contract with the Distiller: ``student["logits"]`` and ``teacher["logits"]`` hold the two models'
-outputs, and each :class:`FeatureRequest` from :meth:`Method.features` is captured under its
-``key`` in both dicts (keys are the method's own: the Distiller namespaces them internally, so two
+outputs (absent for a model without logits, or when no active term reads them and a method applies
+the output layer itself: :attr:`Method.uses_logits`, :meth:`Method.output_layers`), and each
+:class:`FeatureRequest` from :meth:`Method.features` is captured under its ``key`` in both dicts (keys are the method's own: the Distiller namespaces them internally, so two
 methods may use the same key). Teacher tensors come from ``no_grad`` and are detached.
 ``loss()`` returns the *unweighted* loss; the Distiller multiplies it by ``method.weight``.
+``batch`` is the ``(inputs, targets)`` pair; :meth:`Method.attention_mask` reads the padding mask
+of mapping inputs. :meth:`Method.bind` gets both models before :meth:`Method.features` is asked,
+for what must be found in them (layers, heads, output layers).
 
 Methods whose submodules depend on feature shapes (adapters) say so with :attr:`Method.needs_setup`;
 the Distiller then calls :meth:`Method.setup` with the features of one dry forward pass before it
@@ -36,13 +40,19 @@ method, the feature and its layers.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from .._batch import attention_mask_of, check_token_mask
 from .._options import Options
-from ..features import PENULTIMATE, FeatureRequest  # noqa: F401  (part of this module's API)
+from ..features import PENULTIMATE, REDUCTIONS, FeatureRequest  # noqa: F401  (part of this module's API)
+
+#: Options of the methods whose layer features may be reduced at capture time, the same way on both
+#: sides: ``reduction`` (a name in :data:`distillx.features.REDUCTIONS` such as ``"masked_mean"``, or
+#: a callable ``f(feature, **kwargs)``) and its ``reduction_kwargs``.
+CAPTURE_OPTIONS = {"reduction": None, "reduction_kwargs": None}
 
 # Attributes nn.Module sets on instances (e.g. "training"); an option with such a name would clobber them.
 _MODULE_INSTANCE_ATTRS = frozenset(vars(nn.Module()))
@@ -72,10 +82,10 @@ class Method(Options, nn.Module):
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {"weight": 1.0}
     registry_options: ClassVar[dict[str, str]] = {}
-    #: Whether :meth:`loss` reads ``teacher["logits"]``. A feature method that never does says False,
-    #: so a student on the teacher's features (``Distiller(student_input=...)``) can skip the teacher's
-    #: layers after the cut.
-    uses_teacher_logits: ClassVar[bool] = True
+    #: Whether :meth:`loss` reads ``student["logits"]``/``teacher["logits"]``. A method that only reads
+    #: features says False, so a step whose terms need no logits may skip an output layer (see
+    #: :meth:`output_layers`); then ``"logits"`` is absent from the dicts.
+    uses_logits: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         nn.Module.__init__(self)
@@ -90,6 +100,17 @@ class Method(Options, nn.Module):
     def features(self) -> list[FeatureRequest]:
         """Intermediate features this method needs; logit methods need none."""
         return []
+
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Resolve what depends on the models (layer paths, head counts, output layers) before
+        :meth:`features` is asked. The Distiller calls it once with both models (unwrapped), before
+        it hooks them; used on its own, call it yourself. Default: nothing."""
+
+    def output_layers(self) -> dict[str, str]:
+        """``{side: module path}`` of output layers this method applies itself (to the layer's captured
+        input, with the layer's weights), so that the layer need not run when no term reads logits.
+        Default: none."""
+        return {}
 
     @property
     def needs_setup(self) -> bool:
@@ -126,6 +147,30 @@ class Method(Options, nn.Module):
         except KeyError:
             have = ", ".join(map(repr, outputs)) or "nothing"
             raise KeyError(f"method {self.name!r} needs {side}[{key!r}], but the {side} outputs hold {have}") from None
+
+    def attention_mask(self, batch: Any, shape: Optional[tuple] = None, key: str = "") -> Optional[torch.Tensor]:
+        """The batch's ``attention_mask`` as a (B, L) bool tensor (True = real token), or None when the
+        batch has none. With ``shape`` = (B, L) of the tokens it will mask, a mismatch is an error
+        naming this method and ``key``."""
+        mask = attention_mask_of(batch)
+        if mask is not None and shape is not None:
+            check_token_mask(mask, shape, f"method {self.label!r}, feature {key!r}")
+        return mask
+
+    def check_capture_options(self) -> None:
+        """Check the :data:`CAPTURE_OPTIONS` (``reduction``, ``reduction_kwargs``)."""
+        r, kw = self.reduction, self.reduction_kwargs
+        if r is not None and not callable(r) and (not isinstance(r, str) or r not in REDUCTIONS):
+            raise ValueError(f"method {self.label!r}: option reduction must be None, a capture-time reduction "
+                             f"({', '.join(REDUCTIONS)}) or a callable, got {r!r}")
+        if kw is not None and (not isinstance(kw, Mapping) or r is None):
+            raise ValueError(f"method {self.label!r}: option reduction_kwargs must be None or a mapping of the "
+                             f"reduction's options, given with a reduction, got {kw!r}")
+
+    def layer_request(self, key: str, student: str, teacher: str) -> FeatureRequest:
+        """A request for one layer pair, with the capture-time reduction of :data:`CAPTURE_OPTIONS` if any."""
+        return FeatureRequest(key, student, teacher, reduction=getattr(self, "reduction", None),
+                              reduction_kwargs=getattr(self, "reduction_kwargs", None))
 
     def describe_feature(self, key: str, side: str | None = None) -> str:
         """``"feature 'hint' (student layer 'layer2', teacher layer 'layer3')"`` for error messages."""

@@ -22,6 +22,7 @@ class KD(Method):
       :math:`m = \beta p + (1-\beta) q`,
 
     averaged over rows (``batchmean``); logits of any shape ``(..., C)`` are flattened to rows.
+    Token logits ``(B, L, C)`` of a batch with an ``attention_mask`` leave the padding positions out.
     The :math:`T^2` factor keeps gradient magnitudes comparable across temperatures. The teacher is
     a constant. Computed by :func:`distillx.functional.kd_loss` (fused kernel when built).
 
@@ -53,11 +54,17 @@ class KD(Method):
         self.check_number("beta", gt=0, lt=1)
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:
+        s = self.require(student, "logits", "student")
+        mask = self.attention_mask(batch)
+        if mask is not None and not (isinstance(s, torch.Tensor) and s.dim() == 3
+                                     and tuple(s.shape[:2]) == tuple(mask.shape)):
+            mask = None  # only token logits (B, L, C) are masked
         return functional.kd_loss(
-            self.require(student, "logits", "student"),
+            s,
             self.require(teacher, "logits", "teacher"),
             temperature=self.T,
             divergence=self.divergence,
             beta=self.beta,
             reduction="batchmean",
+            mask=mask,
         )

@@ -1,140 +1,22 @@
 """Attention distillation for transformers: MiniLM (``minilm``), MiniLMv2 (``minilmv2``) and
 TinyBERT's attention-score loss (``tinybert_attn``).
 
-All three read the query/key/value projections of a self-attention layer as the *outputs of its
-q/k/v ``nn.Linear`` submodules*, tokens first: ``(B, L, H)`` with ``H = heads · head_dim``. Name them
-per side in one of two ways:
-
-* the attention module and the projection names: ``student="encoder.layers.-1.self_attn"`` with
-  ``projections=("q_proj", "k_proj", "v_proj")`` (the default; Hugging Face BERT uses
-  ``("query", "key", "value")``), giving ``encoder.layers.-1.self_attn.q_proj`` etc.;
-* explicit paths, which win: ``student_q="blocks.5.attn.wq"``, ``student_k=...``, ``student_v=...``
-  (and ``teacher_q``/``teacher_k``/``teacher_v``).
-
-Paths accept negative indices (``layers.-1``: the last layer) and the ``"PATH[@input][:SELECT]"``
-shorthand. ``nn.MultiheadAttention`` packs q/k/v into one ``in_proj`` matrix and has no such
-submodules: write the attention with separate projections, or capture attention scores
-(``tinybert_attn``'s ``student_scores``/``teacher_scores``).
-
-Padding: option ``key_padding_mask`` is None or a callable ``batch -> (B, L) bool`` (True = real
-token); the Distiller's ``batch`` is the ``(inputs, targets)`` pair.
+Which layers, where their q/k/v projections are and how many heads they have is found in the
+models (BERT/RoBERTa, DistilBERT, GPT-2, LLaMA/Mistral/Qwen with grouped-query attention) or given
+explicitly; padding follows the batch's ``attention_mask``. See :mod:`distillx.methods.attention`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
 from .. import functional
-from .base import FeatureRequest, Method
-
-PROJECTIONS = ("q", "k", "v")
-
-
-def _as_paths(value: Any) -> Optional[list[str]]:
-    if value is None:
-        return None
-    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-    if not values or any(not isinstance(v, str) or not v for v in values):
-        return []
-    return values
+from ..hf.attention import relation_heads
+from .attention import PROJECTIONS, AttentionMethod, _layers
 
 
-class _AttentionMethod(Method):
-    """Shared option handling: attention-module paths + projection names, or explicit q/k/v paths."""
-
-    uses_teacher_logits = False
-
-    options = {"student": None, "teacher": None, "projections": ("q_proj", "k_proj", "v_proj"),
-               "student_q": None, "student_k": None, "student_v": None,
-               "teacher_q": None, "teacher_k": None, "teacher_v": None,
-               "key_padding_mask": None}
-    #: which of q/k/v this method reads
-    uses: tuple[str, ...] = PROJECTIONS
-
-    def used_projections(self) -> tuple[str, ...]:
-        return self.uses
-
-    def validate(self) -> None:
-        projections = self.projections
-        if (not isinstance(projections, (list, tuple)) or len(projections) != 3
-                or any(not isinstance(p, str) or not p for p in projections)):
-            raise ValueError(f"method {self.name!r}: option projections must be the three submodule names of the "
-                             f"q, k and v projections, e.g. ('q_proj', 'k_proj', 'v_proj'), got {projections!r}")
-        for side in ("student", "teacher"):
-            if _as_paths(getattr(self, side)) == []:
-                raise ValueError(f"method {self.name!r}: option {side} must be an attention-module path or a list "
-                                 f"of them, got {getattr(self, side)!r}")
-            for proj in PROJECTIONS:
-                if _as_paths(getattr(self, f"{side}_{proj}")) == []:
-                    raise ValueError(f"method {self.name!r}: option {side}_{proj} must be a module path or a list "
-                                     f"of them, got {getattr(self, f'{side}_{proj}')!r}")
-        if self.key_padding_mask is not None and not callable(self.key_padding_mask):
-            raise ValueError(f"method {self.name!r}: option key_padding_mask must be None or a callable "
-                             f"batch -> (B, L) bool tensor, got {self.key_padding_mask!r}")
-        self._paths = {(side, proj): self._resolve(side, proj)
-                       for side in ("student", "teacher") for proj in self.used_projections()}
-        self._num_pairs = self._check_pair_counts(self._paths)
-
-    def _resolve(self, side: str, proj: str) -> list[str]:
-        explicit = _as_paths(getattr(self, f"{side}_{proj}"))
-        if explicit is not None:
-            return explicit
-        base = _as_paths(getattr(self, side))
-        if base is None:
-            raise ValueError(f"method {self.name!r}: give option {side} (the path of the {side}'s attention "
-                             f"module, e.g. 'encoder.layers.-1.self_attn') or the projection paths "
-                             f"{side}_q/{side}_k/{side}_v")
-        name = self.projections[PROJECTIONS.index(proj)]
-        return [f"{b}.{name}" for b in base]
-
-    def _check_pair_counts(self, paths: Mapping[tuple[str, str], list[str]]) -> int:
-        counts = {f"{side}_{proj}": len(p) for (side, proj), p in paths.items()}
-        if len(set(counts.values())) > 1:
-            raise ValueError(f"method {self.name!r}: the student and teacher layers are paired by position, but the "
-                             f"options give different numbers of layers: "
-                             + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-        return next(iter(counts.values()))
-
-    def features(self) -> list[FeatureRequest]:
-        return [FeatureRequest(f"{proj}{i}", self._paths["student", proj][i], self._paths["teacher", proj][i])
-                for i in range(self._num_pairs) for proj in self.used_projections()]
-
-    # -- helpers -------------------------------------------------------------------------------
-    def tokens(self, outputs: Mapping[str, Any], key: str, side: str) -> torch.Tensor:
-        return self.require_feature(outputs, key, side, ndim=(3,),
-                                    what="the output of a q/k/v projection, tokens (B, L, H)")
-
-    def heads(self, x: torch.Tensor, num_heads: int, key: str, side: str, option: str) -> torch.Tensor:
-        """``(B, L, H) -> (B, A, L, H/A)``, or an error naming the layer when A does not divide H."""
-        if x.shape[-1] % num_heads:
-            raise self.feature_error(key, f"the {side} projection width {x.shape[-1]} is not divisible by "
-                                          f"{option}={num_heads}", side)
-        return functional.split_relation_heads(x, num_heads)
-
-    def padding_mask(self, batch: Any, shape: tuple[int, int], key: str) -> Optional[torch.Tensor]:
-        if self.key_padding_mask is None:
-            return None
-        mask = self.key_padding_mask(batch)
-        if mask is None:
-            return None
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
-            got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else \
-                type(mask).__name__
-            raise self.feature_error(key, f"key_padding_mask(batch) must return a bool tensor of shape {shape} "
-                                          f"(batch, tokens), got a {got}")
-        return mask
-
-    def check_tokens(self, key: str, s: torch.Tensor, t: torch.Tensor) -> None:
-        if s.shape[:2] != t.shape[:2]:
-            raise self.feature_error(key, f"student {tuple(s.shape)} and teacher {tuple(t.shape)} must agree in "
-                                          "batch and sequence length (B, L)")
-
-    def check_heads_option(self, option: str, required: bool = True) -> None:
-        self.check_int(option, ge=1, optional=not required)
-
-
-class MiniLM(_AttentionMethod):
+class MiniLM(AttentionMethod):
     r"""MiniLM deep self-attention distillation: the student's self-attention distributions and
     value relations of one layer pair (the last layers in the paper) match the teacher's.
 
@@ -155,16 +37,19 @@ class MiniLM(_AttentionMethod):
     arXiv:2002.10957.
 
     Options:
-        student, teacher: path of the attention module holding the q/k/v projections (or a list,
-            paired by position; terms are summed); or explicit ``student_q``/``student_k``/
-            ``student_v`` and ``teacher_q``/... paths (see :mod:`distillx.methods.minilm`).
-        projections: names of the q, k, v submodules (default ``("q_proj", "k_proj", "v_proj")``).
-        student_heads, teacher_heads: attention head counts; required and equal.
-        key_padding_mask: None or ``batch -> (B, L)`` bool (True = real token).
+        student, teacher: the layer: ``"last"`` (default), an index into the layer stack, or the
+            path of the attention module (or of a layer holding one); a list pairs several layers by
+            position (terms are summed). Or explicit ``student_q``/``student_k``/``student_v`` and
+            ``teacher_q``/... paths (see :mod:`distillx.methods.attention`).
+        projections: names of the q, k, v submodules (default: found from the model).
+        student_heads, teacher_heads: attention head counts (default: ``model.config``); equal.
+            Grouped-query k/v heads are repeated to the query heads.
+        key_padding_mask: None (the batch's ``attention_mask``), False, or ``batch -> (B, L)`` bool.
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
 
+        minilm = dx.method("minilm")                   # last layers of two Hugging Face models
         minilm = dx.method("minilm", student="encoder.layers.-1.self_attn",
                            teacher="encoder.layers.-1.self_attn", student_heads=12, teacher_heads=12)
 
@@ -175,18 +60,19 @@ class MiniLM(_AttentionMethod):
     """
 
     name = "minilm"
-    options = {"student_heads": None, "teacher_heads": None}
 
     def validate(self) -> None:
         super().validate()
-        self.check_heads_option("student_heads")
-        self.check_heads_option("teacher_heads")
-        if self.student_heads != self.teacher_heads:
+        self.check_bound()
+
+    def check_bound(self) -> None:
+        s, t = self._heads["student"], self._heads["teacher"]
+        if None not in (s, t) and s != t:
+            where = {side: (self._paths.get((side, "q")) or [getattr(self, side)])[0] for side in ("student", "teacher")}
             raise ValueError(f"method {self.name!r}: MiniLM compares attention distributions head by head, so the "
-                             f"head counts must be equal: student_heads={self.student_heads} (student "
-                             f"{self._paths['student', 'q'][0]!r}) and teacher_heads={self.teacher_heads} (teacher "
-                             f"{self._paths['teacher', 'q'][0]!r}); use 'minilmv2', whose relation heads pair "
-                             "different head counts")
+                             f"head counts must be equal: student_heads={s} (student {where['student']!r}) and "
+                             f"teacher_heads={t} (teacher {where['teacher']!r}); use 'minilmv2', whose relation "
+                             "heads pair different head counts")
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:
         total = None
@@ -196,8 +82,7 @@ class MiniLM(_AttentionMethod):
                 key = f"{proj}{i}"
                 s, t = self.tokens(student, key, "student"), self.tokens(teacher, key, "teacher")
                 self.check_tokens(key, s, t)
-                x[proj] = (self.heads(s, self.student_heads, key, "student", "student_heads"),
-                           self.heads(t, self.teacher_heads, key, "teacher", "teacher_heads"))
+                x[proj] = (self.per_head(s, "student", proj, key), self.per_head(t, "teacher", proj, key))
             mask = self.padding_mask(batch, tuple(x["q"][0].shape[:1] + x["q"][0].shape[2:3]), f"q{i}")
             (qs, qt), (ks, kt), (vs, vt) = x["q"], x["k"], x["v"]
             term = (functional.attention_relation_loss(qs, ks, qt, kt, key_padding_mask=mask)
@@ -206,7 +91,7 @@ class MiniLM(_AttentionMethod):
         return total
 
 
-class MiniLMv2(_AttentionMethod):
+class MiniLMv2(AttentionMethod):
     r"""MiniLMv2 multi-head self-attention relation distillation: Q-Q, K-K and V-V relations over
     ``num_relation_heads`` re-split heads, so teacher and student may differ in head count and width.
 
@@ -227,13 +112,15 @@ class MiniLMv2(_AttentionMethod):
 
     Options:
         student, teacher, projections, student_q/... paths, key_padding_mask: as in ``minilm``.
-        num_relation_heads: relation heads A_r; must divide both widths (required; the paper uses
-            12 for base-size and 48 for large teachers).
+        num_relation_heads: relation heads A_r; must divide every q/k/v width (the paper uses 12 for
+            base-size and 48 for large teachers). Default: the teacher's head count, else the
+            student's (the first that divides every width of both models).
         relations: which relations, a subset of ``("qq", "kk", "vv")`` (default all three).
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
 
+        v2 = dx.method("minilmv2", teacher=8)           # student's last layer, teacher layer 8, heads found
         v2 = dx.method("minilmv2", student="encoder.layers.-1.self_attn", teacher="encoder.layers.8.self_attn",
                        num_relation_heads=4)
 
@@ -244,6 +131,7 @@ class MiniLMv2(_AttentionMethod):
 
     name = "minilmv2"
     options = {"num_relation_heads": None, "relations": ("qq", "kk", "vv")}
+    needs_heads = False  # relation heads, not the models' own
 
     def used_projections(self) -> tuple[str, ...]:
         return tuple(p for p in PROJECTIONS if p + p in self.relations)
@@ -255,10 +143,28 @@ class MiniLMv2(_AttentionMethod):
             raise ValueError(f"method {self.name!r}: option relations must be a non-empty subset of "
                              f"('qq', 'kk', 'vv'), got {rel!r}")
         super().validate()
-        self.check_heads_option("num_relation_heads")
+        self.check_int("num_relation_heads", ge=1, optional=True)
+        self._relation_heads = self.num_relation_heads
+
+    def check_bound(self) -> None:
+        if self.num_relation_heads is None:
+            layouts = {side: [x for x in self._layouts.get(side, []) if x is not None] for side in ("student", "teacher")}
+            if not layouts["student"] or not layouts["teacher"]:
+                raise ValueError(f"method {self.name!r}: give num_relation_heads (the attention layers' head counts "
+                                 "are not known for explicit q/k/v paths)")
+            try:
+                self._relation_heads = relation_heads(layouts["student"], layouts["teacher"], self.used_projections())
+            except ValueError as e:
+                raise ValueError(f"method {self.name!r}: {e}") from None
+
+    def relation_head_count(self) -> int:
+        if self._relation_heads is None:
+            raise ValueError(f"method {self.name!r}: num_relation_heads is unknown: give it, or let the Distiller "
+                             "find it from the models (method.bind(student, teacher))")
+        return self._relation_heads
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:
-        total, A = None, self.num_relation_heads
+        total, A = None, self.relation_head_count()
         for i in range(self._num_pairs):
             for proj in self.used_projections():
                 key = f"{proj}{i}"
@@ -272,7 +178,7 @@ class MiniLMv2(_AttentionMethod):
         return total
 
 
-class TinyBERTAttention(_AttentionMethod):
+class TinyBERTAttention(AttentionMethod):
     r"""TinyBERT attention-based distillation: MSE between the (unnormalised) attention score
     matrices of paired layers,
 
@@ -293,11 +199,11 @@ class TinyBERTAttention(_AttentionMethod):
     Options:
         student, teacher: attention-module paths or lists paired by position; or explicit
             ``student_q``/``student_k`` and ``teacher_q``/``teacher_k`` (v is not used).
-        projections: names of the q, k, v submodules (default ``("q_proj", "k_proj", "v_proj")``).
-        student_heads, teacher_heads: head counts (needed unless scores are captured); equal.
+        projections: names of the q, k, v submodules (default: found from the model).
+        student_heads, teacher_heads: head counts (default: ``model.config``); equal.
         student_scores, teacher_scores: paths of modules whose output holds the scores (both or
             neither); they replace the q/k capture.
-        key_padding_mask: None or ``batch -> (B, L)`` bool.
+        key_padding_mask: None (the batch's ``attention_mask``), False, or ``batch -> (B, L)`` bool.
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -311,31 +217,33 @@ class TinyBERTAttention(_AttentionMethod):
     """
 
     name = "tinybert_attn"
-    options = {"student_heads": None, "teacher_heads": None, "student_scores": None, "teacher_scores": None}
+    options = {"student_scores": None, "teacher_scores": None}
     uses = ("q", "k")
 
     def validate(self) -> None:
-        scores = [_as_paths(self.student_scores), _as_paths(self.teacher_scores)]
+        scores = [_layers(self.student_scores), _layers(self.teacher_scores)]
         if (scores[0] is None) != (scores[1] is None) or [] in scores:
             raise ValueError(f"method {self.name!r}: give both student_scores and teacher_scores (module paths, "
                              "or lists of them), or neither to compute the scores from q/k")
         self._scores = scores[0] is not None
+        if self._scores and len(scores[0]) != len(scores[1]):
+            raise ValueError(f"method {self.name!r}: student_scores and teacher_scores must list the same number "
+                             f"of layers, got {len(scores[0])} and {len(scores[1])}")
+        super().validate()
         if self._scores:
-            if len(scores[0]) != len(scores[1]):
-                raise ValueError(f"method {self.name!r}: student_scores and teacher_scores must list the same number "
-                                 f"of layers, got {len(scores[0])} and {len(scores[1])}")
             self._paths = {("student", "scores"): scores[0], ("teacher", "scores"): scores[1]}
             self._num_pairs = len(scores[0])
-            if self.key_padding_mask is not None and not callable(self.key_padding_mask):
-                raise ValueError(f"method {self.name!r}: option key_padding_mask must be None or a callable")
-        else:
-            super().validate()
-        self.check_heads_option("student_heads", required=not self._scores)
-        self.check_heads_option("teacher_heads", required=not self._scores)
-        if None not in (self.student_heads, self.teacher_heads) and self.student_heads != self.teacher_heads:
+        self.check_bound()
+
+    def bind(self, student, teacher) -> None:
+        if not self._scores:
+            super().bind(student, teacher)
+
+    def check_bound(self) -> None:
+        s, t = self._heads["student"], self._heads["teacher"]
+        if None not in (s, t) and s != t:
             raise ValueError(f"method {self.name!r}: TinyBERT compares attention scores head by head, so the head "
-                             f"counts must be equal: student_heads={self.student_heads}, "
-                             f"teacher_heads={self.teacher_heads}")
+                             f"counts must be equal: student_heads={s}, teacher_heads={t}")
 
     def used_projections(self) -> tuple[str, ...]:
         return ("scores",) if self._scores else self.uses
@@ -344,9 +252,8 @@ class TinyBERTAttention(_AttentionMethod):
         if self._scores:
             return self.require_feature(outputs, f"scores{i}", side, ndim=(4,),
                                         what="attention scores (B, heads, L, L)")
-        heads = getattr(self, f"{side}_heads")
-        q = self.heads(self.tokens(outputs, f"q{i}", side), heads, f"q{i}", side, f"{side}_heads")
-        k = self.heads(self.tokens(outputs, f"k{i}", side), heads, f"k{i}", side, f"{side}_heads")
+        q = self.per_head(self.tokens(outputs, f"q{i}", side), side, "q", f"q{i}")
+        k = self.per_head(self.tokens(outputs, f"k{i}", side), side, "k", f"k{i}")
         return q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:

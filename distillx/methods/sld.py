@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import adapters as _adapters
-from .base import PENULTIMATE, FeatureRequest, Method, layer_pairs
+from .base import CAPTURE_OPTIONS, PENULTIMATE, FeatureRequest, Method, layer_pairs
 
 
 class SLD(Method):
@@ -26,7 +26,8 @@ class SLD(Method):
       the spatial sizes differ, the larger map (adapted student or teacher) is average-pooled to the
       smaller size.
 
-    With ``adapter="auto"`` a pair whose widths already agree uses no adapter (identity).
+    With ``adapter="auto"`` a pair whose widths already agree uses no adapter (identity). Token
+    features of a batch with an ``attention_mask`` are compared on the real tokens only.
 
     When adapters are built: from the observed shapes, lazily: the :class:`~distillx.Distiller`
     runs one dry forward pass of both models on the first batch (``eval()`` mode, no gradient)
@@ -47,6 +48,9 @@ class SLD(Method):
             agree), ``"linear"``, ``"conv"`` or ``"identity"``.
         student_width, teacher_width: feature widths (last dim for vectors/tokens, channels for
             maps), an int or a list per pair, to build the adapters eagerly.
+        reduction, reduction_kwargs: a capture-time reduction of both features, e.g.
+            ``reduction="masked_mean"`` to match sentence embeddings (mean over the real tokens of a
+            transformer layer's output) through the adapter.
         weight: multiplier of this loss in the total (default 1.0).
 
     Example::
@@ -62,8 +66,9 @@ class SLD(Method):
 
     uses_teacher_logits = False
     name = "sld"
+    uses_logits = False
     options = {"student": PENULTIMATE, "teacher": PENULTIMATE, "adapter": "auto",
-               "student_width": None, "teacher_width": None}
+               "student_width": None, "teacher_width": None, **CAPTURE_OPTIONS}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -74,6 +79,7 @@ class SLD(Method):
 
     def validate(self) -> None:
         self._pairs = layer_pairs(self.name, self.student, self.teacher)
+        self.check_capture_options()
         self.check_choice("adapter", _adapters.ADAPTERS)
         given = [w is not None for w in (self.student_width, self.teacher_width)]
         if any(given):
@@ -96,7 +102,7 @@ class SLD(Method):
         return values
 
     def features(self) -> list[FeatureRequest]:
-        return [FeatureRequest(f"pair{i}", s, t) for i, (s, t) in enumerate(self._pairs)]
+        return [self.layer_request(f"pair{i}", s, t) for i, (s, t) in enumerate(self._pairs)]
 
     @property
     def needs_setup(self) -> bool:
@@ -154,6 +160,9 @@ class SLD(Method):
                 size = (min(y.shape[-2], t.shape[-2]), min(y.shape[-1], t.shape[-1]))
                 y = F.adaptive_avg_pool2d(y, size) if tuple(y.shape[-2:]) != size else y
                 t = F.adaptive_avg_pool2d(t, size) if tuple(t.shape[-2:]) != size else t
+            mask = self.attention_mask(batch)
+            if mask is not None and y.dim() == 3 and tuple(y.shape[:2]) == tuple(mask.shape):
+                y, t = y[mask], t[mask]  # tokens: padding is out of the loss
             term = F.mse_loss(y, t.detach().to(y.dtype))
             total = term if total is None else total + term
         return total

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from .. import _checks
-from ..engine.batches import logits_of
+from ..engine.batches import LABELS, call_model, logits_of, split_indexed, to_device
 from ..engine.training import resolve_device
 from .indexed import IndexedDataset, _check_loader, _IndexedCollate, _loader_options
 from .storage import (
@@ -91,15 +91,16 @@ class TeacherCache:
               capture: Optional[Callable[[Any], Mapping[str, torch.Tensor]]] = None,
               dtype: Union[torch.dtype, str] = torch.float16, top_k: Optional[int] = None,
               device: Union[None, str, torch.device] = None, fingerprint: Optional[str] = None,
-              batch_size: Optional[int] = None) -> "TeacherCache":
+              batch_size: Optional[int] = None, label_key: str = LABELS) -> "TeacherCache":
         """Run ``teacher`` once over ``loader.dataset`` (index order) and store its outputs in ``directory``.
 
         Args:
             teacher: the teacher; run in ``eval()`` mode (every submodule's mode is restored
                 afterwards) under ``torch.no_grad()``. It is not moved.
-            loader: a DataLoader over a map-style dataset with ``(inputs, targets)`` items; its
-                batch size, collate function and worker options are reused (not its sampler or
-                ``drop_last``: every sample is cached, in index order).
+            loader: a DataLoader over a map-style dataset with ``(inputs, targets)`` or mapping items
+                (``label_key`` is left out of the teacher's inputs); its batch size, collate function
+                and worker options are reused (not its sampler or ``drop_last``: every sample is
+                cached, in index order). Token features need one sequence length in every batch.
             directory: created if missing; an existing cache there is replaced.
             capture: ``capture(inputs) -> {"logits": Tensor, key: Tensor, ...}``, the teacher
                 outputs of one batch (e.g. a closure running the teacher with feature hooks).
@@ -144,10 +145,10 @@ class TeacherCache:
             teacher.eval()
             with torch.no_grad():
                 for batch in build_loader:
-                    indices, inputs = batch[0], batch[1]
-                    inputs = _to_device(inputs, device)
+                    indices, inputs, _ = split_indexed(batch, label_key)
+                    inputs = to_device(inputs, device)
                     if capture is None:
-                        outputs = {LOGITS: logits_of(teacher(inputs), "teacher")}
+                        outputs = {LOGITS: logits_of(call_model(teacher, inputs, "teacher"), "teacher")}
                     else:
                         outputs = capture(inputs)
                     writer.write(indices, outputs)
@@ -206,7 +207,8 @@ class TeacherCache:
                       capture: Optional[Callable[[Any], Mapping[str, torch.Tensor]]] = None,
                       dtype: Union[torch.dtype, str] = torch.float16, top_k: Optional[int] = None,
                       device: Union[None, str, torch.device] = None, fingerprint: Optional[str] = None,
-                      batch_size: Optional[int] = None, expect_keys: Optional[Iterable[str]] = None) -> "TeacherCache":
+                      batch_size: Optional[int] = None, expect_keys: Optional[Iterable[str]] = None,
+                      label_key: str = LABELS) -> "TeacherCache":
         """:meth:`open` the cache in ``directory`` if it is complete and matches (fingerprint, as
         :meth:`build` would compute it; dataset length; ``dtype``; ``top_k``; ``expect_keys`` if
         given, e.g. the feature keys ``capture`` returns), else :meth:`build` it (the reason is
@@ -225,7 +227,7 @@ class TeacherCache:
         except CacheMismatchError as e:
             log.info("(re)building the teacher cache: %s", e)
         return cls.build(teacher, loader, directory, capture=capture, dtype=dtype, top_k=top_k, device=device,
-                         fingerprint=fingerprint, batch_size=batch_size)
+                         fingerprint=fingerprint, batch_size=batch_size, label_key=label_key)
 
     # -- reading ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -357,17 +359,6 @@ def _build_loader(loader: DataLoader, dataset: Dataset, batch_size: Optional[int
     opts["persistent_workers"] = False  # one pass
     return DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, drop_last=False,
                       collate_fn=_IndexedCollate(collate), **opts)
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
 
 
 def _check_indices(indices: Any, n: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..engine.batches import logits_of
+from ..engine.batches import LABELS, call_model, logits_of
 from ..engine.distributed import DistContext
 from .cache import TeacherCache
 from .indexed import indexed_loader
@@ -17,20 +17,30 @@ from .indexed import indexed_loader
 
 def cache_for_run(teacher: nn.Module, loader: Any, *, directory: Optional[str], checkpoint_dir: Optional[str],
                   feature_keys: list[str], collect: Callable[[], Mapping[str, torch.Tensor]], ctx: DistContext,
-                  device: torch.device, dtype: torch.dtype, top_k: Optional[int]) -> tuple[TeacherCache, Any]:
+                  device: torch.device, dtype: torch.dtype, top_k: Optional[int],
+                  run: Optional[Callable[[Any], Optional[torch.Tensor]]] = None, with_logits: bool = True,
+                  label_key: str = LABELS) -> tuple[TeacherCache, Any]:
     """``(cache, indexed loader)``: ``directory`` or ``<checkpoint_dir>/teacher_cache``; ``collect()``
-    returns the teacher features captured by the last forward pass (the run's feature hooks)."""
+    returns the teacher features captured by the last forward pass (the run's feature hooks).
+
+    ``run(inputs)`` runs the teacher on one batch's inputs and returns its logits (default: the
+    teacher's logits); with ``with_logits=False`` nothing reads them and they are not cached.
+    """
     directory = directory or (os.path.join(checkpoint_dir, "teacher_cache") if checkpoint_dir else None)
     if directory is None:
         raise ValueError("cache_teacher=True needs a place for the cache: pass cache_dir= or checkpoint_dir=")
     indexed = indexed_loader(loader)
     was = teacher.training
     teacher.eval()
+    if run is None:
+        def run(inputs):
+            return logits_of(call_model(teacher, inputs, "teacher"), "teacher")
 
     def capture(inputs):
-        return {"logits": logits_of(teacher(inputs), "teacher"), **collect()}
+        logits = run(inputs)
+        return {**({"logits": logits} if with_logits and logits is not None else {}), **collect()}
 
-    keys = ["logits", *feature_keys]
+    keys = (["logits"] if with_logits else []) + list(feature_keys)
     try:
         cache = None
         if ctx.is_main:
@@ -38,7 +48,7 @@ def cache_for_run(teacher: nn.Module, loader: Any, *, directory: Optional[str], 
             # a run sees the same random stream with and without the cache.
             with torch.random.fork_rng(devices=[]):
                 cache = TeacherCache.build_or_open(teacher, indexed, directory, capture=capture, device=device,
-                                                   expect_keys=keys, dtype=dtype, top_k=top_k)
+                                                   expect_keys=keys, dtype=dtype, top_k=top_k, label_key=label_key)
         ctx.barrier()  # the other ranks open what rank 0 built
         if not ctx.is_main:
             cache = TeacherCache.open(directory, expect_keys=keys)

@@ -89,7 +89,8 @@ def layout_of(model: nn.Module, name: str, *, output_layer: Optional[str] = None
     ``output_layer``: path of the model's output layer, whose rows (classes) are kept.
     ``blocks``: ``{glob pattern of tensor names: number of fused blocks along dim 0}`` for fused
     projections the module type does not reveal (a hand-written ``qkv = nn.Linear(E, 3 * E)``:
-    ``{"*.qkv.*": 3}``); it takes precedence over what is inferred.
+    ``{"*.qkv.*": 3}``), or ``{pattern: {dim: blocks}}`` for other dims (attention heads:
+    :func:`distillx.hf.layouts.attention_blocks`); it takes precedence over what is inferred.
     """
     module, local = owner(model, name)
     layout = Layout()
@@ -104,7 +105,7 @@ def layout_of(model: nn.Module, name: str, *, output_layer: Optional[str] = None
         layout.keep[0] = "output layer: row i is output (class) i"
     for pattern, n in (blocks or {}).items():
         if fnmatch.fnmatchcase(name, pattern):
-            layout.blocks[0] = int(n)
+            layout.blocks.update({int(d): int(k) for d, k in n.items()} if isinstance(n, Mapping) else {0: int(n)})
     return layout
 
 

@@ -1,10 +1,11 @@
 """The ``layer_map`` weight transfer: student layer i from teacher layer map[i] (DistilBERT)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
+from ..hf.layouts import attention_blocks
 from .apply import copy_or_shrink
 from .correspond import MappingSpec, correspond, layer_stacks
 from .errors import TransferError, check_choice, check_models, close_names
@@ -36,7 +37,7 @@ def _check_map(stack: str, layer_map: Sequence[int], n_student: int, n_teacher: 
 
 
 def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, mapping: MappingSpec = None,
-              adapt: Optional[str] = "select", blocks: Optional[Mapping[str, int]] = None) -> TransferReport:
+              adapt: Optional[str] = "select", blocks: Optional[Mapping[str, Any]] = None) -> TransferReport:
     r"""Initialise student layer :math:`i` from teacher layer :math:`\mathrm{map}[i]`.
 
     DistilBERT (V. Sanh, L. Debut, J. Chaumond, T. Wolf, "DistilBERT, a distilled version of
@@ -54,7 +55,8 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
         adapt: how tensors of different shapes are shrunk: ``"select"`` (default, uniform
             selection as in :func:`~distillx.transfer.selection.select`), ``"truncate"``, or
             ``None`` to skip them. Equal shapes are copied.
-        blocks: ``{glob of student tensor names: fused blocks along dim 0}``.
+        blocks: ``{glob of student tensor names: fused blocks along dim 0}`` (or ``{glob: {dim: n}}``);
+            transformer attention is shrunk per head and per q/k/v (:mod:`distillx.hf.layouts`).
 
     Example::
 
@@ -84,4 +86,5 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
     report = TransferReport.for_model("layer_map", student)
     matches = correspond(teacher, student, mapping=mapping, layers=rule)
     report.notes += [f"{stack or 'root'}: student layer i <- teacher layer {m}" for stack, m in used.items()]
+    blocks = {**attention_blocks(teacher, student), **(blocks or {})}  # heads kept apart; given ones win
     return copy_or_shrink(student, matches, report, adapt, blocks)

@@ -1,10 +1,11 @@
 """The ``select`` weight transfer: Weight Selection (Xu et al., ICLR 2024)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
+from ..hf.layouts import attention_blocks
 from .apply import copy_or_shrink
 from .correspond import LayerRule, MappingSpec, correspond, layer_rule
 from .errors import check_models
@@ -12,7 +13,7 @@ from .report import TransferReport
 
 
 def select(teacher: nn.Module, student: nn.Module, *, layers: Union[str, LayerRule] = "first",
-           mapping: MappingSpec = None, blocks: Optional[Mapping[str, int]] = None) -> TransferReport:
+           mapping: MappingSpec = None, blocks: Optional[Mapping[str, Any]] = None) -> TransferReport:
     r"""Initialise the student with a subset of the teacher's weights (Weight Selection).
 
     Z. Xu, Y. Chen, K. Vishniakov, Y. Yin, Z. Shen, T. Darrell, L. Liu, Z. Liu, "Initializing
@@ -42,7 +43,10 @@ def select(teacher: nn.Module, student: nn.Module, *, layers: Union[str, LayerRu
         layers: ``"first"`` (default), ``"uniform"`` or a callable layer rule.
         mapping: ``{student name: teacher name}`` of tensors or modules, or a callable.
         blocks: ``{glob of student tensor names: fused blocks along dim 0}`` for fused projections
-            that are not ``nn.MultiheadAttention`` (``{"*.qkv.*": 3}`` for timm-style ViTs).
+            that are not ``nn.MultiheadAttention`` (``{"*.qkv.*": 3}`` for timm-style ViTs), or
+            ``{glob: {dim: blocks}}``. Transformer attention (BERT, DistilBERT, GPT-2's fused
+            ``c_attn``, LLaMA with grouped-query k/v) is found and shrunk per head, per q/k/v
+            (:mod:`distillx.hf.layouts`).
 
     Example::
 
@@ -52,4 +56,5 @@ def select(teacher: nn.Module, student: nn.Module, *, layers: Union[str, LayerRu
     rule = layer_rule(layers)
     report = TransferReport.for_model("select", student)
     matches = correspond(teacher, student, mapping=mapping, layers=rule)
+    blocks = {**attention_blocks(teacher, student), **(blocks or {})}  # heads kept apart; given ones win
     return copy_or_shrink(student, matches, report, "select", blocks)

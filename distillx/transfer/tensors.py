@@ -66,7 +66,24 @@ def output_layer(model: nn.Module) -> Optional[str]:
     ``embed -> blocks -> norm -> head`` models is execution order. Linear layers inside
     ``nn.MultiheadAttention`` are skipped. ``None`` when the model has no ``nn.Linear`` (a fully
     convolutional net); a model whose head is registered before its body needs an explicit name.
+
+    A Hugging Face model (``get_output_embeddings`` and ``base_model``): its output embeddings (a
+    language model's ``lm_head``), else the last ``nn.Linear`` outside the base model (a task head,
+    e.g. ``classifier``), else none: a bare encoder's pooler is not an output layer.
     """
+    get = getattr(model, "get_output_embeddings", None)
+    base = getattr(model, "base_model", None)
+    if callable(get) and isinstance(base, nn.Module):
+        head = get()
+        path = next((p for p, m in model.named_modules() if m is head), None) if head is not None else None
+        if path:
+            return path
+        prefix = next((p for p, m in model.named_modules() if m is base), "")
+        if not prefix:  # the base model itself (BertModel, LlamaModel): no output layer
+            return None
+        outside = [p for p, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and p and not p.startswith(prefix + ".")]
+        return outside[-1] if outside else None
     last = None
     for path, module in model.named_modules():
         if isinstance(module, nn.Linear) and path and not _inside_attention(path, model):

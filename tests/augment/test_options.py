@@ -14,7 +14,7 @@ from distillx.augment import (BUILTIN_AUGMENTATIONS, Augmentation, CutMix, Flip,
     (Noise, {"std": 0.1}),
     (Mixup, {"alpha": 0.2, "num_classes": None}),
     (CutMix, {"alpha": 1.0, "num_classes": None}),
-    (TokenMask, {"p": 0.15, "mask_id": None, "pad_id": None}),
+    (TokenMask, {"p": 0.15, "mask_id": None, "pad_id": None, "special_ids": ()}),
 ])
 def test_defaults_and_flags(cls, defaults):
     assert cls.default_options() == defaults
@@ -46,6 +46,7 @@ def test_unknown_option_lists_the_valid_ones():
     (TokenMask, {"mask_id": 1, "p": -0.1}, r"'token_mask': option p must be a finite number >= 0 and <= 1"),
     (TokenMask, {"mask_id": "[MASK]"}, r"'token_mask': option mask_id must be an int"),
     (TokenMask, {"mask_id": 1, "pad_id": 0.5}, r"'token_mask': option pad_id must be an int or None"),
+    (TokenMask, {"mask_id": 1, "special_ids": "[CLS]"}, r"'token_mask': option special_ids must be a list of token ids"),
 ])
 def test_bad_option_values_name_the_option(cls, options, message):
     with pytest.raises(ValueError, match=message):

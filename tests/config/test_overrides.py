@@ -54,8 +54,8 @@ def test_an_overridden_value_is_validated_with_its_path():
 
 @pytest.mark.parametrize("item, expected", [
     ("student.epochz=3", r"--set student\.epochz: unknown key 'student\.epochz' in \[student\] \(did you mean "
-                         r"'epochs'\?\); valid keys there: builder, options, epochs, optimizer, scheduler, "
-                         r"task_weight"),
+                         r"'epochs'\?\); valid keys there: builder, options, pretrained, config, epochs, optimizer, "
+                         r"scheduler, task_weight"),
     ("bogus=1", r"--set bogus: unknown key 'bogus' in the top level; valid keys there: seed, output_dir, device"),
     ("training.foo=1", r"valid keys there: amp, grad_clip, cache_teacher, cache_dtype, cache_top_k, progress"),
     ("teacher.optimizer.momentun=0.9", r"valid keys there: name, lr, weight_decay, betas, momentum, nesterov"),

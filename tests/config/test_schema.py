@@ -107,8 +107,9 @@ def test_json_null_means_unset_only_where_a_key_may_be_unset():
 @pytest.mark.parametrize("path, where, valid", [
     ("outputdir", "the top level", "seed, output_dir, device, threads, data, teacher, student, methods"),
     ("data.option", "[data]", "builder, options"),
-    ("teacher.epoch", "[teacher]", "builder, options, checkpoint, epochs, optimizer, scheduler"),
-    ("student.checkpoint", "[student]", "builder, options, epochs, optimizer, scheduler, task_weight"),
+    ("teacher.epoch", "[teacher]", "builder, options, pretrained, checkpoint, epochs, optimizer, scheduler"),
+    ("student.checkpoint", "[student]", "builder, options, pretrained, config, epochs, optimizer, scheduler, "
+                                        "task_weight"),
     ("teacher.optimizer.momentun", "[teacher.optimizer]", "name, lr, weight_decay, betas, momentum, nesterov"),
     ("student.scheduler.warm_up", "[student.scheduler]", "name, warmup"),
     ("training.amp_dtype", "[training]", "amp, grad_clip, cache_teacher, cache_dtype, cache_top_k, progress"),
@@ -185,12 +186,20 @@ def test_weight_schedule_values_are_checked():
 def test_missing_required_keys_are_named():
     raw = minimal()
     del raw["output_dir"], raw["student"]["epochs"], raw["data"]["builder"]
-    del raw["teacher"]
+    del raw["teacher"], raw["student"]["builder"]
     raw["methods"] = [{"T": 2.0}]
     msgs = problems(raw)
-    assert len(msgs) == 5
-    for key in ("output_dir", "data.builder", "teacher", "student.epochs", "methods.0.name"):
+    assert len(msgs) == 6
+    for key in ("output_dir", "teacher", "student.epochs", "methods.0.name"):
         assert any(m.startswith(f"missing required key {key!r}") for m in msgs), (key, msgs)
+    # a model or the data comes from exactly one source
+    assert "data: give exactly one of builder, text (got none)" in msgs
+    assert "student: give exactly one of builder, pretrained, config (got none)" in msgs
+    both = minimal()
+    both["teacher"]["pretrained"] = "models/t"
+    with pytest.raises(ConfigError, match=r"teacher: give exactly one of builder, pretrained \(got builder and "
+                                          r"pretrained\)"):
+        validate(both)
 
 
 def test_all_problems_are_reported_together_with_the_source():

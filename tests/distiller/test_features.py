@@ -237,14 +237,14 @@ def test_requests_with_select_and_reductions():
             self.cnn, self.tr = CNN(widths, classes=5), TinyTransformer(dim, heads, depth=3)
             self.layer3, self.encoder = self.cnn.layer3, self.tr.encoder
 
-        def forward(self, x):
-            return self.cnn(x[0]) + self.tr(x[1])
+        def forward(self, images, tokens):  # tuple inputs are passed as model(*inputs)
+            return self.cnn(images) + self.tr(tokens)
 
     torch.manual_seed(0)
     teacher, student = Both((16, 32, 64), 32, 4).eval(), Both((4, 8, 8), 16, 2)
     m = Reduced()
     x = torch.rand(4, 1, 8, 8), torch.randn(4, 6, 8)
-    d = Distiller(teacher, student, [m])  # (fit() takes tensor inputs; run one step's forward by hand)
+    d = Distiller(teacher, student, [m])  # (run one step's forward by hand)
     s_out, s_feats, t_out, t_feats = d._step.forward(x)
     s, t = d._plan.views(0, s_out, s_feats, t_out, t_feats)
     m.loss(s, t)

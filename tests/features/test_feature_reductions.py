@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from distillx.features import (REDUCTIONS, ChannelStats, FeatureExtractor, FeatureSpec, adaptive_pool,
-                               attention_map, channel_stats, l2_normalize)
+                               attention_map, channel_stats, chunk, l2_normalize, masked_mean)
 
 from .models import ConvNet
 
@@ -89,15 +89,17 @@ def test_l2_normalize_formula(fmap):
 def test_low_precision_inputs_keep_their_dtype_and_match_float32(fmap):
     x = fmap.to(torch.bfloat16)
     ref = x.float()
+    tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C): the token reductions' input
     for name, fn in REDUCTIONS.items():
-        got, want = fn(x), fn(ref)
+        args = {"masked_mean": (), "chunk": (5, 2)}.get(name)
+        got, want = (fn(x), fn(ref)) if args is None else (fn(tokens, *args), fn(tokens.float(), *args))
         got, want = (got, want) if isinstance(got, torch.Tensor) else (got.var, want.var)
         assert got.dtype == torch.bfloat16, name
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2, msg=name)
 
 
 def test_reductions_registry_is_read_only():
-    assert set(REDUCTIONS) == {"attention_map", "adaptive_pool", "channel_stats", "l2_normalize"}
+    assert set(REDUCTIONS) == {"attention_map", "adaptive_pool", "channel_stats", "l2_normalize", "masked_mean", "chunk"}
     with pytest.raises(TypeError):
         REDUCTIONS["mine"] = l2_normalize
 
@@ -132,3 +134,53 @@ def test_reduction_errors_inside_the_hook_name_the_feature():
             pytest.raises(Exception, match=r"student model: feature 'bad' \(output of 'fc'\): reduction "
                                            r"'attention_map' failed on a Tensor of shape \(2, 5\): .*at least 3 dims"):
         net(torch.randn(2, 3, 8, 8))
+
+
+def test_masked_mean_and_chunk():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    got = masked_mean(x, attention_mask=mask)
+    want = torch.stack([x[0, :3].mean(0), x[1].mean(0), x[2, :1].mean(0)])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(masked_mean(x, normalize=True, attention_mask=mask.bool()),
+                               torch.nn.functional.normalize(want, dim=1))
+    torch.testing.assert_close(masked_mean(x), x.mean(1))  # no mask: every token
+    got.sum().backward()
+    assert x.grad[0, 3:].abs().sum() == 0 and x.grad[0, :3].abs().sum() > 0  # padding gets no gradient
+    with pytest.raises(ValueError, match=r"'masked_mean': the attention mask has shape \(3, 4\) but the tokens are "
+                                         r"\(3, 5\)"):
+        masked_mean(x, attention_mask=mask[:, :4])
+    with pytest.raises(ValueError, match=r"'masked_mean' needs token features \(B, L, D\)"):
+        masked_mean(torch.randn(2, 3, 4, 5))
+    qkv = torch.randn(2, 5, 12)
+    assert torch.equal(chunk(qkv, 3, 1), qkv[..., 4:8]) and chunk(qkv, 1, 0) is qkv
+    with pytest.raises(ValueError, match=r"'chunk': dim -1 of shape \(2, 5, 12\) does not split into 5 equal parts"):
+        chunk(qkv, 5, 0)
+    with pytest.raises(ValueError, match=r"index=3 must be below chunks=3"):
+        chunk(qkv, 3, 3)
+
+
+def test_the_extractor_passes_the_model_calls_attention_mask():
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.emb(input_ids)
+
+    torch.manual_seed(0)
+    model, ids = Tok(), torch.randint(0, 10, (2, 6))
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6])
+    with FeatureExtractor(model, {"e": FeatureSpec("emb", reduction="masked_mean")}) as ex:
+        model(ids, mask)  # positionally
+        positional = ex["e"]
+        model(input_ids=ids, attention_mask=mask)
+        keyword = ex["e"]
+        model(ids)
+        unmasked = ex["e"]
+    h = model.emb(ids)
+    torch.testing.assert_close(positional, torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+    torch.testing.assert_close(keyword, positional)
+    torch.testing.assert_close(unmasked, h.mean(1))

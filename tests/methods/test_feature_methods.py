@@ -261,10 +261,15 @@ def test_minilm_needs_equal_heads_naming_both():
     with pytest.raises(ValueError, match=r"student_heads=2 \(student 'a.q_proj'\) and teacher_heads=4 \(teacher "
                                          r"'b.q_proj'\).*minilmv2"):
         dx.method("minilm", student="a", teacher="b", student_heads=2, teacher_heads=4)
-    with pytest.raises(ValueError, match="give option student"):
-        dx.method("minilm", teacher="b", student_heads=2, teacher_heads=2)
+    # the student layer defaults to "last", which only the model can resolve (Distiller: bind)
+    with pytest.raises(ValueError, match=r"the student layer \('last'\) is found in the model.*method.bind"):
+        dx.method("minilm", teacher="b", student_heads=2, teacher_heads=2).features()
     with pytest.raises(ValueError, match="student_heads must be a positive int"):
-        dx.method("minilm", student="a", teacher="b")
+        dx.method("minilm", student="a", teacher="b", student_heads=0)
+    headless = dx.method("minilm", student="a", teacher="b")  # heads come from model.config when bound
+    s, t = qkv()
+    with pytest.raises(ValueError, match="student's attention head count is unknown: give student_heads"):
+        headless.loss(feats(q0=s["q"], k0=s["k"], v0=s["v"]), feats(q0=t["q"], k0=t["k"], v0=t["v"]))
 
 
 def test_minilmv2_matches_relations_across_widths():
@@ -334,6 +339,7 @@ def test_attention_methods_need_tokens():
     ("minilm", {"student": "a", "teacher": "b", "student_heads": 2, "teacher_heads": 2}),
     ("minilmv2", {"student": "a", "teacher": "b", "num_relation_heads": 2}),
     ("tinybert_attn", {"student": "a", "teacher": "b", "student_heads": 2, "teacher_heads": 2}),
+    ("lm_kd", {"divergence": "jsd", "beta": 0.2}),
 ])
 def test_registered_with_docs_and_config_round_trip(name, options):
     m = dx.method(name, **options)

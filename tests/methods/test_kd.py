@@ -36,7 +36,7 @@ def test_calls_functional_kd_loss_with_its_options(monkeypatch):
     assert KD(T=3.0, divergence="jsd", beta=0.25)(outputs(s), outputs(t), "batch").item() == 1.5
     (cs, ct, kwargs), = calls
     assert cs is s and ct is t
-    assert kwargs == dict(temperature=3.0, divergence="jsd", beta=0.25, reduction="batchmean")
+    assert kwargs == dict(temperature=3.0, divergence="jsd", beta=0.25, reduction="batchmean", mask=None)
 
 
 def test_defaults_and_factory():

@@ -1,5 +1,4 @@
 """plot_metrics: a readable PNG per log, phases optional, a clear error without matplotlib."""
-import math
 import os
 import struct
 import subprocess
