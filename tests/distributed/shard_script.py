@@ -83,7 +83,10 @@ def run(form: str, ctx) -> dict:
     student = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
     d = dx.Distiller(teacher, student, [dx.method("kd", T=2.0)], progress=False, scheduler=None)
     d.fit(make(form), 2)
-    return {"seen": seen, "student": student.state_dict()}
+    head = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 3))  # a student on the teacher's features
+    d = dx.Distiller(teacher, head, [dx.method("kd", T=2.0)], student_input="1", progress=False, scheduler=None)
+    d.fit(make(form), 2)
+    return {"seen": seen, "student": student.state_dict(), "head": head.state_dict()}
 
 
 def main(out: str, forms: list) -> None:

@@ -52,8 +52,9 @@ def test_every_loader_form_is_sharded(form, sharded):
         assert {len(batch) for batch in batches[0][:-1]} == {4}  # the per-rank batch size is kept
     if form != "sequential":
         assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # a new shuffle every epoch
-    for key, value in ranks[0]["student"].items():
-        assert torch.equal(value, ranks[1]["student"][key]), key
+    for model in ("student", "head"):  # a plain student, and one on the teacher's features (student_input)
+        for key, value in ranks[0][model].items():
+            assert torch.equal(value, ranks[1][model][key]), (model, key)
 
 
 def test_one_process_is_untouched_and_bad_loaders_are_refused():
