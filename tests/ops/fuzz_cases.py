@@ -275,7 +275,22 @@ def check_mmd_loss(case: dict) -> None:
     def ref_fn(a, b):
         return ref.mmd_loss_reference(a, b, kernel, **params)
 
-    _check_scalar_loss("mmd_loss", fn, ref_fn, s, (t,), dtype, v.scalar(), case)
+    upstream = v.scalar()
+    _check_scalar_loss("mmd_loss", fn, ref_fn, s, (t,), dtype, upstream, case,
+                       extra_floor=(0.0, _cosine_rounding_bound(s, kernel, dtype, upstream)))
+
+
+def _cosine_rounding_bound(s, kernel, dtype, upstream) -> float:
+    """∂cos(x, y)/∂x = y/(‖x‖‖y‖) − cos·x/‖x‖² is a difference of two terms of size 1/‖x‖ that cancel
+    exactly where x ∥ y (always when D = 1): the float64 reference gets 0, any float32 computation
+    ε/‖x‖ per pair. The MMD gradient of row i sums 2/N² of them over the student rows (row and column)
+    and 2/(NM) over the teacher rows: |Δg_i| ≤ 8ε/(N‖s_i‖), with 4x for the rounding of the terms."""
+    if kernel != "cosine":
+        return 0.0
+    eps = torch.finfo(torch.float32 if dtype != F64 else F64).eps
+    norms = s.detach().to(F64).reshape(s.shape[0], -1).norm(dim=1)
+    smallest = float(norms.min()) if norms.numel() else 1.0
+    return 4 * 8 * eps / (s.shape[0] * max(smallest, 1e-30)) * abs(upstream)
 
 
 def check_attention_map_loss(case: dict) -> None:
