@@ -130,7 +130,7 @@ def test_hook_stores_only_the_reduced_feature():
 
 def test_reduction_errors_inside_the_hook_name_the_feature():
     net = ConvNet()
-    with FeatureExtractor(net, {"bad": FeatureSpec("fc", reduction="attention_map")}, name="student") as ex, \
+    with FeatureExtractor(net, {"bad": FeatureSpec("fc", reduction="attention_map")}, name="student"), \
             pytest.raises(Exception, match=r"student model: feature 'bad' \(output of 'fc'\): reduction "
                                            r"'attention_map' failed on a Tensor of shape \(2, 5\): .*at least 3 dims"):
         net(torch.randn(2, 3, 8, 8))

@@ -109,7 +109,7 @@ def test_interrupt_and_resume_is_bitwise(tmp_path, run):
 
 def test_teacher_cache_with_mapping_batches(tmp_path):
     torch.manual_seed(0)
-    teacher, student = bert(3, 32, 4).eval(), bert(2, 16, 4)
+    teacher = bert(3, 32, 4).eval()
     calls = []
     teacher.register_forward_pre_hook(lambda m, a: calls.append(1))
     data = TokenDataset(16, 8)  # one length: cached token features have one shape
