@@ -17,6 +17,7 @@ whatever the run gives, including a distilled student that loses to the scratch 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -24,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ._atomic import atomic_open
 from .compose import latency_ms, num_parameters
 from .data import digits_split, tensor_loader
 from .distiller import Distiller
@@ -122,10 +124,7 @@ def format_table(result: dict) -> str:
     lines = [f"distillx demo: 8x8 digits ({d['train']} train / {d['test']} test), seed {result['seed']}, "
              f"teacher {result['teacher_epochs']} epochs, students {result['epochs']} epochs, "
              f"{result['threads']} CPU thread",
-             f"{'model':<18} {'params':>8} {'test acc':>9} {'latency/batch':>14}"]
-    for row in result["rows"]:
-        lines.append(f"{row['model']:<18} {row['parameters']:>8,} {row['test_accuracy']:>9.2%} "
-                     f"{row['latency_ms']:>11.3f} ms")
+             *model_rows(result["rows"], 18)]
     acc = {row["model"]: row["test_accuracy"] for row in result["rows"]}
     gain = 100 * (acc["student (kd)"] - acc["student (scratch)"])
     kd = r["kd"]
@@ -133,3 +132,20 @@ def format_table(result: dict) -> str:
                  f"distilled vs scratch: {gain:+.2f} points; latency on a batch of {result['latency_batch']}; "
                  f"training took {result['train_seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def model_rows(rows: list[dict], width: int) -> list[str]:
+    """The header and one line per model: parameters, test accuracy, latency (demo and experiments)."""
+    lines = [f"{'model':<{width}} {'params':>8} {'test acc':>9} {'latency/batch':>14}"]
+    for row in rows:
+        lines.append(f"{row['model']:<{width}} {row['parameters']:>8,} {row['test_accuracy']:>9.2%} "
+                     f"{row['latency_ms']:>11.3f} ms")
+    return lines
+
+
+def publish(table: str, result: dict, json_path: str | None) -> None:
+    """Print ``table``; with ``json_path``, also write ``result`` there (atomically: a kill leaves the old file)."""
+    print(table)
+    if json_path:
+        with atomic_open(json_path) as f:
+            json.dump(result, f, indent=2)

@@ -5,9 +5,8 @@ trunk, against the full teacher and a scratch student (:mod:`distillx.experiment
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..demo import DEFAULT_EPOCHS, TEACHER_EPOCHS, format_table, run, single_thread
+from ..demo import DEFAULT_EPOCHS, TEACHER_EPOCHS, format_table, publish, run, single_thread
 from ..experiments import head_search
 
 
@@ -32,11 +31,9 @@ def main(argv=None) -> int:
     with single_thread():
         if args.mode == "head":
             result = head_search.run(epochs=args.epochs or 50, seed=args.seed, teacher_epochs=args.teacher_epochs)
-            print(head_search.format_table(result))
+            table = head_search.format_table(result)
         else:
             result = run(args.epochs or DEFAULT_EPOCHS, args.seed, args.teacher_epochs)
-            print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            table = format_table(result)
+    publish(table, result, args.json)
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from typing import Optional, Sequence
@@ -85,10 +84,7 @@ def format_table(result: dict) -> str:
     lines = [f"head search: 8x8 digits ({d['train']} train / {d['test']} test), seed {result['seed']}, teacher "
              f"{result['teacher_epochs']} epochs, heads (kd from the teacher's logits) and scratch student "
              f"{result['epochs']} epochs, {result['threads']} CPU thread",
-             f"{'model':<22} {'params':>8} {'test acc':>9} {'latency/batch':>14}"]
-    for row in result["rows"]:
-        lines.append(f"{row['model']:<22} {row['parameters']:>8,} {row['test_accuracy']:>9.2%} "
-                     f"{row['latency_ms']:>11.3f} ms")
+             *demo.model_rows(result["rows"], 22)]
     lines.append(f"a head: {result['head_hidden']} hidden units on the cut feature; params and latency are the "
                  f"deployed model's (teacher trunk + head); latency on a batch of {result['latency_batch']}; "
                  f"training took {result['train_seconds']:.1f} s")
@@ -111,10 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     with demo.single_thread():
         result = run(cuts, args.epochs, args.seed, args.teacher_epochs)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    demo.publish(format_table(result), result, args.json)
     return 0
 
 

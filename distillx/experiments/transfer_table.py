@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -306,10 +305,7 @@ def main(argv=None) -> int:
         parser.error(f"--inits: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     with demo.single_thread():
         result = run(seeds, args.epochs, inits, students, args.teacher_epochs)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    demo.publish(format_table(result), result, args.json)
     return 0
 
 
