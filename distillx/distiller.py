@@ -8,7 +8,7 @@
 
 Phases: with ``teacher_epochs > 0`` (or :meth:`Distiller.train_teacher`) an untrained teacher is
 trained first on the task loss (its own optimizer and schedule); then the weight transfer (if any)
-initialises the student; then distillation. Both phases run the same setup (:meth:`Distiller._run_phase`)
+initialises the student; then distillation. Both phases run the same setup (:mod:`distillx.engine.phases`)
 and the engine's epoch loop (:mod:`distillx.engine.loop`); each: AdamW (lr 1e-3) with linear warm-up
 over 5% of the steps and cosine decay by default. A distillation step is
 :class:`distillx.engine.step.DistillStep` (both models' forward passes, the methods' losses,
@@ -25,8 +25,9 @@ progress bar shows them on a terminal. ``checkpoint_dir``: a checkpoint after ev
 SIGINT/SIGTERM (then :class:`~distillx.engine.TrainingInterrupted` is raised), written atomically;
 ``fit(..., resume=path or True)`` continues exactly where it stopped (bitwise on CPU). ``amp``:
 ``"bf16"`` autocast on CPU and CUDA, ``"fp16"`` with a gradient scaler on CUDA. Under ``torchrun``
-the student and the methods' adapters are wrapped in DistributedDataParallel, the teacher is not,
-the loaders are sharded, metrics summed over ranks and only rank 0 writes files.
+the student and the methods' adapters are wrapped in DistributedDataParallel (or sharded with
+FSDP2: ``strategy="fsdp"``), the teacher is not (unless ``shard_teacher``), the loaders are sharded,
+metrics summed over ranks and only rank 0 writes files.
 
 Features: hooks by dotted path, attached at construction (so before any ``torch.compile``'d
 call), removed at the end of :meth:`fit` and by :meth:`close`. Adapters that depend on feature
