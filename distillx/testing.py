@@ -8,12 +8,14 @@
 - data: :func:`data` (a digits split), :func:`loader`;
 - comparisons: :func:`snapshot`/:func:`unchanged` (bitwise: a model did not change), :func:`state`/:func:`same`;
 - plugin packages: :func:`assert_discovered` (an installed distribution's entry point provides a name).
+- processes: :func:`child_env` (the environment for a torchrun or script child that imports this distillx).
 
 Needs pytest (the ``test`` extra).
 """
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import math
 
 import pytest
@@ -166,3 +168,16 @@ def state(model):
 
 def same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child process (``torchrun``, a script) that must import this distillx:
+    one thread per process, quiet, the directory holding this ``distillx`` first on the path, and no
+    inherited rendezvous variables (a test run under torchrun must not leak its own rank to a child)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLX_QUIET="1")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env

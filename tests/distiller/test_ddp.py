@@ -9,26 +9,19 @@ import sys
 import pytest
 import torch
 
+from distillx.testing import child_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "ddp_script.py")
-ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLX_QUIET="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is needed")
 def test_two_ranks_match_one_process(tmp_path):
     single, multi = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    subprocess.run([sys.executable, SCRIPT, single, "1"], check=True, env=_env(), timeout=300)
+    subprocess.run([sys.executable, SCRIPT, single, "1"], check=True, env=child_env(), timeout=300)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          SCRIPT, multi, "2"], env=_env(), timeout=300, capture_output=True, text=True)
+                          SCRIPT, multi, "2"], env=child_env(), timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     a, b = torch.load(single), torch.load(multi)
     assert b["world"] == 2 and a["world"] == 1

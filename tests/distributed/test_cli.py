@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from .test_sharding import env
+from distillx.testing import child_env
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -25,11 +25,11 @@ def accuracy(stdout: str, who: str) -> float:
 
 def test_digits_under_torchrun_matches_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", "distillx.cli", "run", "digits", "--set", f"output_dir={tmp_path / 'one'}",
-                          *SHORT], env=env(), capture_output=True, text=True, timeout=300)
+                          *SHORT], env=child_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([*TORCHRUN, "run", "digits", "--set", f"output_dir={tmp_path / 'two'}", *SHORT,
                           "--set", "data.options.batch_size=32"],  # 2 ranks x 32: the global batch of one process
-                         env=env(), capture_output=True, text=True, timeout=300)
+                         env=child_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("distillx run: bundled config") == 1  # rank 0 printed, rank 1 stayed quiet
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -48,7 +48,7 @@ def test_a_failure_on_one_rank_stops_every_rank_naming_it(tmp_path):
         """))
     done = subprocess.run([*TORCHRUN, "run", "digits", "--set", f"output_dir={tmp_path / 'run'}",
                            "--set", "data.builder=flaky_data:data", *SHORT],
-                          env=dict(env(), PYTHONPATH=f"{tmp_path}:{env()['PYTHONPATH']}"), capture_output=True,
+                          env=dict(child_env(), PYTHONPATH=f"{tmp_path}:{child_env()['PYTHONPATH']}"), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode != 0  # torchrun stopped rank 0 too
     assert "distillx run (rank 1 of 2): training failed: RuntimeError: the data of rank 1 is missing" in done.stderr, \

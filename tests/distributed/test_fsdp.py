@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from .test_sharding import HERE, env
+from distillx.testing import child_env
+
+from .test_sharding import HERE
 
 SCRIPT = os.path.join(HERE, "fsdp_script.py")
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -21,7 +23,7 @@ def launch(strategy, out, interrupt_at=0, resume=False, ranks=2):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1
            else [sys.executable])
     done = subprocess.run(cmd + [SCRIPT, strategy, str(out), str(interrupt_at), "resume" if resume else "fresh"],
-                          env=dict(env(), PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=300)
+                          env=dict(child_env(), PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

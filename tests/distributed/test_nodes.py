@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from .test_sharding import HERE, env
+from distillx.testing import child_env
+
+from .test_sharding import HERE
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -27,7 +29,7 @@ def test_two_nodes_finish_with_identical_students(tmp_path):
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
                                "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                                "--rdzv-id=distillx-test", os.path.join(HERE, "shard_script.py"), out, "random"],
-                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     for node in nodes:
         _, err = node.communicate(timeout=300)

@@ -11,9 +11,9 @@ import torch
 
 from distillx.engine.distributed import DistContext
 from distillx.engine.sharding import ShardedSampler, shard_loader
+from distillx.testing import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 FORMS = ["random", "global_random", "sequential", "custom", "batch_sampler", "batch_sampler_as_sampler", "mapping"]
 N, EPOCHS = 45, 3
 
@@ -21,20 +21,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is needed")
 
 
-def env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLX_QUIET="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """One torchrun launch (2 ranks) for every form: what each rank saw and its student."""
     out = str(tmp_path_factory.mktemp("shard") / "run")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, "shard_script.py"), out, *FORMS], env=env(), capture_output=True,
+                           os.path.join(HERE, "shard_script.py"), out, *FORMS], env=child_env(), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)]

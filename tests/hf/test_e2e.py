@@ -14,12 +14,11 @@ from torch.utils.data import DataLoader
 import distillx as dx
 from distillx.engine import TrainingInterrupted
 from distillx.engine.batches import causal_lm_loss
-from distillx.testing import same, state
+from distillx.testing import child_env, same, state
 
 from .models import TokenDataset, bert, distilbert, gpt2, llama, token_batch, transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 class InterruptAt:
@@ -170,10 +169,7 @@ def test_two_ranks_match_one_process(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is needed")
     script = os.path.join(HERE, "ddp_script.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLX_QUIET="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env()
     single, multi = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
     sys.path.insert(0, HERE)
     threads = torch.get_num_threads()
