@@ -43,10 +43,12 @@ TORCH_LIBRARY(distillx, m) {
   m.def(
       "kernel_mmd(Tensor s, Tensor t, Tensor weights, int kernel, Tensor params, int panel_rows, bool compute_grad) "
       "-> (Tensor, Tensor)");
-  // Attention transfer's channel reduction a = mean_c |f|^p of a (B, C, H, W) map (float32/float64),
-  // and its backward; one pass over the feature each.
-  m.def("attention_map(Tensor feature, float p) -> Tensor");
-  m.def("attention_map_backward(Tensor grad_map, Tensor feature, float p) -> Tensor");
+  // Attention transfer's channel reduction of a (B, C, H, W) map (float32/float64) on the unit-scaled
+  // feature: a = mean_c |f / m_b|^p, m_b = max |f| over sample b (1 for an all-zero sample), so |f/m|^p
+  // stays finite for any p. Returns (a, m); m is a constant (no gradient). One pass over the feature
+  // each way (the forward keeps a running maximum and rescales, as online softmax does).
+  m.def("attention_map(Tensor feature, float p) -> (Tensor, Tensor)");
+  m.def("attention_map_backward(Tensor grad_map, Tensor feature, Tensor scale, float p) -> Tensor");
   // MiniLM relation loss Σ KL(softmax(q_t k_tᵀ/√dt) ‖ softmax(q_s k_sᵀ/√ds)) / #valid query rows, inputs
   // (B, A, L, d), key_padding_mask (B, L) bool (True = real token). Flash-attention style: one online-
   // softmax pass over key blocks, never (L, L). Returns the loss and the per-row log-sum-exps

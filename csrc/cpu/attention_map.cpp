@@ -1,6 +1,9 @@
-// CPU kernels of attention transfer (AT): the channel reduction a[b, hw] = mean_c |f[b, c, hw]|^p of a
-// (B, C, H, W) feature map, and its backward ∂a/∂f = (p/C)·|f|^(p−1)·sign(f). Each is one streaming
-// pass over the feature map; pooling, normalisation and the loss act on the small (B, H, W) maps.
+// CPU kernels of attention transfer (AT) on the unit-scaled feature: the channel reduction
+// a[b, hw] = mean_c |f[b, c, hw] / m_b|^p of a (B, C, H, W) map, m_b = max |f[b]| (so |f/m|^p cannot
+// overflow for any p), and its backward ∂a/∂f = (p/C)·|f/m|^(p−1)·sign(f)/m with m a constant.
+// Each is one streaming pass over the feature map: the forward keeps a running maximum per task and
+// rescales its accumulator when the maximum grows (online softmax's trick), reading each row chunk a
+// second time from L1; the tasks of one sample agree on m_b in a pass over the small (B, H, W) map.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,6 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
 
 #include "distillx/attention_map.h"
 #include "distillx/cpu/memory.h"
@@ -23,15 +29,36 @@ inline Vec<T> abs_pow(const Vec<T>& x, T p) {
   return p == T(2) ? x * x : (p == T(1) ? x.abs() : x.abs().pow(Vec<T>(p)));
 }
 
-at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
+template <typename T>
+inline T pow_p(T x, T p) {
+  return p == T(2) ? x * x : std::pow(x, p);
+}
+
+// max_j |row[j]|, NaN when any entry is NaN.
+template <typename T>
+T max_abs(const T* row, int64_t n) {
+  Vec<T> vm(T(0));
+  int64_t j = 0;
+  for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) vm = at::vec::maximum(vm, Vec<T>::loadu(row + j).abs());
+  alignas(64) T lanes[Vec<T>::size()];
+  vm.store(lanes);
+  T m = T(0);
+  for (int64_t k = 0; k < Vec<T>::size(); ++k) m = (std::isnan(lanes[k]) || lanes[k] > m) ? lanes[k] : m;
+  for (; j < n && !std::isnan(m); ++j) m = (std::isnan(row[j]) || std::abs(row[j]) > m) ? std::abs(row[j]) : m;
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& feature, double p) {
   check_attention_map(feature, p);
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
   at::Tensor out = at::empty({B, f.size(2), f.size(3)}, f.options());
+  at::Tensor scale = at::empty({B}, f.options());
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_cpu", [&] {
     using T = scalar_t;
     const T* x = f.const_data_ptr<T>();
     T* a = out.mutable_data_ptr<T>();
+    T* sc = scale.mutable_data_ptr<T>();
     // Columns per task: whole rows when they fit and there are samples enough for every thread (one
     // sequential stream per sample, which the prefetchers follow; half rows measured ~40% slower),
     // else rows split so that each thread gets work. The accumulator stays in L1.
@@ -45,29 +72,63 @@ at::Tensor attention_map_cpu(const at::Tensor& feature, double p) {
     }
     const int64_t blocks = (HW + block - 1) / block;
     const T pp = static_cast<T>(p), inv_c = T(1) / static_cast<T>(std::max<int64_t>(C, 1));
+    std::vector<T> task_max(B * blocks);  // each task's m: its sum is of |f / m|^p
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
       alignas(64) T acc[kMaxBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, j0 = (task % blocks) * block, n = std::min(block, HW - j0);
         std::fill(acc, acc + n, T(0));
-        for (int64_t c = 0; c < C; ++c) {
+        T m = T(0);
+        for (int64_t c = 0; c < C && !std::isnan(m); ++c) {
           const T* row = x + (b * C + c) * HW + j0;
+          const T r = max_abs(row, n);
+          if (std::isnan(r) || r > m) {
+            if (m > T(0)) {  // the sum so far was of |f / m|^p; make it of |f / r|^p
+              const T shrink = pow_p(m / r, pp);
+              for (int64_t j = 0; j < n; ++j) acc[j] *= shrink;
+            }
+            m = r;
+          }
+          if (!(m > T(0))) continue;  // all zero so far (or NaN: the sample's map is NaN)
+          const T inv = T(1) / m;
+          const Vec<T> vinv(inv);
           int64_t j = 0;
           for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-            (Vec<T>::loadu(acc + j) + abs_pow(Vec<T>::loadu(row + j), pp)).store(acc + j);
+            (Vec<T>::loadu(acc + j) + abs_pow(Vec<T>::loadu(row + j) * vinv, pp)).store(acc + j);
           }
-          for (; j < n; ++j) acc[j] += pp == T(2) ? row[j] * row[j] : std::pow(std::abs(row[j]), pp);
+          for (; j < n; ++j) acc[j] += pow_p(std::abs(row[j] * inv), pp);
         }
+        task_max[task] = m;
         T* dst = a + b * HW + j0;
         for (int64_t j = 0; j < n; ++j) dst[j] = acc[j] * inv_c;
       }
     });
+    // The sample's m is the largest of its tasks' (NaN if any is); each task's sums scale by (m_task / m)^p.
+    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        T mb = T(0);
+        for (int64_t k = 0; k < blocks; ++k) {
+          const T mk = task_max[b * blocks + k];
+          mb = (std::isnan(mk) || mk > mb) ? mk : mb;
+        }
+        sc[b] = mb == T(0) ? T(1) : mb;
+        for (int64_t k = 0; k < blocks; ++k) {
+          const T mk = task_max[b * blocks + k];
+          if (mk == mb) continue;  // the block was summed on the sample's own m (also m = 0 or inf)
+          const T factor = pow_p(mk / mb, pp);  // NaN when mb is
+          const int64_t j0 = k * block, n = std::min(block, HW - j0);
+          T* dst = a + b * HW + j0;
+          for (int64_t j = 0; j < n; ++j) dst[j] *= factor;
+        }
+      }
+    });
   });
-  return out;
+  return {out, scale};
 }
 
-at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& feature, double p) {
-  check_attention_map_backward(grad_map, feature, p);
+at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& feature,
+                                      const at::Tensor& scale, double p) {
+  const at::Tensor m = attention_map_scale(grad_map, feature, scale, p);
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
   const at::Tensor g = grad_map.to(f.scalar_type()).contiguous();
@@ -76,8 +137,9 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
     using T = scalar_t;
     const T* x = f.const_data_ptr<T>();
     const T* gm = g.const_data_ptr<T>();
+    const T* ms = m.const_data_ptr<T>();
     T* dx = out.mutable_data_ptr<T>();
-    const T pp = static_cast<T>(p), scale = pp / static_cast<T>(std::max<int64_t>(C, 1));
+    const T pp = static_cast<T>(p), p_over_c = pp / static_cast<T>(std::max<int64_t>(C, 1));
     // Whole rows per task (at least 32K elements), so each thread streams a contiguous range.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
@@ -85,9 +147,10 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
         const T* src = x + row * HW;
         const T* grow = gm + (row / C) * HW;
         T* dst = dx + row * HW;
+        const T inv = T(1) / ms[row / C], scale = p_over_c * inv;
         int64_t j = 0;
         for (; j + Vec<T>::size() <= HW; j += Vec<T>::size()) {
-          const Vec<T> v = Vec<T>::loadu(src + j), gv = Vec<T>::loadu(grow + j) * Vec<T>(scale);
+          const Vec<T> v = Vec<T>::loadu(src + j) * Vec<T>(inv), gv = Vec<T>::loadu(grow + j) * Vec<T>(scale);
           Vec<T> d;
           if (pp == T(2)) {
             d = v;
@@ -100,7 +163,7 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
           (d * gv).store(dst + j);
         }
         for (; j < HW; ++j) {
-          const T v = src[j];
+          const T v = src[j] * inv;
           const T d = pp == T(2) ? v : (v == T(0) ? T(0) : std::copysign(std::pow(std::abs(v), pp - 1), v));
           dst[j] = d * grow[j] * scale;
         }

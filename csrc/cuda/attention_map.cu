@@ -12,23 +12,27 @@
 namespace distillx {
 namespace {
 
-at::Tensor attention_map_cuda(const at::Tensor& feature, double p) {
+std::tuple<at::Tensor, at::Tensor> attention_map_cuda(const at::Tensor& feature, double p) {
   check_attention_map(feature, p);
   const c10::cuda::CUDAGuard guard(feature.device());
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), S = f.size(2) * f.size(3);
   at::Tensor out = at::empty({B, f.size(2), f.size(3)}, f.options());
-  if (out.numel() == 0) return out;
+  at::Tensor scale = at::ones({B}, f.options());
+  if (out.numel() == 0) return {out, scale};
+  at::Tensor col_max = at::empty({B, S}, f.options());
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_cuda", [&] {
-    cuda::launch_attention_map<scalar_t>(f.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, C, S,
-                                         static_cast<scalar_t>(p), at::cuda::getCurrentCUDAStream());
+    cuda::launch_attention_map<scalar_t>(f.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                         scale.mutable_data_ptr<scalar_t>(), col_max.mutable_data_ptr<scalar_t>(), B,
+                                         C, S, static_cast<scalar_t>(p), at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {out, scale};
 }
 
-at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Tensor& feature, double p) {
-  check_attention_map_backward(grad_map, feature, p);
+at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Tensor& feature, const at::Tensor& scale,
+                                       double p) {
+  const at::Tensor m = attention_map_scale(grad_map, feature, scale, p);
   const c10::cuda::CUDAGuard guard(feature.device());
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), S = f.size(2) * f.size(3);
@@ -37,8 +41,8 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Ten
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_backward_cuda", [&] {
     cuda::launch_attention_map_backward<scalar_t>(g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
-                                                  out.mutable_data_ptr<scalar_t>(), B, C, S, static_cast<scalar_t>(p),
-                                                  at::cuda::getCurrentCUDAStream());
+                                                  m.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B,
+                                                  C, S, static_cast<scalar_t>(p), at::cuda::getCurrentCUDAStream());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

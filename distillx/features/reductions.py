@@ -66,12 +66,11 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, channel_dim: int = 1, s
     _check(feature, "attention_map", 3, channel_dim)
     _checks.positive("attention_map: p", p)
     # Per sample on F / max|F|: the normalised map is the same, and |F|^p stays finite for any p.
-    scaled = unit_scale(_upcast(feature))
     if feature.dim() == 4 and channel_dim in (1, -3):
-        # (B, C, H, W): the fused channel reduction reads the map once (distillx::attention_map)
-        a = fused_attention_map(scaled, float(p))
+        # (B, C, H, W): the fused channel reduction reads the map once and scales as it goes
+        a = fused_attention_map(_upcast(feature), float(p))
     else:
-        x = scaled.abs()
+        x = unit_scale(_upcast(feature)).abs()
         a = (x * x if p == 2 else x.pow(p)).mean(dim=channel_dim)  # (B, *S)
     if size is not None:
         a = _adaptive_avg_pool(a.unsqueeze(1), size, "attention_map").squeeze(1)

@@ -1,6 +1,8 @@
 """Attention transfer (AT): ``distillx::attention_map`` is the fused channel reduction
-``a = mean_c |F|^p`` (one pass over each feature map, forward and backward); pooling, L2
-normalisation and the squared error act on the small (B, H, W) maps in PyTorch.
+``a = mean_c |F / m|^p`` on the unit-scaled feature (``m`` = each sample's max ``|F|``, a constant:
+the normalised map is scale-invariant, and ``|F/m|^p`` cannot overflow for any ``p``), one pass over
+each feature map, forward and backward; pooling, L2 normalisation and the squared error act on the
+small (B, H, W) maps in PyTorch.
 
 C++: ``csrc/cpu/attention_map.cpp``, ``csrc/cuda/attention_map.cu``, checks in
 ``csrc/include/distillx/attention_map.h``; backward is its own op, ``distillx::attention_map_backward``
@@ -13,29 +15,34 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._library import acc_dtype, building_graph, differentiable_grads, register, use_kernel
+from ._library import (acc_dtype, building_graph, differentiable_grads, non_differentiable, register,
+                       use_kernel)
 
 OP = "attention_map"
 
 
 def _fake(feature, p):
-    return feature.new_empty((feature.shape[0], feature.shape[2], feature.shape[3]))
+    return feature.new_empty((feature.shape[0], feature.shape[2], feature.shape[3])), feature.new_empty(
+        (feature.shape[0],))
 
 
-def _backward_fake(grad_map, feature, p):
+def _backward_fake(grad_map, feature, scale, p):
     return feature.new_empty(feature.shape)
 
 
 def _setup(ctx, inputs, output):
     ctx.p = inputs[1]
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(inputs[0], output[1])
+    non_differentiable(ctx, output[1])
 
 
-def _backward(ctx, grad):
-    (feature,) = ctx.saved_tensors
+def _backward(ctx, grad, _grad_scale):
+    feature, scale = ctx.saved_tensors
+    if grad is None:
+        return None, None
     if building_graph():  # create_graph=True: the same gradient, built from differentiable operations
-        return differentiable_grads(lambda f: ref.attention_map(f, ctx.p), [feature], [0], grad)[0], None
-    return torch.ops.distillx.attention_map_backward(grad, feature, ctx.p), None
+        return differentiable_grads(lambda f: ref.unit_attention_map(f, ctx.p), [feature], [0], grad)[0], None
+    return torch.ops.distillx.attention_map_backward(grad, feature, scale, ctx.p), None
 
 
 register(OP, _fake, _backward, _setup)
@@ -43,10 +50,12 @@ register("attention_map_backward", _backward_fake)
 
 
 def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
-    """``mean_c |f|^p`` (B, H, W): the fused op where it has a kernel, else the reference."""
+    """``mean_c |f / m|^p`` (B, H, W), ``m`` each sample's max ``|f|`` (detached): the fused op where it
+    has a kernel, else the reference (:func:`distillx.ops.reference.unit_attention_map`)."""
+    f = f.to(acc_dtype(f.dtype))
     if not use_kernel(OP, f.device):
-        return ref.attention_map(f, p)
-    return torch.ops.distillx.attention_map(f.to(acc_dtype(f.dtype)), float(p))
+        return ref.unit_attention_map(f, p)
+    return torch.ops.distillx.attention_map(f, float(p))[0]
 
 
 def _pool_to(a: torch.Tensor, size: tuple) -> torch.Tensor:
@@ -55,11 +64,9 @@ def _pool_to(a: torch.Tensor, size: tuple) -> torch.Tensor:
 
 def attention_map_loss(f_s, f_t, p):
     """:func:`distillx.functional.attention_map_loss` on validated (B, C, H, W) maps (``f_t`` detached)."""
-    # On F / max|F| per sample (ref.unit_scale): the normalised map is unchanged, |F|^p stays finite for any p.
-    acc = acc_dtype(f_s.dtype)
-    a_s = attention_map(ref.unit_scale(f_s.to(acc)), p)
+    a_s = attention_map(f_s, p)
     with torch.no_grad():
-        a_t = attention_map(ref.unit_scale(f_t.to(acc)), p)
+        a_t = attention_map(f_t, p)
     size = (min(a_s.shape[-2], a_t.shape[-2]), min(a_s.shape[-1], a_t.shape[-1]))
     a_s = F.normalize(_pool_to(a_s, size).flatten(1), dim=1, eps=1e-12)
     a_t = F.normalize(_pool_to(a_t, size).flatten(1), dim=1, eps=1e-12)

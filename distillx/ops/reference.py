@@ -243,16 +243,26 @@ def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     return f.abs().pow(p).mean(1)
 
 
+def sample_scale(f: torch.Tensor) -> torch.Tensor:
+    """Each sample's max ``|f|`` (B,) over every dimension but the batch, detached; 1 for an all-zero
+    sample, NaN for a sample holding a NaN (its map is then NaN), inf for one holding an inf."""
+    m = f.detach().abs().amax(dim=tuple(range(1, f.dim())))
+    return torch.where(m == 0, torch.ones_like(m), m)
+
+
 def unit_scale(f: torch.Tensor) -> torch.Tensor:
-    """``f`` divided by each sample's max ``|f|`` (over every dimension but the batch; 1 for an
-    all-zero sample), the divisor detached. A normalised attention map is the same for ``f`` and
-    ``c·f`` (c > 0), so this changes nothing but the range: ``|f|^p`` stays in [0, 1] for any ``p``
-    where it would overflow (or vanish) for large ``p``. The gradient through the divisor is exactly
-    0 (scale invariance), hence detached. NaN/inf in a sample still make its map non-finite."""
+    """``f`` divided by :func:`sample_scale` (the divisor detached). A normalised attention map is
+    the same for ``f`` and ``c·f`` (c > 0), so this changes nothing but the range: ``|f|^p`` stays in
+    [0, 1] for any ``p`` where it would overflow (or vanish) for large ``p``. The gradient through the
+    divisor is exactly 0 (scale invariance), hence detached."""
     if f.dim() < 2 or f.numel() == 0:
         return f
-    m = f.detach().abs().amax(dim=tuple(range(1, f.dim())), keepdim=True)
-    return f / torch.where(m > 0, m, torch.ones_like(m))
+    return f / sample_scale(f).view(-1, *([1] * (f.dim() - 1)))
+
+
+def unit_attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """:func:`attention_map` of :func:`unit_scale` ``(f)``: what ``distillx::attention_map`` computes."""
+    return attention_map(unit_scale(f), p)
 
 
 def attention_map_loss_reference(f_s, f_t, p=2.0, eps=1e-12):
@@ -262,7 +272,7 @@ def attention_map_loss_reference(f_s, f_t, p=2.0, eps=1e-12):
     pooled to the smaller one's size (after the channel reduction, so channel counts may differ).
     Each sample is computed on F / max|F| (:func:`unit_scale`), so any p > 0 stays finite.
     """
-    a_s, a_t = attention_map(unit_scale(f_s), p), attention_map(unit_scale(f_t.detach()), p)
+    a_s, a_t = unit_attention_map(f_s, p), unit_attention_map(f_t.detach(), p)
     hs, ws = a_s.shape[-2:]
     ht, wt = a_t.shape[-2:]
     size = (min(hs, ht), min(ws, wt))

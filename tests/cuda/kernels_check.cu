@@ -17,12 +17,14 @@ template void dc::launch_logit_divergence<__nv_bfloat16, float>(const __nv_bfloa
 #include "distillx/cuda/attention_map.cuh"
 #include "distillx/cuda/kernel_gram.cuh"
 
-template void dc::launch_attention_map<float>(const float*, float*, int64_t, int64_t, int64_t, float, cudaStream_t);
-template void dc::launch_attention_map<double>(const double*, double*, int64_t, int64_t, int64_t, double, cudaStream_t);
-template void dc::launch_attention_map_backward<float>(const float*, const float*, float*, int64_t, int64_t, int64_t,
-                                                       float, cudaStream_t);
-template void dc::launch_attention_map_backward<double>(const double*, const double*, double*, int64_t, int64_t,
-                                                        int64_t, double, cudaStream_t);
+template void dc::launch_attention_map<float>(const float*, float*, float*, float*, int64_t, int64_t, int64_t, float,
+                                              cudaStream_t);
+template void dc::launch_attention_map<double>(const double*, double*, double*, double*, int64_t, int64_t, int64_t,
+                                               double, cudaStream_t);
+template void dc::launch_attention_map_backward<float>(const float*, const float*, const float*, float*, int64_t,
+                                                       int64_t, int64_t, float, cudaStream_t);
+template void dc::launch_attention_map_backward<double>(const double*, const double*, const double*, double*, int64_t,
+                                                        int64_t, int64_t, double, cudaStream_t);
 template void dc::launch_gram_panel<float>(const dc::PanelPointers<float>&, int, dc::SideParams<float>,
                                            dc::SideParams<float>, int64_t, int64_t, int64_t, int, bool, double*,
                                            cudaStream_t);

@@ -156,28 +156,78 @@ def test_half_inputs(rng, dtype):
 # ----------------------------------------------------------------------------------------------
 # The raw operators
 # ----------------------------------------------------------------------------------------------
+def _unit_map_ref(f, p, g):
+    """The op's reference on float64: the unit-scaled map, the scales, and the gradient of <map, g>."""
+    want, want_grad = run_ref(lambda v: (ref.unit_attention_map(v, p) * g.to(F64)).sum(), f)
+    return ref.unit_attention_map(f.to(F64), p), ref.sample_scale(f.to(F64)), want_grad
+
+
 @requires_kernel
-@pytest.mark.parametrize("p", PS + (0.5,), ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("p", PS + (0.5, 6.0), ids=lambda p: f"p{p}")
 def test_fused_attention_map_matches_reference(rng, p):
-    """distillx::attention_map = reference.attention_map (mean_c |F|^p), and its backward (through
-    attention_map_backward) = autograd of the reference, including exact zeros in the input (derivative
-    0 there for p >= 1) and spatial sizes that are not a multiple of the vector width."""
+    """distillx::attention_map = (reference.unit_attention_map, reference.sample_scale): mean_c |F/m|^p
+    with m each sample's max |F|, and its backward (through attention_map_backward) = autograd of the
+    reference with m constant, including exact zeros in the input (derivative 0 there for p >= 1),
+    spatial sizes that are not a multiple of the vector width and samples of very different scales."""
     for dtype in DTYPES:
         for shape in ((1, 1, 1, 1), (2, 3, 5, 7), (3, 5, 8, 8), (1, 2, 33, 17)):
-            f = rng.randn(*shape, dtype=dtype)
+            f = rng.randn(*shape, dtype=dtype) * torch.logspace(-3, 3, shape[0], dtype=dtype).view(-1, 1, 1, 1)
             if p >= 1:
                 f.view(-1)[::3] = 0
             g = rng.randn(shape[0], shape[2], shape[3], dtype=dtype)
             tag = rng.tag(p=p, dtype=dtype, shape=shape)
             x = f.clone().requires_grad_(True)
-            out = torch.ops.distillx.attention_map(x, p)
+            out, scale = torch.ops.distillx.attention_map(x, p)
             (grad,) = torch.autograd.grad(out, x, g)
-            want, want_grad = run_ref(lambda v: (ref.attention_map(v, p) * g.to(F64)).sum(), f)
-            want_map = ref.attention_map(f.to(F64), p)
+            want_map, want_scale, want_grad = _unit_map_ref(f, p, g)
             assert out.dtype == dtype and out.shape == (shape[0], shape[2], shape[3]), tag
+            assert scale.dtype == dtype and scale.shape == (shape[0],) and not scale.requires_grad, tag
             close(out, want_map, dtype, f"map {tag}")
+            assert torch.equal(scale.to(F64), want_scale), tag  # a maximum: exact
             close(grad, want_grad, dtype, f"grad {tag}")
-            close(torch.ops.distillx.attention_map_backward(g, f, p), want_grad, dtype, f"backward op {tag}")
+            close(torch.ops.distillx.attention_map_backward(g, f, scale, p), want_grad, dtype, f"backward op {tag}")
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_fused_map_is_finite_far_out_of_range(rng, dtype):
+    """|F|^p would overflow (F ~ 1e30, p = 4 in float32) or vanish (F ~ 1e-30): the unit-scaled map is
+    finite and equals the reference; an all-zero sample has scale 1 and map 0."""
+    big = 1e30 if dtype == torch.float32 else 1e300
+    f = torch.stack([rng.randn(3, 6, 5, dtype=dtype) * big, rng.randn(3, 6, 5, dtype=dtype) / big,
+                     torch.zeros(3, 6, 5, dtype=dtype)])
+    g = rng.randn(3, 6, 5, dtype=dtype)
+    for p in (2.0, 4.0):
+        tag = rng.tag(p=p, dtype=dtype)
+        x = f.clone().requires_grad_(True)
+        out, scale = torch.ops.distillx.attention_map(x, p)
+        (grad,) = torch.autograd.grad(out, x, g)
+        want_map, want_scale, want_grad = _unit_map_ref(f, p, g)
+        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad[:2]).all()), tag
+        assert float(scale[2]) == 1.0 and bool((out[2] == 0).all()) and bool((grad[2] == 0).all()), tag
+        close(out, want_map, dtype, f"map {tag}")
+        assert torch.equal(scale.to(F64), want_scale), tag
+        for b in range(3):  # each sample against its own gradient scale (they differ by 1e60)
+            close(grad[b], want_grad[b], dtype, f"grad sample {b} {tag}")
+
+
+@requires_kernel
+def test_fused_map_nan_and_inf_stay_in_their_sample(rng):
+    """A NaN anywhere in a sample makes that sample's map and scale NaN (as the reference's max |F| is);
+    an inf makes its scale inf, its map NaN where F is inf and 0 elsewhere; the other samples are
+    untouched. On 1 and 2 threads (rows split into tasks that each see part of the sample)."""
+    f = rng.randn(3, 4, 9, 70)
+    f[0, 2, 5, 60] = float("nan")
+    f[1, 1, 0, 3] = float("inf")
+    for threads in (1, 2):
+        with num_threads(threads):
+            out, scale = torch.ops.distillx.attention_map(f, 2.0)
+        tag = rng.tag(threads=threads)
+        assert bool(torch.isnan(out[0]).all()) and bool(torch.isnan(scale[0])), tag
+        assert float(scale[1]) == float("inf") and bool(torch.isnan(out[1, 0, 3])), tag
+        assert int(torch.isnan(out[1]).sum()) == 1 and float(out[1].nan_to_num().abs().sum()) == 0.0, tag
+        close(out[2], ref.unit_attention_map(f[2:].to(F64), 2.0)[0], torch.float32, tag)
+        assert float(scale[2]) == float(f[2].abs().max()), tag
 
 
 @requires_kernel
@@ -185,9 +235,11 @@ def test_fused_attention_map_matches_reference(rng, p):
                          ids=["rows-split", "one-sample-over-4096", "whole-rows-over-4096"])
 def test_threads(rng, shape):
     """Forward (whole rows per task, up to 4096 columns, or rows split when there are fewer samples than
-    2 × threads) and backward (rows of at least 32K elements) of the fused map on 1 and 2 threads equal
-    the reference."""
+    2 × threads: tasks of one sample then have different maxima, made 1000x apart here, and agree on
+    the sample's afterwards) and backward (rows of at least 32K elements) of the fused map on 1 and 2
+    threads equal the reference."""
     f = rng.randn(*shape)
+    f[..., : shape[2] // 3, :] *= 1000.0
     g = rng.randn(shape[0], shape[2], shape[3])
     for p in (2.0, 1.5):
         tag = rng.tag(p=p, shape=shape)
@@ -195,11 +247,12 @@ def test_threads(rng, shape):
         for threads in (1, 2):
             with num_threads(threads):
                 x = f.clone().requires_grad_(True)
-                out = torch.ops.distillx.attention_map(x, p)
-                outs.append((out.detach(), torch.autograd.grad(out, x, g)[0]))
-        want, want_grad = run_ref(lambda v: (ref.attention_map(v, p) * g.to(F64)).sum(), f)
-        for out, grad in outs:
-            close(out, ref.attention_map(f.to(F64), p), torch.float32, tag)
+                out, scale = torch.ops.distillx.attention_map(x, p)
+                outs.append((out.detach(), scale, torch.autograd.grad(out, x, g)[0]))
+        want_map, want_scale, want_grad = _unit_map_ref(f, p, g)
+        for out, scale, grad in outs:
+            close(out, want_map, torch.float32, tag)
+            assert torch.equal(scale.to(F64), want_scale), tag
             close(grad, want_grad, torch.float32, tag)
 
 
@@ -211,7 +264,8 @@ def test_opcheck_attention_map(rng):
         f = rng.randn(*shape, dtype=dtype).requires_grad_(True)
         torch.library.opcheck(torch.ops.distillx.attention_map.default, (f, p))
         g = rng.randn(shape[0], shape[2], shape[3], dtype=dtype)
-        torch.library.opcheck(torch.ops.distillx.attention_map_backward.default, (g, f.detach(), p))
+        scale = ref.sample_scale(f)
+        torch.library.opcheck(torch.ops.distillx.attention_map_backward.default, (g, f.detach(), scale, p))
 
 
 @requires_kernel
@@ -223,7 +277,9 @@ def test_raw_op_argument_checks(rng):
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.distillx.attention_map(rng.randn(1, 2, 3, 3).to(torch.int32), 2.0)
     with pytest.raises(RuntimeError, match="grad_map must have 18 elements"):
-        torch.ops.distillx.attention_map_backward(rng.randn(2, 3, 4), rng.randn(2, 2, 3, 3), 2.0)
+        torch.ops.distillx.attention_map_backward(rng.randn(2, 3, 4), rng.randn(2, 2, 3, 3), torch.ones(2), 2.0)
+    with pytest.raises(RuntimeError, match=r"scale must have shape \(2,\)"):
+        torch.ops.distillx.attention_map_backward(rng.randn(2, 3, 3), rng.randn(2, 2, 3, 3), torch.ones(3), 2.0)
 
 
 # ----------------------------------------------------------------------------------------------
