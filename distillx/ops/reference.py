@@ -142,8 +142,8 @@ def rbf_mean_sigma2(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     if n < 2:
         return x.new_tensor(1.0)
-    y = x - x[:1]
-    sq = (y - y.mean(0)).pow(2).sum(1).mean()
+    # mean‖y_i − ȳ‖² is the sum of the columns' population variances: one (N, D) temporary (y), not three
+    sq = (x - x[:1]).var(0, correction=0).sum()
     s2 = (2.0 * n / (n - 1)) * sq
     return torch.where(s2 > 0, s2, torch.ones_like(s2))
 
