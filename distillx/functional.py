@@ -34,6 +34,7 @@ import torch
 from . import _checks
 from .ops import attention_map, attention_relation, kernel_gram, linear_divergence, logit_divergence
 from .ops import reference as ref
+from .ops._library import acc_dtype
 from .ops.reference import DIVERGENCES, REDUCTIONS
 
 
@@ -43,7 +44,7 @@ TEMPERATURE_RANGE = {torch.float64: (1e-150, 1e7), torch.float32: (1e-18, 1e3)}
 
 def _check_divergence_options(temperature, divergence, beta, reduction, dtype):
     _checks.positive("temperature", temperature)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     low, high = TEMPERATURE_RANGE[acc]
     if not low <= temperature <= high:
         raise ValueError(f"temperature must be in [{low:g}, {high:g}] for {str(dtype).replace('torch.', '')} inputs "

@@ -46,7 +46,7 @@ def _numpy():
     return sys.modules.get("numpy")  # only if something imported it: no numpy dependency
 
 
-def _foreign_rng(value: Any) -> bool:
+def foreign_rng(value: Any) -> bool:
     """A random-number generator whose state distillx does not save."""
     if isinstance(value, random.Random):
         return True
@@ -93,7 +93,7 @@ def _walk(loader: Any, name: str) -> tuple[list[torch.Generator], list[tuple[str
         seen.add(id(obj))
         if isinstance(obj, torch.Generator):
             generators.append(obj)
-        elif _foreign_rng(obj):
+        elif foreign_rng(obj):
             foreign.append((path, obj))
         elif path == name or _searched(obj):
             stack.extend(_children(obj, path))

@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import random as _random
-import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -36,6 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 from torch.utils.data.distributed import DistributedSampler
 
 from .distributed import DistContext
+from .rng import foreign_rng
 
 _KNOWN = (RandomSampler, SequentialSampler, BatchSampler, DistributedSampler)
 
@@ -94,19 +93,11 @@ def _prepare(sampler: Any, ctx: DistContext, seed_generator) -> Any:
             sampler = inner
     if g is not None:
         _same_generator_everywhere(g, ctx)
-    elif not isinstance(inner, _KNOWN) and _draws_hidden_randomness(inner):
+    elif not isinstance(inner, _KNOWN) and any(foreign_rng(v) for v in getattr(inner, "__dict__", {}).values()):
         raise TypeError(f"cannot shard a loader whose sampler {type(inner).__name__} draws random numbers distillx "
                         "cannot make equal on every rank; give it a torch.Generator attribute named 'generator' "
                         "(seeded the same on every rank), or pass a DistributedSampler yourself")
     return sampler
-
-
-def _draws_hidden_randomness(sampler: Any) -> bool:
-    """A custom sampler holding a random state that is not a torch.Generator (numpy, random.Random)."""
-    states = [v for v in vars(sampler).values()] if hasattr(sampler, "__dict__") else []
-    np_random = getattr(sys.modules.get("numpy"), "random", None)  # only if something imported numpy
-    hidden = (_random.Random,) + ((np_random.RandomState, np_random.Generator) if np_random is not None else ())
-    return any(isinstance(v, hidden) for v in states)
 
 
 def shard_loader(loader: Any, ctx: DistContext, seed: int = 0) -> Any:

@@ -38,8 +38,6 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_scale):
     feature, scale = ctx.saved_tensors
-    if grad is None:
-        return None, None
     if building_graph():  # create_graph=True: the same gradient, built from differentiable operations
         return differentiable_grads(lambda f: ref.unit_attention_map(f, ctx.p), [feature], [0], grad)[0], None
     return torch.ops.distillx.attention_map_backward(grad, feature, scale, ctx.p), None
