@@ -3,6 +3,7 @@ the shuffle differs between epochs, and both ranks end with identical student we
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 
@@ -64,6 +65,19 @@ def test_one_process_is_untouched_and_bad_loaders_are_refused():
         shard_loader(DataLoader(Stream()), two)
     with pytest.raises(TypeError, match="needs a torch.utils.data.DataLoader to shard, got list"):
         shard_loader([(1, 2)], two)
+
+    class Shuffler(torch.utils.data.Sampler):  # its order comes from random.Random: ranks would disagree
+        def __init__(self, n):
+            self.n, self.rng = n, random.Random(0)
+
+        def __len__(self):
+            return self.n
+
+        def __iter__(self):
+            return iter(self.rng.sample(range(self.n), self.n))
+
+    with pytest.raises(TypeError, match="sampler Shuffler draws random numbers distillx cannot make equal"):
+        shard_loader(DataLoader(list(range(10)), batch_size=2, sampler=Shuffler(10)), two)
 
 
 def test_sharded_sampler_pads_and_drops():
