@@ -68,6 +68,10 @@ class Phases:
         teacher_mode, student_mode = self.teacher.training, self.student.training
         if state is None:
             self.apply_transfer()
+        elif state.get("teacher") is not None:
+            # The teacher cache and the dry forward pass below read the teacher: they must see the
+            # trained teacher of the checkpoint, not the weights this process started with.
+            self.teacher.load_state_dict(state["teacher"])
         loader = shard_loader(train_loader, self.ctx)
         self._plan.attach()
         try:

@@ -118,13 +118,14 @@ def make_loader(kind, x, y):
 
 
 def run(tmp, kind, interrupt_at=None, how="sigint", resume=None, seeds=(0, 1), transfer_fails=False,
-        signal_in_setup=False):
+        signal_in_setup=False, cache=False):
     x, y, xv, yv = data(320)
     t, s = teacher(seeds[0]), student(seeds[1])
     train = make_loader(kind, x, y)
     d = dx.Distiller(t, s, [dx.method("kd", T=2.0, weight=0.5), LogitAdapter(weight=0.1, signal_in_setup=signal_in_setup)],
                      task_loss=InterruptAt(interrupt_at, how), checkpoint_dir=str(tmp),
-                     augmentations=[{"name": "noise", "std": 0.05}], seed=3, transfer=Transfer(transfer_fails),
+                     augmentations=[] if cache else [{"name": "noise", "std": 0.05}], cache_teacher=cache,
+                     seed=3, transfer=Transfer(transfer_fails),
                      weight_schedules={"kd": dx.engine.linear(0.0, 1.0, 2)}, progress=False)
     if resume:
         torch.manual_seed(1234)  # a different process state: everything must come from the checkpoint
@@ -137,26 +138,26 @@ def run(tmp, kind, interrupt_at=None, how="sigint", resume=None, seeds=(0, 1), t
 _REFERENCES = {}
 
 
-def reference(kind, tmp_path_factory):
-    """The uninterrupted run of a loader kind (computed once per kind)."""
-    if kind not in _REFERENCES:
+def reference(kind, tmp_path_factory, cache=False):
+    """The uninterrupted run of a loader kind (computed once per kind, with and without the teacher cache)."""
+    if (kind, cache) not in _REFERENCES:
         torch.manual_seed(0)
-        _REFERENCES[kind] = run(tmp_path_factory.mktemp(f"ref-{kind}"), kind)
-    return _REFERENCES[kind]
+        _REFERENCES[kind, cache] = run(tmp_path_factory.mktemp(f"ref-{kind}"), kind, cache=cache)
+    return _REFERENCES[kind, cache]
 
 
-def check_resume_is_bitwise(tmp_path, tmp_path_factory, kind, at=None, how="sigint", expect=None, **cut):
-    ref, ref_student, ref_teacher = reference(kind, tmp_path_factory)
+def check_resume_is_bitwise(tmp_path, tmp_path_factory, kind, at=None, how="sigint", expect=None, cache=False, **cut):
+    ref, ref_student, ref_teacher = reference(kind, tmp_path_factory, cache)
     torch.manual_seed(0)
     with pytest.raises(TrainingInterrupted if how == "sigint" else Crash) as info:
-        run(tmp_path, kind, interrupt_at=at, how=how, **cut)
+        run(tmp_path, kind, interrupt_at=at, how=how, cache=cache, **cut)
     path = str(tmp_path / "checkpoint.pt")
     if how == "sigint":
         assert info.value.path == path
     saved = ckpt.load(path)
     assert (saved["phase"], saved["position"]["epoch"], saved["position"]["step"] > 0) == expect
     # fresh models with other initial weights: the checkpoint restores everything
-    resumed, res_student, res_teacher = run(tmp_path, kind, resume=True, seeds=(7, 8))
+    resumed, res_student, res_teacher = run(tmp_path, kind, resume=True, seeds=(7, 8), cache=cache)
     assert same(res_teacher, ref_teacher)
     assert same(res_student, ref_student)
     assert resumed.history == ref.history and resumed.teacher_history == ref.teacher_history
@@ -183,6 +184,16 @@ def test_a_kill_in_any_phase_resumes_bitwise(tmp_path, tmp_path_factory, kill):
     student epoch and later: the resumed run ends exactly where the uninterrupted one does."""
     options, expect = KILLS[kill]
     check_resume_is_bitwise(tmp_path, tmp_path_factory, "batch-sampler-as-sampler", expect=expect, **options)
+
+
+@pytest.mark.parametrize("kill", ["sigint-boundary-setup-forward", "sigint-first-student-epoch", "crash-mid-student"])
+def test_a_kill_with_the_teacher_cache_resumes_bitwise(tmp_path, tmp_path_factory, kill):
+    """With ``cache_teacher=True`` the resumed run's cache holds the *trained* teacher's outputs (the
+    teacher is restored from the checkpoint before the cache is opened or built), so a kill in the
+    student phase or its setup ends where the uninterrupted cached run does."""
+    options, expect = KILLS[kill]
+    check_resume_is_bitwise(tmp_path, tmp_path_factory, "batch-sampler-as-sampler", expect=expect, cache=True,
+                            **options)
 
 
 @pytest.mark.parametrize("kind", ["loader-generator", "global-rng-shuffle", "custom-batch-sampler"])
