@@ -9,6 +9,7 @@ weight transfer, distils the student (``student.epochs``), then writes into ``ou
     metrics.json    every logged step and epoch metric;  metrics.png: their plot
     student.pt      the final student's state dict;  teacher.pt: the teacher's (when it was trained)
     student/        instead of student.pt for a Hugging Face student: save_pretrained + the tokenizer
+    distillx-outputs.json   which of the files there distillx wrote (what --overwrite may delete)
 
 CONFIG is a path (``.toml`` or ``.json``) or the name of a bundled config (``distillx run digits``).
 ``--set student.epochs=5 --set methods.0.T=4`` override keys (dotted paths, list items by index;
@@ -20,8 +21,13 @@ Which ``output_dir`` a run may write into: without ``--resume``, an ``output_dir
 or empty, or that holds a distillx run of the same config which stopped before its first checkpoint
 (``config.json`` there equals this run's resolved config, no ``checkpoint.pt``). A directory with a
 checkpoint needs ``--resume`` or ``--overwrite``; any other non-empty directory (the user's own
-``config.json``, say) is refused unless ``--overwrite``, which deletes the files distillx writes
-(the names above) and leaves every other file alone.
+``config.json``, say) is refused unless ``--overwrite``. ``--overwrite`` deletes only what the
+previous run's ``distillx-outputs.json`` lists (output names above and files that ``save_pretrained``
+wrote into ``student/``), only after the new run has loaded its models and data, and never a file
+the new run reads (``--set teacher.checkpoint=OUT/teacher.pt`` keeps it until it is replaced);
+every other file, and any folder without that manifest, is left alone: the run then only replaces
+the files it writes. A teacher cache in ``output_dir`` (``training.cache_teacher``) is reused only
+for the same teacher, captures and inputs, and rebuilt otherwise.
 ``--quiet`` (or ``DISTILLX_QUIET=1``) turns the progress bars off.
 
 Exit status: 0 done; 2 a mistake in the config or in what it names (the message says which key);
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config key (repeatable), e.g. --set student.epochs=5 --set methods.0.T=4")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start from scratch even though OUTPUT_DIR holds an earlier run (its files are removed)")
+                        help="start from scratch even though OUTPUT_DIR holds an earlier run (the files its "
+                             "distillx-outputs.json lists are removed, nothing else)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (also DISTILLX_QUIET=1)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (defaults filled in, overrides applied) as JSON and exit")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -28,11 +27,10 @@ from ..engine.loop import TrainingInterrupted
 from ..engine.step import NonFiniteLossError
 from ..hf.pretrained import is_pretrained
 from .build import _message, build
+from .outputs import MANIFEST, OUTPUTS, STUDENT_DIR, Outputs, inputs_of
 from .schema import ConfigError
 
 PROG = "distillx run"
-OUTPUTS = ("checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt", "teacher.pt", "composed.pt")
-STUDENT_DIR = "student"  # a Hugging Face student's save_pretrained directory
 
 
 class StoppedByRankZero(ConfigError):
@@ -66,7 +64,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-_TEMPORARY = re.compile(r"^\.(%s)\.[0-9a-f]{12}\.tmp$|^\.distillx-write-test$" % "|".join(map(re.escape, OUTPUTS)))
+_TEMPORARY = re.compile(r"^\.(%s)\.[0-9a-f]{12}\.tmp$|^\.distillx-write-test$" % "|".join(map(re.escape, (*OUTPUTS, MANIFEST))))
 
 
 def _same_config(path: str, cfg: dict) -> bool:
@@ -89,14 +87,14 @@ def check_output_dir(out: str, cfg: dict) -> None:
     entries = sorted(e for e in os.listdir(out) if not _TEMPORARY.match(e))
     if not entries or _same_config(os.path.join(out, "config.json"), cfg):
         return
-    ours = [e for e in entries if e in OUTPUTS]
+    ours = [e for e in entries if e in OUTPUTS or e == MANIFEST]
     shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
     replaced = f"; a run would replace {', '.join(ours)}" if ours else ""
     why = ("its config.json is not this run's config" if "config.json" in entries
            else "it holds no distillx run")
     raise ConfigError(f"output_dir {out!r} is not empty ({shown}) and {why}{replaced}. Choose another output_dir "
                       "(--set output_dir=...), or pass --overwrite to replace distillx's outputs there "
-                      f"({', '.join(OUTPUTS)}; other files are left alone)")
+                      f"(what its {MANIFEST} lists; other files are left alone)")
 
 
 def write_json(obj: Any, path: str) -> None:
@@ -127,7 +125,7 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
     if ctx.any(problem is not None):  # every rank stops with rank 0's verdict
         raise problem if problem is not None else StoppedByRankZero("rank 0 refused the run")
     finished = bool(ctx.gather(finished)[0])
-    return _run(cfg, source, resume, progress, command, finished, ctx)
+    return _run(cfg, source, resume, overwrite, progress, command, finished, ctx)
 
 
 def _prepare_output_dir(cfg: dict, resume: bool, overwrite: bool) -> bool:
@@ -162,16 +160,11 @@ def _prepare_output_dir(cfg: dict, resume: bool, overwrite: bool) -> bool:
                               "(--set output_dir=...)")
     elif not overwrite:
         check_output_dir(out, cfg)
-    if overwrite and not resume:
-        for name in OUTPUTS:  # so a new run that fails early never sits next to the old run's files
-            if os.path.isfile(path[name]):
-                os.unlink(path[name])
-        if os.path.isdir(os.path.join(out, STUDENT_DIR)):
-            shutil.rmtree(os.path.join(out, STUDENT_DIR))
     return finished
 
 
-def _run(cfg: dict, source: str, resume: bool, progress: Optional[bool], command: str, finished: bool, ctx) -> int:
+def _run(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Optional[bool], command: str,
+         finished: bool, ctx) -> int:
     out = cfg["output_dir"]
     path = {name: os.path.join(out, name) for name in OUTPUTS}
     note = _note if ctx.is_main else (lambda text: None)
@@ -184,9 +177,19 @@ def _run(cfg: dict, source: str, resume: bool, progress: Optional[bool], command
             run = build(cfg, progress if ctx.is_main else False)  # seeds torch first
             d = run.distiller
             try:
+                outputs = Outputs(out, ()) if ctx.is_main else None
+                record = outputs.record if outputs is not None else (lambda *names: None)
                 try:
                     if ctx.is_main:
                         os.makedirs(out, exist_ok=True)
+                        if overwrite and not resume:
+                            # Now that the models and data are loaded: the previous run's outputs
+                            # go, except what this run reads (they stay until it replaces them).
+                            outputs.remove_previous(keep=inputs_of(cfg))
+                        else:
+                            outputs = Outputs.resume(out)
+                            record = outputs.record
+                        record("config.json", "checkpoint.pt")
                         write_json(cfg, path["config.json"])
                 except OSError as exc:
                     raise ConfigError(f"output_dir {out!r} cannot be written: {exc}") from exc
@@ -198,10 +201,12 @@ def _run(cfg: dict, source: str, resume: bool, progress: Optional[bool], command
                     d.fit(run.train, cfg["student"]["epochs"], run.val, teacher_epochs=cfg["teacher"]["epochs"],
                           resume=True if resume else None)
                 except NonFiniteLossError as exc:
+                    record("metrics.json")
                     d.save_metrics(path["metrics.json"])
                     note(f"{exc}\n{PROG}: the metrics up to this point are in {path['metrics.json']}")
                     return 3
                 except TrainingInterrupted as exc:
+                    record("metrics.json")
                     d.save_metrics(path["metrics.json"])
                     note(f"{exc}; continue with: {command} --resume")
                     return 130
@@ -212,20 +217,27 @@ def _run(cfg: dict, source: str, resume: bool, progress: Optional[bool], command
                 seconds = time.perf_counter() - start
                 written = ["checkpoint.pt", "config.json"]
                 if is_pretrained(run.student):  # AutoModel.from_pretrained(output_dir/student) loads it
+                    before = outputs.snapshot(STUDENT_DIR) if outputs is not None else {}
                     d.save_student(os.path.join(out, STUDENT_DIR), run.tokenizer)
+                    if outputs is not None:  # names known only once written
+                        outputs.record_written(STUDENT_DIR, before)
                     written.append(STUDENT_DIR + "/")
                 else:
                     student_state = full_state_dict(run.student)  # every rank: gathers a sharded student
                     if ctx.is_main:
+                        record("student.pt")
                         save_atomic(student_state, path["student.pt"])
                     written.append("student.pt")
                 if ctx.is_main:
                     if cfg["teacher"]["epochs"] > 0:
+                        record("teacher.pt")
                         save_atomic(full_state_dict(run.teacher), path["teacher.pt"])
                         written.append("teacher.pt")
                     if d.composed is not None:
+                        record("composed.pt")
                         save_composed(d.composed, path["composed.pt"])
                         written.append("composed.pt")
+                record("metrics.json", "metrics.png")
                 d.save_metrics(path["metrics.json"])
                 written.append("metrics.json")
                 try:

@@ -88,6 +88,7 @@ class Phases:
                 self._step.cache, loader = cache_for_run(
                     self.teacher, loader, directory=opts.pop("directory"), checkpoint_dir=self.checkpoint_dir,
                     feature_keys=self._plan.capture_keys("teacher"), collect=lambda: self._plan.collect("teacher"),
+                    captures=self._plan.describe("teacher"),
                     ctx=self.ctx, device=self.device, run=self._step.cache_forward,
                     with_logits=self._step.teacher_logits_used(), label_key=self.label_key, **opts)
             if self.ctx.enabled and self._parallel is None:

@@ -93,6 +93,12 @@ class FeaturePlan:
         ex = self.extractors[side]
         return sorted(ex.specs) if ex is not None else []
 
+    def describe(self, side: str) -> str:
+        """One side's captures as a stable string, ``key=identity`` per line (a teacher cache's
+        fingerprint records it: a changed layer, selection or reduction is another cache)."""
+        ex = self.extractors[side]
+        return "\n".join(f"{k}={ex.specs[k].identity}" for k in self.capture_keys(side)) if ex is not None else ""
+
     def attach(self) -> None:
         for ex in self.extractors.values():
             if ex is not None and not ex.attached:

@@ -122,6 +122,17 @@ class FeatureSpec:
         return text
 
     @property
+    def identity(self) -> str:
+        """Everything that decides the captured value, as a stable string (what a teacher cache's
+        fingerprint records): path, capture, selection, reduction (a callable by module and
+        qualified name) and its options; not the key."""
+        r = self.reduction
+        reduction = r if r is None or isinstance(r, str) else \
+            f"{getattr(r, '__module__', '?')}.{getattr(r, '__qualname__', type(r).__qualname__)}"
+        options = ", ".join(f"{k}={v!r}" for k, v in sorted(self.reduction_kwargs.items()))
+        return f"{self.shorthand}@{self.capture} reduction={reduction}({options})"
+
+    @property
     def default_key(self) -> str:
         """``key`` if set, else :attr:`shorthand`."""
         return self.key if self.key is not None else self.shorthand

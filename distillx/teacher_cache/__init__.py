@@ -43,23 +43,36 @@ unlinks (never truncates) the old data files, so a cache object still open on th
 reading valid data.
 
 Validity: :meth:`TeacherCache.open` checks the manifest, the data files (present, right size), and
-optionally the sample count and the fingerprint; any problem is a :class:`CacheMismatchError`
-naming what does not match (expected vs found). The default fingerprint
-(:func:`teacher_fingerprint`) hashes the teacher's ``state_dict`` (names, dtypes, shapes and
-values; buffers included) and the dataset length. It does not see the dataset's *contents*: pass
-``fingerprint=teacher_fingerprint(teacher, len(dataset), extra="cifar10-train-v2")`` (or any
-string of your own, which then replaces the default entirely) to tie the cache to a dataset
-identity or to the capture configuration.
+optionally the sample count, the fingerprint and the inputs' hash; any problem is a
+:class:`CacheMismatchError` naming what does not match (expected vs found). A cached value depends
+on the teacher, on the inputs and on what is captured, so :meth:`TeacherCache.build_or_open` reuses
+a cache only when all three match:
+
+- the fingerprint (default :func:`teacher_fingerprint`) hashes the teacher's ``state_dict``
+  (names, dtypes, shapes and values; buffers included), its code as far as it can be known (each
+  submodule's name, class and ``extra_repr``; each class's source), the dataset length and an
+  optional ``extra`` string; :func:`~distillx.teacher_cache.cache_for_run` (``Distiller(cache_teacher=True)``)
+  puts the capture points, selections and reductions there. A ``fingerprint=`` string of your own
+  replaces the default entirely;
+- the inputs' hash (:func:`inputs_fingerprint`): the inputs of every sample in index order, as
+  the build batches them (targets left out), stored by the build; ``build_or_open`` recomputes it
+  with one pass over the data (no teacher) before reusing a cache, unless ``verify_inputs=False``.
+
+A rebuild deletes only what a teacher cache manifest lists, and of that only files named like its
+data files (``NNN-<key>.bin``); a ``manifest.json`` of another format stops the build. Caches of
+format version 1 (no inputs' hash) are rebuilt.
 
 Concurrency: building is not locked. With several processes (DDP ranks) build on one rank, wait
 (a barrier), then :meth:`TeacherCache.open` everywhere.
 """
 from __future__ import annotations
 
-from .cache import TeacherCache, teacher_fingerprint
+from .cache import TeacherCache
+from .fingerprint import inputs_fingerprint, teacher_fingerprint
 from .for_run import cache_for_run
 from .indexed import IndexedDataset, indexed_loader
 from .storage import FORMAT, FORMAT_VERSION, MANIFEST, CacheMismatchError
 
 __all__ = ["TeacherCache", "cache_for_run", "CacheMismatchError", "IndexedDataset", "indexed_loader", "teacher_fingerprint",
+           "inputs_fingerprint",
            "FORMAT", "FORMAT_VERSION", "MANIFEST"]

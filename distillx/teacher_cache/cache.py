@@ -12,17 +12,15 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate, default_convert
+from torch.utils.data import DataLoader
 
 from .. import _checks
 from ..engine.batches import LABELS, call_model, logits_of, split_indexed, to_device
 from ..engine.training import resolve_device
-from .indexed import IndexedDataset, _check_loader, _IndexedCollate, _loader_options
+from .fingerprint import inputs_fingerprint, teacher_fingerprint, update_inputs
+from .indexed import _check_loader, build_loader
 from .storage import (
     _DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
     LOGITS,
     MANIFEST,
     TOPK_INDICES,
@@ -41,31 +39,6 @@ from .storage import (
 
 log = logging.getLogger(__name__)
 _UNSET = object()
-
-
-def teacher_fingerprint(teacher: nn.Module, num_samples: int, extra: Optional[str] = None) -> str:
-    """The default cache fingerprint: sha256 over the teacher's ``state_dict`` (every entry's name,
-    dtype, shape and bytes, buffers included), ``num_samples`` and the optional ``extra`` string
-    (e.g. a dataset identity). Reads every weight once (moved to CPU tensor by tensor)."""
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
-    h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}\0n={int(num_samples)}\0".encode())
-    if extra is not None:
-        h.update(f"extra={extra}\0".encode())
-    for name, value in teacher.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            h.update(f"{name}:{value!r}\0".encode())
-            continue
-        if value.is_meta:
-            raise ValueError(f"cannot fingerprint the teacher: its state_dict entry {name!r} is on the meta device "
-                             "(no data); load the weights first or pass fingerprint=")
-        h.update(f"{name}:{value.dtype}:{tuple(value.shape)}\0".encode())
-        data = value.detach()
-        if data.layout != torch.strided:
-            data = data.to_dense()
-        data = data.cpu().contiguous().reshape(-1).view(torch.uint8)
-        h.update(data.numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()
 
 
 # -- the cache -----------------------------------------------------------------------------------
@@ -113,6 +86,8 @@ class TeacherCache:
             device: where the inputs are sent (default: the device of the teacher's first
                 parameter).
             fingerprint: the fingerprint to store; default :func:`teacher_fingerprint` ``(teacher, N)``.
+                The inputs' hash (:func:`inputs_fingerprint`) is computed as the batches pass and
+                stored beside it, whatever the fingerprint.
             batch_size: override the batch size (needed when ``loader`` has automatic batching off).
 
         Raises ValueError for an empty dataset, a non-map-style loader, a bad option or output, and
@@ -133,18 +108,20 @@ class TeacherCache:
         elif not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be None or a string, got {type(fingerprint).__name__}")
         device = resolve_device(teacher, device)
-        build_loader = _build_loader(loader, dataset, batch_size)
+        batches = build_loader(loader, dataset, batch_size)
         directory = os.path.abspath(os.fspath(directory))
         os.makedirs(directory, exist_ok=True)
         _remove_old_cache(directory)
 
         writer = _Writer(directory, n, store_dtype, top_k)
+        inputs_hash = hashlib.sha256(b"inputs\0")  # what inputs_fingerprint computes, in the same pass
         modes = [(m, m.training) for m in teacher.modules()]
         t0 = time.perf_counter()
         try:
             teacher.eval()
             with torch.no_grad():
-                for batch in build_loader:
+                for batch in batches:
+                    update_inputs(inputs_hash, batch, label_key)
                     indices, inputs, _ = split_indexed(batch, label_key)
                     inputs = to_device(inputs, device)
                     if capture is None:
@@ -153,6 +130,7 @@ class TeacherCache:
                         outputs = capture(inputs)
                     writer.write(indices, outputs)
             manifest = writer.finish(fingerprint)
+            manifest["inputs"] = inputs_hash.hexdigest()
         except BaseException:
             writer.abort()
             raise
@@ -160,7 +138,7 @@ class TeacherCache:
             for m, mode in modes:
                 m.training = mode
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-        manifest["batch_size"] = build_loader.batch_size
+        manifest["batch_size"] = batches.batch_size
         _write_json_atomic(manifest, os.path.join(directory, MANIFEST))  # last: the cache now exists
         log.info("built teacher cache at %s: %d samples, keys %s, %.1f MB", directory, n,
                  list(manifest["tensors"]), sum(t["nbytes"] for t in manifest["tensors"].values()) / 1e6)
@@ -169,13 +147,15 @@ class TeacherCache:
     @classmethod
     def open(cls, directory: Union[str, os.PathLike], *, expect_fingerprint: Optional[str] = None,
              expect_len: Optional[int] = None, expect_dtype: Union[None, torch.dtype, str] = None,
-             expect_top_k: Any = _UNSET, expect_keys: Optional[Iterable[str]] = None) -> "TeacherCache":
+             expect_top_k: Any = _UNSET, expect_keys: Optional[Iterable[str]] = None,
+             expect_inputs: Optional[str] = None) -> "TeacherCache":
         """Reopen the cache in ``directory`` (nothing is loaded: the data files are memory-mapped).
 
         Raises :class:`CacheMismatchError` naming the problem when the manifest is missing or
         corrupt, a data file is missing or has the wrong size, or the cache differs from an
         ``expect_*`` value given: fingerprint, number of samples, storage dtype, ``top_k`` (None
-        means dense logits) or keys (each must be available from :meth:`lookup`).
+        means dense logits), keys (each must be available from :meth:`lookup`) or the inputs' hash
+        (:func:`inputs_fingerprint` of the loader).
         """
         directory = os.path.abspath(os.fspath(directory))
         manifest = _read_manifest(directory)
@@ -185,7 +165,11 @@ class TeacherCache:
                             f"found {manifest['num_samples']}")
         if expect_fingerprint is not None and expect_fingerprint != manifest["fingerprint"]:
             problems.append(f"fingerprint: expected {expect_fingerprint!r}, found {manifest['fingerprint']!r} "
-                            "(the teacher weights, the dataset or the caller's fingerprint changed)")
+                            "(the teacher's weights or code, the number of samples, what is captured, or the "
+                            "caller's fingerprint changed)")
+        if expect_inputs is not None and expect_inputs != manifest["inputs"]:
+            problems.append("inputs: the dataset's inputs differ from those the cache was built from (another data "
+                            "split or preprocessing, or another batch size for padded batches)")
         if expect_dtype is not None:
             want = _dtype_name(_check_dtype(expect_dtype))
             if want != manifest["dtype"]:
@@ -208,11 +192,17 @@ class TeacherCache:
                       dtype: Union[torch.dtype, str] = torch.float16, top_k: Optional[int] = None,
                       device: Union[None, str, torch.device] = None, fingerprint: Optional[str] = None,
                       batch_size: Optional[int] = None, expect_keys: Optional[Iterable[str]] = None,
-                      label_key: str = LABELS) -> "TeacherCache":
+                      label_key: str = LABELS, verify_inputs: bool = True) -> "TeacherCache":
         """:meth:`open` the cache in ``directory`` if it is complete and matches (fingerprint, as
         :meth:`build` would compute it; dataset length; ``dtype``; ``top_k``; ``expect_keys`` if
-        given, e.g. the feature keys ``capture`` returns), else :meth:`build` it (the reason is
-        logged at INFO level). Arguments as in :meth:`build`."""
+        given, e.g. the feature keys ``capture`` returns; the inputs, see below), else :meth:`build`
+        it. Replacing a cache that was there is logged as a warning with the reason.
+
+        ``verify_inputs`` (default True): once everything else matches, hash the loader's inputs
+        (:func:`inputs_fingerprint`: one pass over the data, no teacher) and rebuild when they are
+        not the inputs the cache was built from, e.g. another split of the same size. False trusts
+        the fingerprint alone. Other arguments as in :meth:`build`."""
+        _checks.boolean("verify_inputs", verify_inputs)
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         dataset = _check_loader(loader)
@@ -222,10 +212,15 @@ class TeacherCache:
         if fingerprint is None:
             fingerprint = teacher_fingerprint(teacher, n)
         try:
-            return cls.open(directory, expect_fingerprint=fingerprint, expect_len=n, expect_dtype=dtype,
-                            expect_top_k=top_k, expect_keys=expect_keys)
+            cache = cls.open(directory, expect_fingerprint=fingerprint, expect_len=n, expect_dtype=dtype,
+                             expect_top_k=top_k, expect_keys=expect_keys)
+            if verify_inputs:
+                cls.open(directory, expect_inputs=inputs_fingerprint(loader, batch_size=batch_size,
+                                                                     label_key=label_key))
+            return cache
         except CacheMismatchError as e:
-            log.info("(re)building the teacher cache: %s", e)
+            existed = os.path.isfile(os.path.join(os.fspath(directory), MANIFEST))
+            (log.warning if existed else log.info)("%s the teacher cache: %s", "replacing" if existed else "building", e)
         return cls.build(teacher, loader, directory, capture=capture, dtype=dtype, top_k=top_k, device=device,
                          fingerprint=fingerprint, batch_size=batch_size, label_key=label_key)
 
@@ -333,33 +328,6 @@ class TeacherCache:
 
 
 # -- building ------------------------------------------------------------------------------------
-
-def _build_loader(loader: DataLoader, dataset: Dataset, batch_size: Optional[int]) -> DataLoader:
-    """A sequential, complete (no drop_last) indexed loader with ``loader``'s batch size and collate."""
-    if batch_size is None:
-        batch_size = loader.batch_size
-        if batch_size is None:
-            # a batch sampler given as batch_sampler=, or as sampler= with batch_size=None (then each
-            # sampled index list is one batch)
-            batcher = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-            batch_size = getattr(batcher, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("cannot tell the loader's batch size (automatic batching is off or its batch sampler "
-                             "has no batch_size): pass batch_size= to the cache build")
-    _checks.integer("batch_size", batch_size, ge=1)
-    collate = loader.collate_fn
-    if isinstance(collate, _IndexedCollate):
-        collate = collate.collate_fn
-    if loader.batch_sampler is None:  # no auto-batching: its collate_fn converts single samples
-        if collate is not default_convert:
-            raise ValueError("the loader has automatic batching off (batch_size=None) and a custom collate_fn "
-                             "for single samples; give the cache build a batched DataLoader")
-        collate = default_collate
-    opts = _loader_options(loader)
-    opts["persistent_workers"] = False  # one pass
-    return DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, drop_last=False,
-                      collate_fn=_IndexedCollate(collate), **opts)
-
 
 def _check_indices(indices: Any, n: int) -> np.ndarray:
     if isinstance(indices, torch.Tensor):

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data._utils.collate import default_collate, default_convert
+
+from .. import _checks
 
 
 class _IndexedSample(tuple):
@@ -147,4 +150,30 @@ def indexed_loader(loader: DataLoader) -> DataLoader:
                       collate_fn=_IndexedCollate(collate, batched=False), **opts)
 
 
-# -- fingerprint ---------------------------------------------------------------------------------
+# -- the build's loader --------------------------------------------------------------------------
+
+def build_loader(loader: DataLoader, dataset: Dataset, batch_size: Optional[int]) -> DataLoader:
+    """A sequential, complete (no drop_last) indexed loader with ``loader``'s batch size and collate."""
+    if batch_size is None:
+        batch_size = loader.batch_size
+        if batch_size is None:
+            # a batch sampler given as batch_sampler=, or as sampler= with batch_size=None (then each
+            # sampled index list is one batch)
+            batcher = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+            batch_size = getattr(batcher, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("cannot tell the loader's batch size (automatic batching is off or its batch sampler "
+                             "has no batch_size): pass batch_size= to the cache build")
+    _checks.integer("batch_size", batch_size, ge=1)
+    collate = loader.collate_fn
+    if isinstance(collate, _IndexedCollate):
+        collate = collate.collate_fn
+    if loader.batch_sampler is None:  # no auto-batching: its collate_fn converts single samples
+        if collate is not default_convert:
+            raise ValueError("the loader has automatic batching off (batch_size=None) and a custom collate_fn "
+                             "for single samples; give the cache build a batched DataLoader")
+        collate = default_collate
+    opts = _loader_options(loader)
+    opts["persistent_workers"] = False  # one pass
+    return DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, drop_last=False,
+                      collate_fn=_IndexedCollate(collate), **opts)

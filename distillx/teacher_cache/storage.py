@@ -15,13 +15,15 @@ from .. import _checks
 from .._atomic import atomic_open
 
 FORMAT = "distillx.teacher_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the inputs' hash, the teacher's code in the fingerprint
 MANIFEST = "manifest.json"
 LOGITS = "logits"
 TOPK_VALUES = "topk_values"
 TOPK_INDICES = "topk_indices"
 _RESERVED = (TOPK_VALUES, TOPK_INDICES)
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# The names of the data files a build creates (``_Writer._create``): the only files a rebuild deletes.
+_DATA_FILE = re.compile(r"[0-9]{3}-[A-Za-z0-9_.-]{1,80}\.bin")
 
 
 class CacheMismatchError(ValueError):
@@ -169,20 +171,29 @@ class _Writer:
 
 def _remove_old_cache(directory: str) -> None:
     """Remove an existing cache: the manifest first (so it can never describe half-written files),
-    then the data files it lists."""
+    then the data files it lists. Only a teacher cache's manifest (its ``format``) is trusted, and of
+    what it lists only plain files named like the build's data files (``NNN-<key>.bin``) in
+    ``directory`` itself are deleted: a foreign or edited manifest cannot make a rebuild delete
+    anything else. A manifest of another format is left in place and the build stops, naming it."""
     path = os.path.join(directory, MANIFEST)
+    if not os.path.lexists(path):
+        return
     try:
         with open(path) as f:
             old = json.load(f)
-        files = [t["file"] for t in old.get("tensors", {}).values()]
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
-        files = []
-    if os.path.lexists(path):
-        os.remove(path)
+    except (OSError, ValueError):
+        old = None  # unreadable: our own manifest interrupted mid-write is never seen (atomic), so nothing to trust
+    if isinstance(old, dict) and old.get("format") not in (None, FORMAT):
+        raise ValueError(f"{path} is a {old.get('format')!r} manifest, not a teacher cache's: the cache will not "
+                         "replace it; choose another cache directory")
+    tensors = old.get("tensors") if isinstance(old, dict) and old.get("format") == FORMAT else None
+    files = [t.get("file") for t in tensors.values() if isinstance(t, dict)] if isinstance(tensors, dict) else []
+    os.remove(path)
     for name in files:
-        p = os.path.join(directory, os.path.basename(str(name)))
-        if os.path.isfile(p):
-            os.remove(p)
+        if isinstance(name, str) and _DATA_FILE.fullmatch(name):
+            p = os.path.join(directory, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                os.remove(p)
 
 
 # -- reading helpers -----------------------------------------------------------------------------
@@ -210,13 +221,14 @@ def _read_manifest(directory: str) -> dict:
         n = manifest["num_samples"]
         assert isinstance(n, int) and n > 0
         assert isinstance(manifest["fingerprint"], str)
+        assert isinstance(manifest["inputs"], str)
         assert manifest["dtype"] in _DTYPES
         k = manifest["top_k"]
         assert k is None or (isinstance(k, int) and k > 0)
         tensors = manifest["tensors"]
         assert isinstance(tensors, dict) and tensors
         for key, t in tensors.items():
-            assert isinstance(t["file"], str) and os.path.basename(t["file"]) == t["file"]
+            assert isinstance(t["file"], str) and _DATA_FILE.fullmatch(t["file"])
             assert isinstance(t["shape"], list) and t["shape"] and t["shape"][0] == n
             np.dtype(t["dtype"])
             assert t["nbytes"] == int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(t["dtype"]).itemsize

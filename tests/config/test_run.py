@@ -126,8 +126,8 @@ def finished(tmp_path_factory):
 # -- a finished run --------------------------------------------------------------------------------
 def test_run_writes_every_output(finished):
     out, stdout = finished
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt",
-                                       "teacher.pt"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "distillx-outputs.json", "metrics.json",
+                                       "metrics.png", "student.pt", "teacher.pt"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [(r["phase"], r["epoch"]) for r in metrics["epochs"]] == [("teacher", 0), ("student", 0)]
     assert 0 < metrics["epochs"][1]["val_accuracy"] <= 1 and "kd" in metrics["epochs"][1]
@@ -380,7 +380,7 @@ def test_an_earlier_attempt_of_the_same_config_may_be_rerun(tmp_path, capsys):
     the same config again is allowed, another config is not."""
     code, out = run(tmp_path, "--set", f"data.builder={HERE}:nan_digits", "--set", "data.options.nan_from_pass=0",
                     epochs=(0, 1))
-    assert code == 3 and sorted(os.listdir(out)) == ["config.json", "metrics.json"]
+    assert code == 3 and sorted(os.listdir(out)) == ["config.json", "distillx-outputs.json", "metrics.json"]
     capsys.readouterr()
     code, _ = run(tmp_path, "--set", f"data.builder={HERE}:nan_digits", "--set", "data.options.nan_from_pass=0",
                   epochs=(0, 1))

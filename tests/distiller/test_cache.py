@@ -78,3 +78,40 @@ def test_cache_refuses_input_augmentations_and_needs_a_directory():
     d = dx.Distiller(teacher(), student(), [dx.method("kd")], cache_teacher=True, progress=False)
     with pytest.raises(ValueError, match="cache_dir"):
         d.fit(loader(x, y, 32, seed=0), 1)
+
+
+def _cached(tmp_path, methods, student_input=None, x=None):
+    x, y = (data(128)[:2]) if x is None else (x, torch.zeros(len(x), dtype=torch.long))
+    t = teacher().eval()
+    d = dx.Distiller(t, student(hidden=64) if student_input else student(), methods, cache_teacher=True,
+                     cache_dir=str(tmp_path / "cache"), cache_dtype="float32", student_input=student_input,
+                     progress=False, seed=0)
+    d.fit(loader(x, y, 32, seed=1), 1)
+    return d, t, x
+
+
+def _live(t, x, layer):
+    with torch.no_grad():
+        return t[:layer + 1](x)
+
+
+@pytest.mark.parametrize("change", ["sld-teacher-layer", "student-input-cut", "inputs"])
+def test_a_cache_of_other_captures_or_inputs_is_rebuilt(tmp_path, change):
+    """What the cached values depend on besides the teacher's weights: the capture points (a method's
+    teacher layer, the student_input cut) and the inputs (another split of the same size)."""
+    x = data(128)[0]
+    if change == "sld-teacher-layer":
+        first = _cached(tmp_path, [dx.method("sld", student="1", teacher="0")])[0]
+        d, t, _ = _cached(tmp_path, [dx.method("sld", student="1", teacher="1")])
+        key, layer = "sld.pair0", 1
+    elif change == "student-input-cut":
+        first = _cached(tmp_path, [dx.method("kd")], student_input="0")[0]
+        d, t, _ = _cached(tmp_path, [dx.method("kd")], student_input="1")
+        key, layer = "student_input", 1
+    else:
+        first = _cached(tmp_path, [dx.method("sld", student="1", teacher="1")], x=x)[0]
+        x = torch.flip(x, [0])  # the same samples in another order: other inputs at each index
+        d, t, _ = _cached(tmp_path, [dx.method("sld", student="1", teacher="1")], x=x)
+        key, layer = "sld.pair0", 1
+    assert first._step.cache.was_built and d._step.cache.was_built
+    assert torch.equal(d._step.cache.lookup(torch.arange(len(x)))[key], _live(t, x, layer))

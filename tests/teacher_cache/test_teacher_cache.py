@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from distillx.functional import kd_loss
-from distillx.teacher_cache import (MANIFEST, CacheMismatchError, IndexedDataset, TeacherCache, indexed_loader,
+from distillx.teacher_cache import (FORMAT_VERSION, MANIFEST, CacheMismatchError, IndexedDataset, TeacherCache, indexed_loader,
                                     teacher_fingerprint)
 
 N, D, H, C = 50, 8, 16, 10
@@ -273,7 +273,7 @@ def test_reopen_and_mismatches(tmp_path, data, teacher):
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(CacheMismatchError, match="manifest.json is corrupt"):
         TeacherCache.open(tmp_path)
-    (tmp_path / MANIFEST).write_text(json.dumps({"format": "distillx.teacher_cache", "version": 1}))
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "distillx.teacher_cache", "version": FORMAT_VERSION}))
     with pytest.raises(CacheMismatchError, match=r"corrupt.*'num_samples'"):
         TeacherCache.open(tmp_path)
     (tmp_path / MANIFEST).unlink()
