@@ -95,6 +95,17 @@ def test_distillx_run_causal_lm_from_txt(tmp_path, capsys):
     assert main([str(path), "--quiet"]) == 0, capsys.readouterr().err
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
     assert type(loaded).__name__ == "LlamaForCausalLM"
+    listed = json.loads((tmp_path / "run" / "distillx-outputs.json").read_text())["files"]
+    assert "student/config.json" in listed and "student/tokenizer.json" in listed
+    # continue from the previous run's student in the same output_dir: --overwrite must not delete
+    # it before it is loaded, nor a file of the user's in that folder
+    (tmp_path / "run" / "student" / "NOTES.md").write_text("mine")
+    cfg["student"]["pretrained"] = str(tmp_path / "run" / "student")
+    path.write_text(json.dumps(cfg))
+    assert main([str(path), "--quiet", "--overwrite"]) == 0, capsys.readouterr().err
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    assert not all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
+    assert (tmp_path / "run" / "student" / "NOTES.md").read_text() == "mine"
 
 
 @pytest.mark.parametrize("change, message", [
