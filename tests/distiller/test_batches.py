@@ -172,3 +172,35 @@ def test_the_label_key_is_configurable():
     torch.testing.assert_close(losses["task"], F.cross_entropy(student(batch["x"]), batch["target"]))
     with pytest.raises(TypeError, match=r"label_key must be a non-empty string"):
         dx.Distiller(Net(teacher), Net(student), [dx.method("kd")], label_key="")
+
+
+# -- targets without a label ---------------------------------------------------------------------
+def r(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("logits, targets, loss", [
+    (r(4, 7), torch.full((4,), -100), task_cross_entropy),
+    (r(2, 5, 7), torch.full((2, 5), -100), task_cross_entropy),            # tokens
+    (r(2, 7, 3, 3), torch.full((2, 3, 3), -100), task_cross_entropy),      # (B, C, H, W) maps
+    (r(0, 7), torch.zeros(0, dtype=torch.long), task_cross_entropy),      # no rows
+    (r(0, 7), torch.zeros(0, 7), task_cross_entropy),                     # soft targets, no rows
+    (r(2, 5, 7), torch.full((2, 5), -100), causal_lm_loss),
+    (r(3, 1, 7), torch.tensor([[4], [0], [6]]), causal_lm_loss),              # length 1: no next token
+], ids=["classes", "tokens", "maps", "no-rows", "soft-no-rows", "causal-lm", "causal-lm-length-1"])
+def test_a_task_loss_without_a_labelled_target_is_0_with_a_zero_gradient(logits, targets, loss):
+    """Nothing labelled is distillx's rule for its losses: 0 with a zero gradient, not NaN (which
+    would stop training, and stop it again on every resume that replays the batch)."""
+    logits = logits.clone().requires_grad_()
+    value = loss(logits, targets)
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_the_task_loss_of_a_partly_labelled_batch_is_its_mean_over_labelled_targets():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 6, 5, generator=g), torch.randint(0, 5, (3, 6), generator=g)
+    labels[1] = -100  # a whole sequence unlabelled
+    labels[0, :2] = -100
+    keep = labels != -100
+    torch.testing.assert_close(task_cross_entropy(logits, labels), F.cross_entropy(logits[keep], labels[keep]))
