@@ -14,7 +14,7 @@ import contextlib
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NoReturn, Optional
 
 import torch
 
@@ -25,6 +25,7 @@ from .distributed import DistContext
 from .sharding import set_epoch
 
 LossFn = Callable[..., dict]
+_END = object()  # what next() returns past a loader's last batch
 
 
 def steps_per_epoch(loader) -> Optional[int]:
@@ -165,7 +166,9 @@ class Runner:
         return losses, batch_size(inputs, targets)
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, position: Optional[dict] = None) -> list[dict]:
+    def run(self, position: Optional[dict] = None, source: Optional[str] = None) -> list[dict]:
+        """Run from ``position`` (a checkpoint's, read from ``source``; None: the start) to the last
+        epoch; return the metrics of the epochs run."""
         p = self.phase
         start_epoch, start_step = (position["epoch"], position["step"]) if position else (0, 0)
         history: list[dict] = []
@@ -190,8 +193,7 @@ class Runner:
                 sums: dict[str, torch.Tensor] = {}
                 n, step = 0, 0
                 if resuming:
-                    for _ in range(start_step):
-                        next(batches)
+                    self._skip(batches, epoch, start_step, source)
                     self._set_rng(position["step_rng"])
                     epoch_rng = position["epoch_rng"]
                     mine = self.ctx.mine(position["ranks"]) if "ranks" in position else position
@@ -233,6 +235,23 @@ class Runner:
                 self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None, "step_rng": self._rng(),
                                     "sums": None, "n": 0})
         return history
+
+    def _skip(self, batches, epoch: int, steps: int, source: Optional[str]) -> None:
+        """Draw the ``steps`` batches a mid-epoch checkpoint had already trained on; a
+        :class:`~distillx.engine.checkpoint.CheckpointError` when this run's loader has fewer."""
+        if self.steps_per_epoch is not None and steps > self.steps_per_epoch:
+            self._unreachable(source, epoch, steps, f"has {self.steps_per_epoch} steps per epoch")
+        for done in range(steps):
+            if next(batches, _END) is _END:  # a loader without len() tells only now
+                self._unreachable(source, epoch, steps, f"yields only {done} batches per epoch")
+
+    @staticmethod
+    def _unreachable(source: Optional[str], epoch: int, step: int, have: str) -> NoReturn:
+        where = f"checkpoint {source!r}" if source else "the checkpoint"
+        raise ckpt.CheckpointError(
+            f"{where} was saved at step {step} of epoch {epoch}, but this run's train_loader {have} (a different batch "
+            "size or dataset, or another number of processes?): the saved position does not exist in this run; resume "
+            "with the loader the checkpoint was written with")
 
     def _interrupted(self, guard: SignalGuard, epoch: int, step: int, position: Callable[[], dict], bar) -> None:
         """Write a checkpoint of ``position()`` and raise :class:`TrainingInterrupted`."""

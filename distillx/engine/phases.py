@@ -171,7 +171,8 @@ class Phases:
             build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0},
                   fsdp.DCP_DIR if sharded else None)
         generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
-        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators).run(position)
+        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators).run(
+            position, state["path"] if state is not None else None)
 
     # -- pieces ----------------------------------------------------------------------------------
     def _resume_state(self, resume, want_phase: Optional[str], train_loader, val_loader):

@@ -301,3 +301,38 @@ def test_corrupt_or_missing_checkpoints(tmp_path):
         d.fit(loader(x, y, 32, seed=0), 2, resume=str(tmp_path / "foreign.pt"))
     with pytest.raises(ValueError, match="checkpoint_dir"):
         d.fit(loader(x, y, 32, seed=0), 2, resume=True)
+
+
+# -- a checkpoint resumed by a run that differs from the saved one --------------------------------
+class Unsized:
+    """An iterable over a loader without ``__len__`` (its steps per epoch are known only by iterating)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return iter(self.inner)
+
+
+def _mid_epoch_checkpoint(tmp_path, at=7):
+    """A checkpoint written by SIGINT at step ``at`` of the first epoch (10 steps of 32 samples)."""
+    x, y, _, _ = data(320)
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], task_loss=InterruptAt(at), checkpoint_dir=str(tmp_path),
+                     progress=False)
+    with pytest.raises(TrainingInterrupted):
+        d.fit(loader(x, y, 32, seed=0), 2)
+    path = str(tmp_path / "checkpoint.pt")
+    assert (ckpt.load(path)["position"]["epoch"], ckpt.load(path)["position"]["step"]) == (0, at)
+    return path, x, y
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["len", "no-len"])
+def test_a_train_loader_shorter_than_the_saved_position_is_named(tmp_path, sized):
+    path, x, y = _mid_epoch_checkpoint(tmp_path)
+    train = loader(x, y, 64, seed=0)  # 5 steps per epoch
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False)
+    expect = (rf"checkpoint '{path}' was saved at step 7 of epoch 0, but this run's train_loader "
+              + (r"has 5 steps per epoch" if sized else r"yields only 5 batches") + r".*different batch size or dataset")
+    with pytest.raises(CheckpointError, match=expect):
+        d.fit(train if sized else Unsized(train), 2, resume=path)
+    assert [r["step"] for r in d.metrics.steps()] == list(range(1, 8)), "the checkpoint's steps, no new one"
