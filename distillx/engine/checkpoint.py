@@ -115,6 +115,8 @@ def _problem(ckpt: dict) -> Optional[str]:
         return f"it saved {len(ckpt['methods'])} method state(s) for {len(ckpt['method_keys'])} method key(s)"
     if not all(isinstance(ckpt["history"].get(k), list) for k in PHASES):
         return "history lacks the teacher/student lists"
+    if not isinstance(ckpt.get("optimizer_class", ""), str):  # absent from checkpoints of older versions
+        return f"optimizer_class is {ckpt['optimizer_class']!r}, not a str"
     return None
 
 
@@ -235,13 +237,40 @@ def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list
         "student": {} if sharded else student.state_dict(),
         "methods": [{} if sharded else m.state_dict() for m in methods],
         "method_keys": list(method_keys), "teacher": teacher.state_dict() if teacher is not None else None,
-        "optimizer": {} if sharded else optimizer.state_dict(),
+        "optimizer": {} if sharded else optimizer.state_dict(), "optimizer_class": optimizer_class(optimizer),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None, "metrics": metrics.state_dict(),
         "history": history, "transfer_report": transfer_report, "sharded": sharded,
     }
     check_plain(state, "checkpoint")
     return state
+
+
+def optimizer_class(optimizer) -> str:
+    """The optimizer's class as a checkpoint names it: ``torch.optim.adamw.AdamW``."""
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _check_optimizer_class(state: dict, optimizer) -> None:
+    """An optimizer's state loads into another class without complaint (the hyperparameters are
+    replaced by the saved ones), and its first step fails on a missing one; name both classes first."""
+    saved, current = state.get("optimizer_class"), optimizer_class(optimizer)
+    if saved is not None and saved != current:
+        raise CheckpointError(f"checkpoint {state['path']!r} was saved with optimizer {saved}, this run uses {current}: "
+                              "an optimizer's state (its hyperparameters and running statistics) only loads into "
+                              "its own class; resume with the optimizer the checkpoint was written with")
+
+
+def _check_optimizer_groups(state: dict, optimizer, needed: set) -> None:
+    """For a checkpoint that does not name its optimizer's class (older versions): the hyperparameters
+    this run's optimizer needs (``needed``) and the loaded state lacks. (Its class's own defaults
+    for hyperparameters newer than a checkpoint are filled in by ``load_state_dict``.)"""
+    lacking = sorted(needed - {k for group in optimizer.param_groups for k in group})
+    if lacking:
+        raise CheckpointError(f"checkpoint {state['path']!r}: the saved optimizer state lacks "
+                              f"{', '.join(map(repr, lacking))}, which this run's {type(optimizer).__name__} needs: it "
+                              "was written by another optimizer; resume with the optimizer the checkpoint was written "
+                              "with")
 
 
 def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, methods: list, method_keys: list,
@@ -251,6 +280,9 @@ def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, 
     load first (they are what an altered checkpoint most likely breaks), the weights last; a sharded
     checkpoint's student, methods and optimizer come from ``load_sharded(directory)``."""
     sharded = state.get("sharded")
+    if optimizer is not None:
+        _check_optimizer_class(state, optimizer)
+    needed = {k for group in optimizer.param_groups for k in group if k != "params"} if optimizer is not None else set()
     if sharded:
         try:
             load_sharded(os.path.dirname(state["path"]), sharded)
@@ -269,6 +301,8 @@ def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, 
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {state['path']!r}: the saved {what} state does not load into this "
                                   f"run's {what} ({type(exc).__name__}: {exc})") from exc
+        if obj is optimizer and "optimizer_class" not in state:
+            _check_optimizer_groups(state, optimizer, needed)
     for key, m, sd in zip(method_keys, methods, [] if sharded else state["methods"]):
         try:
             m.load_state_dict(sd)

@@ -336,3 +336,29 @@ def test_a_train_loader_shorter_than_the_saved_position_is_named(tmp_path, sized
     with pytest.raises(CheckpointError, match=expect):
         d.fit(train if sized else Unsized(train), 2, resume=path)
     assert [r["step"] for r in d.metrics.steps()] == list(range(1, 8)), "the checkpoint's steps, no new one"
+
+
+def test_an_optimizer_of_another_class_is_named(tmp_path):
+    """AdamW's state loads into SGD without complaint and the first SGD step fails on KeyError:
+    'momentum'; the checkpoint saves its optimizer's class and the resume names both."""
+    path, x, y = _mid_epoch_checkpoint(tmp_path)
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False,
+                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{path}' was saved with optimizer "
+                                              r"torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.sgd\.SGD"):
+        d.fit(loader(x, y, 32, seed=0), 2, resume=path)
+    assert d.metrics.steps() == [] and ckpt.load(path)["optimizer_class"] == "torch.optim.adamw.AdamW"
+
+
+def test_an_optimizer_of_another_class_without_a_saved_class_is_named(tmp_path):
+    """A checkpoint written before the class was saved: the hyperparameters the run's optimizer
+    needs and the saved state lacks are named instead."""
+    path, x, y = _mid_epoch_checkpoint(tmp_path)
+    content = torch.load(path, weights_only=True)
+    content.pop("optimizer_class", None)
+    ckpt.save(content, path)
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False,
+                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{path}': the saved optimizer state lacks 'dampening', "
+                                              r"'momentum', which this run's SGD needs: it was written by another"):
+        d.fit(loader(x, y, 32, seed=0), 2, resume=path)
