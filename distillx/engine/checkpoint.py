@@ -19,11 +19,19 @@ states, every random generator training draws from (:mod:`distillx.engine.rng` s
 loaders are refused because their random state cannot be saved) — both as they were when the epoch
 started (the loader's shuffle is drawn from them on its first batch) and as they are at the step the
 checkpoint was taken.
+
+A run that differs from the saved one is named before it trains: another optimizer class (the
+checkpoint saves ``optimizer_class``; one written before that is checked by the hyperparameters its
+state lacks), a train loader with fewer steps per epoch than the saved mid-epoch position (a
+:class:`CheckpointError` from the loop), and another number of processes (:func:`check_world_size`:
+a warning naming both and what is and is not exact; the run goes on, as a distributed checkpoint
+loads at any world size).
 """
 from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any, Optional
 
@@ -197,11 +205,36 @@ def check_state_dict(saved: dict, module: torch.nn.Module, what: str, path: str)
 FILENAME = "checkpoint.pt"  # the one checkpoint of a run, in its checkpoint_dir
 
 
+def saved_world_size(position: dict) -> int:
+    """How many processes wrote a checkpoint's position: several keep every one's random state
+    (``{"ranks": [...]}``), one keeps its own."""
+    rng = position["step_rng"]
+    return len(rng["ranks"]) if "ranks" in rng else 1
+
+
+def check_world_size(state: dict, world_size: int) -> None:
+    """Warn, naming both, when the checkpoint was written by another number of processes than
+    ``world_size`` (a run may go on at another world size, but not bitwise; the warning says what
+    carries over exactly and what does not)."""
+    saved = saved_world_size(state["position"])
+    if saved == world_size:
+        return
+    warnings.warn(
+        f"checkpoint {state['path']!r} was saved by {saved} process{'es' * (saved > 1)}; this run has {world_size}. "
+        "Exact: the weights, the optimizer, LR-schedule and scaler states, the epoch and step reached, the history "
+        "and the running sums of an interrupted epoch. Not exact: each process's random state (taken round robin "
+        "from the saved processes': dropout, augmentations, a sampler without a generator of its own), the LR "
+        "schedule's length when the steps per epoch change with the world size, and the position within an epoch, "
+        "a step count, lands on the same samples only when the global batch (per-process batch x processes) is the "
+        "saved run's. The run continues, but not bit for bit as the saved one would have", UserWarning, stacklevel=2)
+
+
 def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str], method_keys: list,
-               student: torch.nn.Module, teacher: torch.nn.Module) -> Optional[dict]:
+               student: torch.nn.Module, teacher: torch.nn.Module, world_size: int = 1) -> Optional[dict]:
     """The checkpoint ``resume`` names (a path, or True for ``checkpoint_dir``'s), checked against the
-    run: phase (when ``want_phase``), methods, and the student's and saved teacher's keys and shapes.
-    None when ``resume`` is None/False. ``state["path"]`` is where it was read."""
+    run: phase (when ``want_phase``), methods, the student's and saved teacher's keys and shapes, and
+    the number of processes (:func:`check_world_size`: a warning). None when ``resume`` is None/False.
+    ``state["path"]`` is where it was read."""
     if resume is None or resume is False:
         return None
     if resume is True and not checkpoint_dir:
@@ -222,6 +255,7 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
     if state.get("teacher") is not None:
         check_state_dict(state["teacher"], teacher, "teacher", path)
     state["path"] = path
+    check_world_size(state, world_size)
     return state
 
 

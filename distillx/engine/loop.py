@@ -36,6 +36,19 @@ def steps_per_epoch(loader) -> Optional[int]:
         return None
 
 
+def running_sums(position: dict, rank: int, world_size: int) -> dict:
+    """This process's share ``{"sums", "n"}`` of the interrupted epoch's running sums in a mid-epoch
+    position: its own at the world size that saved it; at another, process 0 takes the total of every
+    saved process's and the others start from zero, so the epoch's metrics (summed over processes)
+    count each saved sample once."""
+    saved = position.get("ranks") or [{"sums": position["sums"], "n": position["n"]}]
+    if len(saved) == world_size:
+        return saved[rank]
+    if rank > 0:
+        return {"sums": {k: 0.0 for k in saved[0]["sums"]}, "n": 0}
+    return {"sums": {k: sum(r["sums"][k] for r in saved) for k in saved[0]["sums"]}, "n": sum(r["n"] for r in saved)}
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint (``.path``) of the exact step."""
 
@@ -196,7 +209,7 @@ class Runner:
                     self._skip(batches, epoch, start_step, source)
                     self._set_rng(position["step_rng"])
                     epoch_rng = position["epoch_rng"]
-                    mine = self.ctx.mine(position["ranks"]) if "ranks" in position else position
+                    mine = running_sums(position, self.ctx.rank, self.ctx.world_size)
                     sums = {k: torch.tensor(v, dtype=torch.float64, device=p.device) for k, v in mine["sums"].items()}
                     n, step = mine["n"], start_step
                 bar = self._bar(epoch)

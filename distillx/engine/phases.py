@@ -183,7 +183,8 @@ class Phases:
             ckpt.check_capturable(val_loader, "val_loader")
         if self.ctx.is_main:
             ckpt.check_directory(self.checkpoint_dir)
-        state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher)
+        state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher,
+                                self.ctx.world_size)
         return state, (state["position"] if state is not None else None)
 
     def _augment(self):
