@@ -4,7 +4,8 @@ One step: ``(inputs, targets[, indices])`` to the device → augmentations (with
 → losses under autocast (``amp``) → ``zero_grad`` → backward (through the ``GradScaler`` for
 float16) → optional gradient clipping → optimizer step → LR scheduler step. Per epoch: the
 per-sample means of every loss component (summed over ranks), validation, the ``on_epoch_end``
-callback, a checkpoint. SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
+callback (bookkeeping the checkpoint holds), a checkpoint, then the ``on_epoch_saved`` callback (the
+plugin hooks: one that raises stops the run with the epoch saved). SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
 position and raise :class:`TrainingInterrupted`; resuming from it continues bit for bit (see
 :mod:`distillx.engine.checkpoint`).
 """
@@ -137,15 +138,18 @@ class Runner:
 
     ``save(position) -> path`` writes a checkpoint for a position dict; ``metrics`` is a
     :class:`distillx.reporting.MetricsLog` (or None); ``progress`` enables the progress bar (None:
-    when stderr is a terminal); ``on_epoch_end(epoch, metrics)`` is called on every rank.
+    when stderr is a terminal); ``on_epoch_end(epoch, metrics)`` is called on every rank before the
+    epoch's checkpoint is written (what it records, the history, is saved), ``on_epoch_saved(epoch,
+    metrics)`` after it (user code: if it raises, the epoch is not lost).
     """
 
     def __init__(self, phase: Phase, ctx: DistContext = DistContext(), save: Optional[Callable] = None,
                  metrics=None, progress: Optional[bool] = False,
-                 on_epoch_end: Optional[Callable[[int, dict], None]] = None, extra_generators: Iterable = ()):
+                 on_epoch_end: Optional[Callable[[int, dict], None]] = None, extra_generators: Iterable = (),
+                 on_epoch_saved: Optional[Callable[[int, dict], None]] = None):
         self.phase, self.ctx, self.save, self.metrics = phase, ctx, save, metrics
         self.progress = progress if ctx.is_main else False
-        self.on_epoch_end = on_epoch_end
+        self.on_epoch_end, self.on_epoch_saved = on_epoch_end, on_epoch_saved
         self.generators = list(extra_generators)
         self.steps_per_epoch = steps_per_epoch(phase.loader)
         self.last_path: Optional[str] = None
@@ -247,6 +251,9 @@ class Runner:
                     self.on_epoch_end(epoch, metrics)
                 self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None, "step_rng": self._rng(),
                                     "sums": None, "n": 0})
+                # After the checkpoint: a hook that raises stops the run, but the epoch it ends is saved.
+                if self.on_epoch_saved is not None:
+                    self.on_epoch_saved(epoch, metrics)
         return history
 
     def _skip(self, batches, epoch: int, steps: int, source: Optional[str]) -> None:
