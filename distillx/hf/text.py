@@ -14,7 +14,11 @@ from .. import _checks
 
 
 def read_texts(path: str, field: str = "text") -> list[str]:
-    """The examples of a ``.txt`` or ``.jsonl`` file; errors name the file and the line."""
+    """The examples of a ``.txt`` or ``.jsonl`` file; errors name the file (a missing one, a
+    directory, another kind) and, for its content, the line."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path!r} is a directory; expected a .txt (one example per line) or "
+                                ".jsonl file (one JSON object per line)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()

@@ -102,10 +102,14 @@ def test_distillx_run_causal_lm_from_txt(tmp_path, capsys):
                                              r"does not exist"),
     ({"student": {"config": {"num_layerz": 1}, "epochs": 1}}, r"student.config.num_layerz: BertConfig has no attribute"),
     ({"data": {"text": {"train": "missing.txt"}}}, r"data.text.train: FileNotFoundError: text file 'missing.txt'"),
-])
-def test_distillx_run_errors_name_the_key(tmp_path, capsys, change, message):
+    ({"data": {"text": {"train": "corpus"}}}, r"data.text.train: IsADirectoryError: text file 'corpus' is a directory; "
+                                              r"expected a .txt \(one example per line\) or .jsonl file"),
+], ids=["pretrained", "config-key", "missing", "directory"])
+def test_distillx_run_errors_name_the_key(tmp_path, capsys, monkeypatch, change, message):
     write_teacher(tmp_path / "teacher", bert(2, 16, 2))
     (tmp_path / "train.txt").write_text("the cat sat\n")
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
     cfg = {"output_dir": str(tmp_path / "run"), "data": {"text": {"train": str(tmp_path / "train.txt")}},
            "teacher": {"pretrained": str(tmp_path / "teacher")},
            "student": {"config": {"num_hidden_layers": 1}, "epochs": 1}, "methods": [{"name": "minilmv2"}]}
@@ -125,3 +129,8 @@ def test_read_texts(tmp_path):
         read_texts(str(tmp_path / "b.csv"))
     (tmp_path / "c.txt").write_text("first line\n\n  second  \n")
     assert read_texts(str(tmp_path / "c.txt")) == ["first line", "  second  "]
+
+
+def test_read_texts_says_a_directory_is_not_a_text_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match=rf"text file '{tmp_path}' is a directory; expected a .txt"):
+        read_texts(str(tmp_path))
