@@ -301,8 +301,9 @@ class Distiller(Phases):
                 self._teacher_phase(train_loader, teacher_epochs, val_loader, None, None)
             return self._student_phase(train_loader, epochs, val_loader, state, position)
 
-    def evaluate(self, loader: Iterable, model: Optional[nn.Module] = None) -> dict[str, float]:
-        """Accuracy and task loss of ``model`` (default the student) on ``loader``."""
+    def evaluate(self, loader: Iterable, model: Optional[nn.Module] = None) -> dict[str, Optional[float]]:
+        """Accuracy and task loss of ``model`` (default the student) on ``loader``, over its labelled
+        targets (both None when it has none; see :func:`distillx.engine.training.evaluate`)."""
         return evaluate(self._student_model() if model is None else model, loader, self.task_loss, self.device,
                         self.label_key)
 

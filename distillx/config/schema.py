@@ -27,9 +27,9 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
                              "distillx.config.data:digits".
     options = {}             table, keyword arguments of the builder.
     [data.text]              text files tokenized with the teacher's tokenizer (teacher.pretrained):
-    text.train *             a .txt (one example per non-empty line) or .jsonl file (one JSON object
-                             per line, the text under text.field = "text"); mapping batches without
-                             labels (no task loss), no validation loader.
+    text.train *             a UTF-8 .txt (one example per non-empty line) or .jsonl file (one JSON
+                             object per line, the text under text.field = "text"); mapping batches
+                             without labels (no task loss), no validation loader.
     text.max_length = 128    int >= 1: examples are truncated to this many tokens.
     text.batch_size = 16     int >= 1.
     text.shuffle = true      bool (seeded with seed, so --resume sees the same order).
@@ -237,7 +237,7 @@ SCHEMA = Table({
                        nullable=True, doc='"module:callable" returning {"train": loader, "val": loader}'),
         "options": Key(AnyTable(), default={}),
         "text": Key(Table({
-            "train": Key(Str(), required=True, doc="a .txt or .jsonl file"),
+            "train": Key(Str(), required=True, doc="a UTF-8 .txt or .jsonl file"),
             "field": Key(Str(), default="text"),
             "max_length": Key(Int(1), default=128),
             "batch_size": Key(Int(1), default=16),

@@ -184,16 +184,28 @@ def _token_layout(logits: torch.Tensor, targets: torch.Tensor) -> bool:
 
 
 def task_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with ``ignore_index=-100``; (B, L, C) token logits with (B, L) targets are
-    flattened (PyTorch's own (B, C, ...) layout and soft (N, C) targets work as in ``F.cross_entropy``)."""
+    """Cross-entropy with ``ignore_index=-100``, the mean over the labelled targets; (B, L, C) token
+    logits with (B, L) targets are flattened (PyTorch's own (B, C, ...) layout and soft (N, C) targets
+    work as in ``F.cross_entropy``).
+
+    Nothing labelled (every target ``-100``, or no rows) is a loss of 0 with a zero gradient,
+    distillx's rule for all its losses: ``F.cross_entropy`` would give NaN, which stops training."""
     if _token_layout(logits, targets):
         logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    if targets.is_floating_point():  # soft targets: every row counts
+        if logits.numel() == 0:
+            return logits.flatten()[:0].sum()
+        return F.cross_entropy(logits, targets)
+    # The sum over the labelled targets divided by their count (at least 1): the mean PyTorch
+    # computes, without a host sync to ask whether any target is labelled.
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of a causal LM: logits at position t against the target at t + 1,
-    ``-100`` ignored (what Hugging Face ``*ForCausalLM`` models compute from ``labels``)."""
+    ``-100`` ignored (what Hugging Face ``*ForCausalLM`` models compute from ``labels``); 0 with a
+    zero gradient when no target is left (all ``-100``, or length-1 sequences: no next token)."""
     if logits.dim() != 3 or tuple(targets.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"causal_lm_loss needs logits (B, L, C) and labels (B, L), got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")

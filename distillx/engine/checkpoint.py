@@ -19,11 +19,19 @@ states, every random generator training draws from (:mod:`distillx.engine.rng` s
 loaders are refused because their random state cannot be saved) — both as they were when the epoch
 started (the loader's shuffle is drawn from them on its first batch) and as they are at the step the
 checkpoint was taken.
+
+A run that differs from the saved one is named before it trains: another optimizer class (the
+checkpoint saves ``optimizer_class``; one written before that is checked by the hyperparameters its
+state lacks), a train loader with fewer steps per epoch than the saved mid-epoch position (a
+:class:`CheckpointError` from the loop), and another number of processes (:func:`check_world_size`:
+a warning naming both and what is and is not exact; the run goes on, as a distributed checkpoint
+loads at any world size).
 """
 from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any, Optional
 
@@ -115,6 +123,8 @@ def _problem(ckpt: dict) -> Optional[str]:
         return f"it saved {len(ckpt['methods'])} method state(s) for {len(ckpt['method_keys'])} method key(s)"
     if not all(isinstance(ckpt["history"].get(k), list) for k in PHASES):
         return "history lacks the teacher/student lists"
+    if not isinstance(ckpt.get("optimizer_class", ""), str):  # absent from checkpoints of older versions
+        return f"optimizer_class is {ckpt['optimizer_class']!r}, not a str"
     return None
 
 
@@ -195,11 +205,36 @@ def check_state_dict(saved: dict, module: torch.nn.Module, what: str, path: str)
 FILENAME = "checkpoint.pt"  # the one checkpoint of a run, in its checkpoint_dir
 
 
+def saved_world_size(position: dict) -> int:
+    """How many processes wrote a checkpoint's position: several keep every one's random state
+    (``{"ranks": [...]}``), one keeps its own."""
+    rng = position["step_rng"]
+    return len(rng["ranks"]) if "ranks" in rng else 1
+
+
+def check_world_size(state: dict, world_size: int) -> None:
+    """Warn, naming both, when the checkpoint was written by another number of processes than
+    ``world_size`` (a run may go on at another world size, but not bitwise; the warning says what
+    carries over exactly and what does not)."""
+    saved = saved_world_size(state["position"])
+    if saved == world_size:
+        return
+    warnings.warn(
+        f"checkpoint {state['path']!r} was saved by {saved} process{'es' * (saved > 1)}; this run has {world_size}. "
+        "Exact: the weights, the optimizer, LR-schedule and scaler states, the epoch and step reached, the history "
+        "and the running sums of an interrupted epoch. Not exact: each process's random state (taken round robin "
+        "from the saved processes': dropout, augmentations, a sampler without a generator of its own), the LR "
+        "schedule's length when the steps per epoch change with the world size, and the position within an epoch, "
+        "a step count, lands on the same samples only when the global batch (per-process batch x processes) is the "
+        "saved run's. The run continues, but not bit for bit as the saved one would have", UserWarning, stacklevel=2)
+
+
 def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str], method_keys: list,
-               student: torch.nn.Module, teacher: torch.nn.Module) -> Optional[dict]:
+               student: torch.nn.Module, teacher: torch.nn.Module, world_size: int = 1) -> Optional[dict]:
     """The checkpoint ``resume`` names (a path, or True for ``checkpoint_dir``'s), checked against the
-    run: phase (when ``want_phase``), methods, and the student's and saved teacher's keys and shapes.
-    None when ``resume`` is None/False. ``state["path"]`` is where it was read."""
+    run: phase (when ``want_phase``), methods, the student's and saved teacher's keys and shapes, and
+    the number of processes (:func:`check_world_size`: a warning). None when ``resume`` is None/False.
+    ``state["path"]`` is where it was read."""
     if resume is None or resume is False:
         return None
     if resume is True and not checkpoint_dir:
@@ -220,6 +255,7 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
     if state.get("teacher") is not None:
         check_state_dict(state["teacher"], teacher, "teacher", path)
     state["path"] = path
+    check_world_size(state, world_size)
     return state
 
 
@@ -235,13 +271,40 @@ def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list
         "student": {} if sharded else student.state_dict(),
         "methods": [{} if sharded else m.state_dict() for m in methods],
         "method_keys": list(method_keys), "teacher": teacher.state_dict() if teacher is not None else None,
-        "optimizer": {} if sharded else optimizer.state_dict(),
+        "optimizer": {} if sharded else optimizer.state_dict(), "optimizer_class": optimizer_class(optimizer),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None, "metrics": metrics.state_dict(),
         "history": history, "transfer_report": transfer_report, "sharded": sharded,
     }
     check_plain(state, "checkpoint")
     return state
+
+
+def optimizer_class(optimizer) -> str:
+    """The optimizer's class as a checkpoint names it: ``torch.optim.adamw.AdamW``."""
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _check_optimizer_class(state: dict, optimizer) -> None:
+    """An optimizer's state loads into another class without complaint (the hyperparameters are
+    replaced by the saved ones), and its first step fails on a missing one; name both classes first."""
+    saved, current = state.get("optimizer_class"), optimizer_class(optimizer)
+    if saved is not None and saved != current:
+        raise CheckpointError(f"checkpoint {state['path']!r} was saved with optimizer {saved}, this run uses {current}: "
+                              "an optimizer's state (its hyperparameters and running statistics) only loads into "
+                              "its own class; resume with the optimizer the checkpoint was written with")
+
+
+def _check_optimizer_groups(state: dict, optimizer, needed: set) -> None:
+    """For a checkpoint that does not name its optimizer's class (older versions): the hyperparameters
+    this run's optimizer needs (``needed``) and the loaded state lacks. (Its class's own defaults
+    for hyperparameters newer than a checkpoint are filled in by ``load_state_dict``.)"""
+    lacking = sorted(needed - {k for group in optimizer.param_groups for k in group})
+    if lacking:
+        raise CheckpointError(f"checkpoint {state['path']!r}: the saved optimizer state lacks "
+                              f"{', '.join(map(repr, lacking))}, which this run's {type(optimizer).__name__} needs: it "
+                              "was written by another optimizer; resume with the optimizer the checkpoint was written "
+                              "with")
 
 
 def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, methods: list, method_keys: list,
@@ -251,6 +314,9 @@ def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, 
     load first (they are what an altered checkpoint most likely breaks), the weights last; a sharded
     checkpoint's student, methods and optimizer come from ``load_sharded(directory)``."""
     sharded = state.get("sharded")
+    if optimizer is not None:
+        _check_optimizer_class(state, optimizer)
+    needed = {k for group in optimizer.param_groups for k in group if k != "params"} if optimizer is not None else set()
     if sharded:
         try:
             load_sharded(os.path.dirname(state["path"]), sharded)
@@ -269,6 +335,8 @@ def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, 
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {state['path']!r}: the saved {what} state does not load into this "
                                   f"run's {what} ({type(exc).__name__}: {exc})") from exc
+        if obj is optimizer and "optimizer_class" not in state:
+            _check_optimizer_groups(state, optimizer, needed)
     for key, m, sd in zip(method_keys, methods, [] if sharded else state["methods"]):
         try:
             m.load_state_dict(sd)

@@ -4,7 +4,8 @@ One step: ``(inputs, targets[, indices])`` to the device → augmentations (with
 → losses under autocast (``amp``) → ``zero_grad`` → backward (through the ``GradScaler`` for
 float16) → optional gradient clipping → optimizer step → LR scheduler step. Per epoch: the
 per-sample means of every loss component (summed over ranks), validation, the ``on_epoch_end``
-callback, a checkpoint. SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
+callback (bookkeeping the checkpoint holds), a checkpoint, then the ``on_epoch_saved`` callback (the
+plugin hooks: one that raises stops the run with the epoch saved). SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
 position and raise :class:`TrainingInterrupted`; resuming from it continues bit for bit (see
 :mod:`distillx.engine.checkpoint`).
 """
@@ -14,7 +15,7 @@ import contextlib
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, NoReturn, Optional
 
 import torch
 
@@ -25,6 +26,7 @@ from .distributed import DistContext
 from .sharding import set_epoch
 
 LossFn = Callable[..., dict]
+_END = object()  # what next() returns past a loader's last batch
 
 
 def steps_per_epoch(loader) -> Optional[int]:
@@ -33,6 +35,19 @@ def steps_per_epoch(loader) -> Optional[int]:
         return len(loader)
     except TypeError:
         return None
+
+
+def running_sums(position: dict, rank: int, world_size: int) -> dict:
+    """This process's share ``{"sums", "n"}`` of the interrupted epoch's running sums in a mid-epoch
+    position: its own at the world size that saved it; at another, process 0 takes the total of every
+    saved process's and the others start from zero, so the epoch's metrics (summed over processes)
+    count each saved sample once."""
+    saved = position.get("ranks") or [{"sums": position["sums"], "n": position["n"]}]
+    if len(saved) == world_size:
+        return saved[rank]
+    if rank > 0:
+        return {"sums": {k: 0.0 for k in saved[0]["sums"]}, "n": 0}
+    return {"sums": {k: sum(r["sums"][k] for r in saved) for k in saved[0]["sums"]}, "n": sum(r["n"] for r in saved)}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -123,15 +138,18 @@ class Runner:
 
     ``save(position) -> path`` writes a checkpoint for a position dict; ``metrics`` is a
     :class:`distillx.reporting.MetricsLog` (or None); ``progress`` enables the progress bar (None:
-    when stderr is a terminal); ``on_epoch_end(epoch, metrics)`` is called on every rank.
+    when stderr is a terminal); ``on_epoch_end(epoch, metrics)`` is called on every rank before the
+    epoch's checkpoint is written (what it records, the history, is saved), ``on_epoch_saved(epoch,
+    metrics)`` after it (user code: if it raises, the epoch is not lost).
     """
 
     def __init__(self, phase: Phase, ctx: DistContext = DistContext(), save: Optional[Callable] = None,
                  metrics=None, progress: Optional[bool] = False,
-                 on_epoch_end: Optional[Callable[[int, dict], None]] = None, extra_generators: Iterable = ()):
+                 on_epoch_end: Optional[Callable[[int, dict], None]] = None, extra_generators: Iterable = (),
+                 on_epoch_saved: Optional[Callable[[int, dict], None]] = None):
         self.phase, self.ctx, self.save, self.metrics = phase, ctx, save, metrics
         self.progress = progress if ctx.is_main else False
-        self.on_epoch_end = on_epoch_end
+        self.on_epoch_end, self.on_epoch_saved = on_epoch_end, on_epoch_saved
         self.generators = list(extra_generators)
         self.steps_per_epoch = steps_per_epoch(phase.loader)
         self.last_path: Optional[str] = None
@@ -165,7 +183,9 @@ class Runner:
         return losses, batch_size(inputs, targets)
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self, position: Optional[dict] = None) -> list[dict]:
+    def run(self, position: Optional[dict] = None, source: Optional[str] = None) -> list[dict]:
+        """Run from ``position`` (a checkpoint's, read from ``source``; None: the start) to the last
+        epoch; return the metrics of the epochs run."""
         p = self.phase
         start_epoch, start_step = (position["epoch"], position["step"]) if position else (0, 0)
         history: list[dict] = []
@@ -190,11 +210,10 @@ class Runner:
                 sums: dict[str, torch.Tensor] = {}
                 n, step = 0, 0
                 if resuming:
-                    for _ in range(start_step):
-                        next(batches)
+                    self._skip(batches, epoch, start_step, source)
                     self._set_rng(position["step_rng"])
                     epoch_rng = position["epoch_rng"]
-                    mine = self.ctx.mine(position["ranks"]) if "ranks" in position else position
+                    mine = running_sums(position, self.ctx.rank, self.ctx.world_size)
                     sums = {k: torch.tensor(v, dtype=torch.float64, device=p.device) for k, v in mine["sums"].items()}
                     n, step = mine["n"], start_step
                 bar = self._bar(epoch)
@@ -232,7 +251,27 @@ class Runner:
                     self.on_epoch_end(epoch, metrics)
                 self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None, "step_rng": self._rng(),
                                     "sums": None, "n": 0})
+                # After the checkpoint: a hook that raises stops the run, but the epoch it ends is saved.
+                if self.on_epoch_saved is not None:
+                    self.on_epoch_saved(epoch, metrics)
         return history
+
+    def _skip(self, batches, epoch: int, steps: int, source: Optional[str]) -> None:
+        """Draw the ``steps`` batches a mid-epoch checkpoint had already trained on; a
+        :class:`~distillx.engine.checkpoint.CheckpointError` when this run's loader has fewer."""
+        if self.steps_per_epoch is not None and steps > self.steps_per_epoch:
+            self._unreachable(source, epoch, steps, f"has {self.steps_per_epoch} steps per epoch")
+        for done in range(steps):
+            if next(batches, _END) is _END:  # a loader without len() tells only now
+                self._unreachable(source, epoch, steps, f"yields only {done} batches per epoch")
+
+    @staticmethod
+    def _unreachable(source: Optional[str], epoch: int, step: int, have: str) -> NoReturn:
+        where = f"checkpoint {source!r}" if source else "the checkpoint"
+        raise ckpt.CheckpointError(
+            f"{where} was saved at step {step} of epoch {epoch}, but this run's train_loader {have} (a different batch "
+            "size or dataset, or another number of processes?): the saved position does not exist in this run; resume "
+            "with the loader the checkpoint was written with")
 
     def _interrupted(self, guard: SignalGuard, epoch: int, step: int, position: Callable[[], dict], bar) -> None:
         """Write a checkpoint of ``position()`` and raise :class:`TrainingInterrupted`."""

@@ -104,14 +104,13 @@ class Phases:
             self.teacher.eval()
             base = len(self.history) if state is None else 0  # a resumed run returns its whole history
 
-            def on_epoch_end(epoch, metrics):
-                self.history.append(metrics)  # before the checkpoint of this epoch is written
-                hook.distillx_on_epoch_end(distiller=self, epoch=epoch, metrics=metrics)
-
             self._run_phase("student", [self.student, *self.methods], self._trainable_parameters(), self.optimizer,
-                            loader, epochs, self._step, self._student_model(), val_loader, state, position, on_epoch_end,
+                            loader, epochs, self._step, self._student_model(), val_loader, state, position,
+                            on_epoch_end=lambda epoch, metrics: self.history.append(metrics),
                             indexed=self._step.cache is not None,
-                            on_start=lambda: hook.distillx_on_fit_start(distiller=self))
+                            on_start=lambda: hook.distillx_on_fit_start(distiller=self),
+                            on_epoch_saved=lambda epoch, metrics: hook.distillx_on_epoch_end(
+                                distiller=self, epoch=epoch, metrics=metrics))
         finally:
             self.teacher.train(teacher_mode)
             self.student.train(student_mode)
@@ -122,8 +121,11 @@ class Phases:
 
     def _run_phase(self, name: str, modules: list, params: list, optimizer, loader, epochs: int, losses: Callable,
                    val_model: nn.Module, val_loader, state: Optional[dict], position: Optional[dict],
-                   on_epoch_end: Callable, indexed: bool = False, on_start: Optional[Callable] = None) -> None:
-        """The setup both phases share: LR schedule, gradient scaler, the resumed state, the loop."""
+                   on_epoch_end: Callable, indexed: bool = False, on_start: Optional[Callable] = None,
+                   on_epoch_saved: Optional[Callable] = None) -> None:
+        """The setup both phases share: LR schedule, gradient scaler, the resumed state, the loop.
+        ``on_epoch_end`` records the epoch (the history its checkpoint holds); ``on_epoch_saved``
+        runs after that checkpoint is written (the plugin hook: if it raises, the epoch is saved)."""
         _, sched, warmup = self._phase_specs[name]
         scheduler = build_scheduler(sched, optimizer, max(1, (steps_per_epoch(loader) or 1) * epochs), warmup)
         scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
@@ -176,7 +178,8 @@ class Phases:
             build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0},
                   fsdp.DCP_DIR if sharded else None)
         generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
-        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators).run(position)
+        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators, on_epoch_saved).run(
+            position, state["path"] if state is not None else None)
 
     # -- pieces ----------------------------------------------------------------------------------
     def _resume_state(self, resume, want_phase: Optional[str], train_loader, val_loader):
@@ -187,7 +190,8 @@ class Phases:
             ckpt.check_capturable(val_loader, "val_loader")
         if self.ctx.is_main:
             ckpt.check_directory(self.checkpoint_dir)
-        state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher)
+        state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher,
+                                self.ctx.world_size)
         return state, (state["position"] if state is not None else None)
 
     def _augment(self):

@@ -67,15 +67,18 @@ def check_epochs(epochs: Any) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = None,
-             device: Union[None, str, torch.device] = None, label_key: str = LABELS) -> dict[str, float]:
+             device: Union[None, str, torch.device] = None, label_key: str = LABELS) -> dict[str, Optional[float]]:
     """Accuracy (fraction of argmax hits) and mean ``loss_fn`` (default cross-entropy, ``-100``
-    ignored) of ``model`` on ``loader``.
+    ignored) of ``model`` on ``loader``, both over the labelled targets only.
 
     Batches are ``(inputs, targets)`` pairs or mappings with targets under ``label_key``. Token
     targets (B, L) count per token, ``-100`` ones not at all; a ``loss_fn`` marked ``next_token``
     (:func:`~distillx.engine.batches.causal_lm_loss`) shifts the accuracy by one position. The model
     runs in ``eval()`` mode; its previous mode is restored afterwards. The loss is averaged per
-    sample (each batch mean weighted by its size), so a short last batch is not over-weighted.
+    labelled target: each batch's loss is weighted by its number of labelled targets (soft targets:
+    its rows), so a short last batch is not over-weighted and a batch without a labelled target
+    adds nothing. A loader with no labelled target at all gives ``{"accuracy": None, "loss": None}``:
+    there is nothing to measure (not NaN, and not an error: a validation set may hold no labels).
     """
     check_loader(loader, "loader")
     loss_fn = task_cross_entropy if loss_fn is None else loss_fn
@@ -86,8 +89,9 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = N
     try:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         counted = torch.zeros((), dtype=torch.int64, device=device)
+        weights = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n = 0
+        batches = 0
         for batch in loader:
             inputs, targets = unpack_batch(batch, device, label_key)
             if targets is None:
@@ -98,14 +102,19 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Optional[Callable] = N
             hits, count = correct_and_counted(logits, targets, next_token)
             correct += hits
             counted += count
-            loss_sum += loss_fn(logits, targets).double() * len(targets)
-            n += len(targets)
+            weight = count.new_tensor(len(targets)) if targets.is_floating_point() else count
+            # A batch without a labelled target has weight 0: its loss (0 by distillx's rule, or
+            # whatever a custom loss_fn returns there, NaN included) must not reach the sum.
+            loss_sum += torch.where(weight > 0, loss_fn(logits, targets).double() * weight, 0.0)
+            weights += weight
+            batches += 1
     finally:
         model.train(was_training)
-    if n == 0:
+    if batches == 0:
         raise ValueError("loader is empty: it yields no batches")
-    total = counted.item()
-    return {"accuracy": correct.item() / total if total else float("nan"), "loss": loss_sum.item() / n}
+    total, weight = counted.item(), weights.item()
+    return {"accuracy": correct.item() / total if total else None,
+            "loss": loss_sum.item() / weight if weight else None}
 
 
 def validator(val_loader: Optional[Iterable], model: nn.Module, loss_fn: Optional[Callable],
@@ -125,7 +134,8 @@ def run_epochs(model: nn.Module, loader: Iterable, epochs: int, compute_losses: 
 
     Each dict has ``epoch`` (0-based, like the ``distillx_on_epoch_end`` hook), the per-sample mean
     of every entry returned by ``compute_losses`` (``loss`` is the total that was backpropagated),
-    and ``val_accuracy``/``val_loss`` when ``val_loader`` is given. ``model`` is put in train mode
+    and ``val_accuracy``/``val_loss`` when ``val_loader`` is given (None when it has no labelled
+    target, as :func:`evaluate` says). ``model`` is put in train mode
     for each epoch; evaluation restores it. This is the engine's loop (:mod:`distillx.engine.loop`)
     without schedules, checkpoints or augmentation, the one the Distiller runs with them.
     """

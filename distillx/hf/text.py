@@ -3,6 +3,7 @@ object per line, the text under ``field``), tokenized once with a tokenizer (tru
 ``max_length``), padded per batch by ``tokenizer.pad``: ``{"input_ids", "attention_mask", ...}``."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -13,8 +14,24 @@ from torch.utils.data import DataLoader, Dataset
 from .. import _checks
 
 
+def _decode(path: str, data: bytes) -> str:
+    """``data`` as UTF-8; a ``ValueError`` naming the file, the line and the column of the first byte
+    that is not (line ends counted as text mode counts them: ``\n``, ``\r\n`` or ``\r``)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at column {column}); save it "
+                         "as UTF-8") from None
+
+
 def read_texts(path: str, field: str = "text") -> list[str]:
-    """The examples of a ``.txt`` or ``.jsonl`` file; errors name the file and the line."""
+    """The examples of a UTF-8 ``.txt`` or ``.jsonl`` file; errors name the file (a missing one, a
+    directory, another kind) and, for its content, the line."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"text file {path!r} is a directory; expected a .txt (one example per line) or "
+                                ".jsonl file (one JSON object per line)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -22,7 +39,10 @@ def read_texts(path: str, field: str = "text") -> list[str]:
         raise ValueError(f"text file {path!r}: expected a .txt (one example per line) or .jsonl file, "
                          f"got {ext or 'no extension'!r}")
     texts = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        content = _decode(path, f.read())
+    # newline=None: the universal newlines of a file opened in text mode
+    with io.StringIO(content, newline=None) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

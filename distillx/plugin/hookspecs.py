@@ -96,7 +96,9 @@ def distillx_on_fit_start(distiller):
 
 @hookspec
 def distillx_on_epoch_end(distiller, epoch, metrics):
-    """Called after each epoch, including its evaluation.
+    """Called after each epoch, including its evaluation, and after its checkpoint is written (with
+    ``checkpoint_dir``): a hook that raises stops the run, and ``fit(resume=...)`` continues after
+    this epoch.
 
     ``epoch`` is the index of the epoch that just finished, counting from 0. ``metrics`` is a
     ``dict[str, float]`` of that epoch's results (e.g. total loss, each method's weighted loss,

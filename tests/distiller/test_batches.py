@@ -13,6 +13,7 @@ import distillx as dx
 from distillx._batch import BatchError, attention_mask_of
 from distillx.engine.batches import (batch_size, call_model, causal_lm_loss, correct_and_counted, logits_of, split,
                                      split_indexed, task_cross_entropy, to_device)
+from distillx.engine.training import evaluate
 
 
 class Encoder(nn.Module):
@@ -172,3 +173,82 @@ def test_the_label_key_is_configurable():
     torch.testing.assert_close(losses["task"], F.cross_entropy(student(batch["x"]), batch["target"]))
     with pytest.raises(TypeError, match=r"label_key must be a non-empty string"):
         dx.Distiller(Net(teacher), Net(student), [dx.method("kd")], label_key="")
+
+
+# -- targets without a label ---------------------------------------------------------------------
+def r(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("logits, targets, loss", [
+    (r(4, 7), torch.full((4,), -100), task_cross_entropy),
+    (r(2, 5, 7), torch.full((2, 5), -100), task_cross_entropy),            # tokens
+    (r(2, 7, 3, 3), torch.full((2, 3, 3), -100), task_cross_entropy),      # (B, C, H, W) maps
+    (r(0, 7), torch.zeros(0, dtype=torch.long), task_cross_entropy),      # no rows
+    (r(0, 7), torch.zeros(0, 7), task_cross_entropy),                     # soft targets, no rows
+    (r(2, 5, 7), torch.full((2, 5), -100), causal_lm_loss),
+    (r(3, 1, 7), torch.tensor([[4], [0], [6]]), causal_lm_loss),              # length 1: no next token
+], ids=["classes", "tokens", "maps", "no-rows", "soft-no-rows", "causal-lm", "causal-lm-length-1"])
+def test_a_task_loss_without_a_labelled_target_is_0_with_a_zero_gradient(logits, targets, loss):
+    """Nothing labelled is distillx's rule for its losses: 0 with a zero gradient, not NaN (which
+    would stop training, and stop it again on every resume that replays the batch)."""
+    logits = logits.clone().requires_grad_()
+    value = loss(logits, targets)
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_the_task_loss_of_a_partly_labelled_batch_is_its_mean_over_labelled_targets():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(3, 6, 5, generator=g), torch.randint(0, 5, (3, 6), generator=g)
+    labels[1] = -100  # a whole sequence unlabelled
+    labels[0, :2] = -100
+    keep = labels != -100
+    torch.testing.assert_close(task_cross_entropy(logits, labels), F.cross_entropy(logits[keep], labels[keep]))
+
+
+def test_evaluate_averages_over_labelled_targets_only():
+    """Accuracy and loss are means over the labelled targets of the whole loader: a batch without one
+    adds nothing, a batch with few labelled tokens weighs little; a loader with no labelled target
+    at all has neither (None, not NaN)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    unlabelled = (torch.randn(5, 4, generator=g), torch.full((5,), -100))
+    assert evaluate(model, [(x, y), unlabelled]) == evaluate(model, [(x, y)])
+    assert evaluate(model, [unlabelled, unlabelled]) == {"accuracy": None, "loss": None}
+    soft = torch.softmax(torch.randn(6, 3, generator=g), -1)  # soft targets: every row counts
+    with torch.no_grad():
+        assert evaluate(model, [(x, soft)])["loss"] == pytest.approx(F.cross_entropy(model(x), soft).item(), rel=1e-6)
+
+    class Tokens(nn.Module):  # (B, L, 4) -> (B, L, 3)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    tokens = Tokens()
+    xs = torch.randn(2, 4, 6, 4, generator=g)
+    ys = torch.randint(0, 3, (2, 4, 6), generator=g)
+    ys[1, :, 1:] = -100  # the second batch has 4 labelled tokens, the first 24
+    keep = ys != -100
+    with torch.no_grad():
+        logits = tokens(xs)
+    want = F.cross_entropy(logits[keep], ys[keep]).item()
+    hits = ((logits.argmax(-1) == ys) & keep).sum().item()
+    got = evaluate(tokens, [(xs[0], ys[0]), (xs[1], ys[1])])
+    assert got["loss"] == pytest.approx(want, rel=1e-6) and got["accuracy"] == hits / int(keep.sum())
+
+
+def test_a_fully_masked_batch_neither_stops_training_nor_validation():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    x, y = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    unlabelled = (torch.randn(6, 4, generator=g), torch.full((6,), -100))
+    d = dx.Distiller(teacher, student, [dx.method("kd")], task_weight=1.0, progress=False)
+    history = d.fit([(x, y), unlabelled], 2, val_loader=[unlabelled])
+    assert [h["val_accuracy"] for h in history] == [None, None]
+    assert d.metrics.steps("student", 0)[1]["task"] == 0.0
+    assert d.train_teacher([(x, y), unlabelled], 1)[0]["loss"] > 0

@@ -89,7 +89,8 @@ def test_a_truncated_checkpoint(saved, tmp_path):
     (lambda c: c["position"]["step_rng"].pop("torch"), "position.step_rng lacks torch"),
     (lambda c: c.update(phase="warmup"), "phase is 'warmup', not one of"),
     (lambda c: c.update(methods=[]), r"it saved 0 method state\(s\) for 1 method key\(s\)"),
-], ids=["phase", "two-keys", "step_rng", "step-type", "rng-torch", "phase-value", "methods"])
+    (lambda c: c.update(optimizer_class=3), "optimizer_class is 3, not a str"),
+], ids=["phase", "two-keys", "step_rng", "step-type", "rng-torch", "phase-value", "methods", "optimizer-class"])
 def test_an_incomplete_checkpoint_names_what_is_missing(saved, tmp_path, change, problem):
     path, train = saved
     rewrite(path, change)

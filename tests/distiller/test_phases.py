@@ -14,6 +14,7 @@ from distillx.engine import checkpoint as ckpt
 from distillx.engine.schedules import lr_factor
 from distillx.methods import Method
 from distillx.engine.training import evaluate
+from distillx.plugin import get_plugin_manager, hookimpl
 
 from distillx.testing import data, loader, same, state, student, teacher
 
@@ -173,6 +174,39 @@ def test_nan_loss_stops_with_position_and_keeps_the_checkpoint(tmp_path):
     assert str(tmp_path / "checkpoint.pt") in message
     saved = ckpt.load(str(tmp_path / "checkpoint.pt"))
     assert saved["position"] == {**saved["position"], "epoch": 1, "step": 0}, "the last good (epoch-0) checkpoint"
+
+
+class FailsAtEpochEnd:
+    """A plugin whose distillx_on_epoch_end hook raises at the end of epoch ``at`` (0-based)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    @hookimpl
+    def distillx_on_epoch_end(self, distiller, epoch, metrics):
+        if epoch == self.at:
+            raise RuntimeError(f"the hook failed at the end of epoch {epoch}")
+
+
+def test_an_epoch_end_hook_that_raises_loses_no_epoch(tmp_path):
+    """The epoch's checkpoint is written before distillx_on_epoch_end runs: a hook that raises stops
+    the run with that epoch saved, and a resume continues from its end to the uninterrupted run's weights."""
+    x, y, _, _ = data(128)
+
+    def run(directory, seed=1, resume=None):
+        d = dx.Distiller(teacher(), student(seed), [dx.method("kd")], checkpoint_dir=str(directory), progress=False)
+        return d, d.fit(loader(x, y, 32, seed=0), 3, resume=resume)
+
+    ref, ref_history = run(tmp_path / "ref")
+    get_plugin_manager().register(FailsAtEpochEnd(at=1), name="fails")
+    with pytest.raises(RuntimeError, match="the hook failed at the end of epoch 1"):
+        run(tmp_path / "cut")
+    saved = ckpt.load(str(tmp_path / "cut" / "checkpoint.pt"))
+    assert (saved["position"]["epoch"], saved["position"]["step"]) == (2, 0), "epochs 0 and 1 complete"
+    assert saved["history"]["student"] == ref_history[:2]
+    get_plugin_manager().unregister(name="fails")
+    resumed, history = run(tmp_path / "cut", seed=7, resume=True)
+    assert history == ref_history and same(state(resumed.student), state(ref.student))
 
 
 def test_empty_loader_is_an_error():

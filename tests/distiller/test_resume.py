@@ -21,6 +21,7 @@ from distillx.data import tensor_loader
 from distillx.engine import CheckpointError, TrainingInterrupted
 from distillx._atomic import save_atomic
 from distillx.engine import checkpoint as ckpt
+from distillx.engine.loop import running_sums
 from distillx.methods import Method
 
 from distillx.testing import data, loader, same, state, student, teacher
@@ -312,3 +313,109 @@ def test_corrupt_or_missing_checkpoints(tmp_path):
         d.fit(loader(x, y, 32, seed=0), 2, resume=str(tmp_path / "foreign.pt"))
     with pytest.raises(ValueError, match="checkpoint_dir"):
         d.fit(loader(x, y, 32, seed=0), 2, resume=True)
+
+
+# -- a checkpoint resumed by a run that differs from the saved one --------------------------------
+class Unsized:
+    """An iterable over a loader without ``__len__`` (its steps per epoch are known only by iterating)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return iter(self.inner)
+
+
+def _mid_epoch_checkpoint(tmp_path, at=7):
+    """A checkpoint written by SIGINT at step ``at`` of the first epoch (10 steps of 32 samples)."""
+    x, y, _, _ = data(320)
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], task_loss=InterruptAt(at), checkpoint_dir=str(tmp_path),
+                     progress=False)
+    with pytest.raises(TrainingInterrupted):
+        d.fit(loader(x, y, 32, seed=0), 2)
+    path = str(tmp_path / "checkpoint.pt")
+    assert (ckpt.load(path)["position"]["epoch"], ckpt.load(path)["position"]["step"]) == (0, at)
+    return path, x, y
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["len", "no-len"])
+def test_a_train_loader_shorter_than_the_saved_position_is_named(tmp_path, sized):
+    path, x, y = _mid_epoch_checkpoint(tmp_path)
+    train = loader(x, y, 64, seed=0)  # 5 steps per epoch
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False)
+    expect = (rf"checkpoint '{path}' was saved at step 7 of epoch 0, but this run's train_loader "
+              + (r"has 5 steps per epoch" if sized else r"yields only 5 batches") + r".*different batch size or dataset")
+    with pytest.raises(CheckpointError, match=expect):
+        d.fit(train if sized else Unsized(train), 2, resume=path)
+    assert [r["step"] for r in d.metrics.steps()] == list(range(1, 8)), "the checkpoint's steps, no new one"
+
+
+def test_an_optimizer_of_another_class_is_named(tmp_path):
+    """AdamW's state loads into SGD without complaint and the first SGD step fails on KeyError:
+    'momentum'; the checkpoint saves its optimizer's class and the resume names both."""
+    path, x, y = _mid_epoch_checkpoint(tmp_path)
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False,
+                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{path}' was saved with optimizer "
+                                              r"torch\.optim\.adamw\.AdamW, this run uses torch\.optim\.sgd\.SGD"):
+        d.fit(loader(x, y, 32, seed=0), 2, resume=path)
+    assert d.metrics.steps() == [] and ckpt.load(path)["optimizer_class"] == "torch.optim.adamw.AdamW"
+
+
+def test_an_optimizer_of_another_class_without_a_saved_class_is_named(tmp_path):
+    """A checkpoint written before the class was saved: the hyperparameters the run's optimizer
+    needs and the saved state lacks are named instead."""
+    path, x, y = _mid_epoch_checkpoint(tmp_path)
+    content = torch.load(path, weights_only=True)
+    content.pop("optimizer_class", None)
+    ckpt.save(content, path)
+    d = dx.Distiller(teacher(), student(), [dx.method("kd")], progress=False,
+                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{path}': the saved optimizer state lacks 'dampening', "
+                                              r"'momentum', which this run's SGD needs: it was written by another"):
+        d.fit(loader(x, y, 32, seed=0), 2, resume=path)
+
+
+def _as_saved_by_two_processes(path):
+    """Rewrite a one-process checkpoint as two processes write theirs: every random state per rank
+    (``{"ranks": [...]}``, both the saved one here), and the interrupted epoch's running sums split
+    between the ranks (halves: exact in floating point)."""
+    content = torch.load(path, weights_only=True)
+    pos = content["position"]
+    for key in ("epoch_rng", "step_rng"):
+        if pos[key] is not None:
+            pos[key] = {"ranks": [pos[key], pos[key]]}
+    half = {"sums": {k: v / 2 for k, v in pos["sums"].items()}, "n": pos["n"] // 2}
+    pos["ranks"] = [half, {"sums": half["sums"], "n": pos["n"] - half["n"]}]
+    ckpt.save(content, path)
+
+
+def test_a_checkpoint_of_another_world_size_warns_and_keeps_what_is_exact(tmp_path):
+    """A checkpoint of 2 processes resumed by 1: a warning naming both world sizes and what is not
+    exact; the interrupted epoch's running sums of every saved process carry over, so with the same
+    global batch and random state the run ends as the uninterrupted one."""
+    x, y, _, _ = data(320)
+    ref = dx.Distiller(teacher(), student(), [dx.method("kd")], task_loss=InterruptAt(), progress=False)
+    ref_history = ref.fit(loader(x, y, 32, seed=0), 2)
+    path, _, _ = _mid_epoch_checkpoint(tmp_path)
+    _as_saved_by_two_processes(path)
+    d = dx.Distiller(teacher(), student(seed=9), [dx.method("kd")], task_loss=InterruptAt(), progress=False)
+    with pytest.warns(UserWarning, match=rf"checkpoint '{path}' was saved by 2 processes; this run has 1\. Exact: "
+                                         r"the weights.*Not exact: each process's random state"):
+        history = d.fit(loader(x, y, 32, seed=0), 2, resume=path)
+    assert history == ref_history and same(state(d.student), state(ref.student))
+
+
+@pytest.mark.parametrize("saved, now", [(1, 2), (2, 1), (2, 3), (3, 2), (4, 4)])
+def test_running_sums_of_another_world_size_are_counted_once(saved, now):
+    """Over the resuming processes the interrupted epoch's sums add up to the saved processes' total,
+    whatever either world size (the epoch's metrics are summed over processes)."""
+    per_rank = [{"sums": {"loss": float(r + 1)}, "n": 10 * (r + 1)} for r in range(saved)]
+    position = {"sums": per_rank[0]["sums"], "n": per_rank[0]["n"]}
+    if saved > 1:
+        position["ranks"] = per_rank
+    got = [running_sums(position, rank, now) for rank in range(now)]
+    assert sum(g["sums"]["loss"] for g in got) == sum(r + 1 for r in range(saved))
+    assert sum(g["n"] for g in got) == sum(10 * (r + 1) for r in range(saved))
+    if saved == now:
+        assert got == per_rank

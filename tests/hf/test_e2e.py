@@ -190,3 +190,36 @@ def test_two_ranks_match_one_process(tmp_path):
     for ha, hb in zip(a["history"], b["history"]):
         assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5)
     assert a["history"][-1]["loss"] < a["history"][0]["loss"]
+
+
+def unlabelled_pair(family):
+    """(teacher, student, batches of 4: one labelled and one whose labels give nothing to learn)."""
+    torch.manual_seed(0)
+    if family == "bert-tokens":
+        make = lambda layers: bert(layers, 16, 4, cls=transformers.BertForTokenClassification, num_labels=3)  # noqa: E731
+        labelled = token_batch(4, 6, seed=1)
+        labelled["labels"] = (labelled["input_ids"] % 3).masked_fill(labelled["attention_mask"] == 0, -100)
+    else:
+        make = {"gpt2": lambda layers: gpt2(layers, 16, 4), "llama": lambda layers: llama(layers, 16, 4, 2)}[
+            family.split("-")[0]]
+        labelled = token_batch(4, 6, seed=1, labels=True)
+    if family.endswith("length-1"):  # a causal LM's next token needs two positions: none has a target
+        nothing = {k: v[:, :1] for k, v in token_batch(4, 6, seed=2, labels=True, padded=False).items()}
+    else:
+        nothing = token_batch(4, 6, seed=2)
+        nothing["labels"] = torch.full_like(nothing["input_ids"], -100)
+    return make(2).eval(), make(1), labelled, nothing
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-tokens", "llama-length-1"])
+def test_a_batch_without_labelled_targets_trains_and_evaluates(family):
+    """Labels all -100 (or a length-1 causal LM sequence) with task_weight > 0: the task term is 0,
+    training goes on, and evaluation counts only labelled targets (None when there are none)."""
+    teacher, student, labelled, nothing = unlabelled_pair(family)
+    method = dx.method("kd") if family == "bert-tokens" else dx.method("lm_kd")
+    d = dx.Distiller(teacher, student, [method], task_weight=1.0, progress=False)
+    history = d.fit([labelled, nothing], 2, val_loader=[nothing])
+    assert [s["task"] for s in d.metrics.steps("student") if s["step"] == 2] == [0.0, 0.0]
+    assert [h["val_accuracy"] for h in history] == [None, None] and history[-1]["val_loss"] is None
+    assert d.evaluate([labelled, nothing]) == d.evaluate([labelled])
+    assert d.evaluate([labelled])["loss"] > 0

@@ -113,10 +113,17 @@ def test_distillx_run_causal_lm_from_txt(tmp_path, capsys):
                                              r"does not exist"),
     ({"student": {"config": {"num_layerz": 1}, "epochs": 1}}, r"student.config.num_layerz: BertConfig has no attribute"),
     ({"data": {"text": {"train": "missing.txt"}}}, r"data.text.train: FileNotFoundError: text file 'missing.txt'"),
-])
-def test_distillx_run_errors_name_the_key(tmp_path, capsys, change, message):
+    ({"data": {"text": {"train": "corpus"}}}, r"data.text.train: IsADirectoryError: text file 'corpus' is a directory; "
+                                              r"expected a .txt \(one example per line\) or .jsonl file"),
+    ({"data": {"text": {"train": "latin1.txt"}}}, r"data.text.train: ValueError: latin1.txt:2: not UTF-8 text \(byte "
+                                                  r"0xe9 at column 8\)"),
+], ids=["pretrained", "config-key", "missing", "directory", "not-utf-8"])
+def test_distillx_run_errors_name_the_key(tmp_path, capsys, monkeypatch, change, message):
     write_teacher(tmp_path / "teacher", bert(2, 16, 2))
     (tmp_path / "train.txt").write_text("the cat sat\n")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "latin1.txt").write_bytes("the cat sat\nthe caf\u00e9 is red\n".encode("latin-1"))
+    monkeypatch.chdir(tmp_path)
     cfg = {"output_dir": str(tmp_path / "run"), "data": {"text": {"train": str(tmp_path / "train.txt")}},
            "teacher": {"pretrained": str(tmp_path / "teacher")},
            "student": {"config": {"num_hidden_layers": 1}, "epochs": 1}, "methods": [{"name": "minilmv2"}]}
@@ -136,3 +143,21 @@ def test_read_texts(tmp_path):
         read_texts(str(tmp_path / "b.csv"))
     (tmp_path / "c.txt").write_text("first line\n\n  second  \n")
     assert read_texts(str(tmp_path / "c.txt")) == ["first line", "  second  "]
+    (tmp_path / "crlf.txt").write_bytes("caf\u00e9 one\r\ntwo\r\n".encode())  # Windows line ends, as text mode reads them
+    assert read_texts(str(tmp_path / "crlf.txt")) == ["caf\u00e9 one", "two"]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("d.txt", b"one\ntwo\nthr\xe9e\n"),
+    ("e.jsonl", b'{"text": "one"}\n\n{"text": "thr\xe9e"}\n'),
+], ids=["txt", "jsonl"])
+def test_read_texts_names_the_file_and_line_that_is_not_utf_8(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    column = content.split(b"\n")[2].index(b"\xe9") + 1
+    with pytest.raises(ValueError, match=rf"{name}:3: not UTF-8 text \(byte 0xe9 at column {column}\); save it as UTF-8"):
+        read_texts(str(tmp_path / name))
+
+
+def test_read_texts_says_a_directory_is_not_a_text_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match=rf"text file '{tmp_path}' is a directory; expected a .txt"):
+        read_texts(str(tmp_path))
