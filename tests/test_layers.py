@@ -21,7 +21,7 @@ PACKAGE = ROOT / "distillx"
 # Bottom to top; a module may import its own layer and those before it. The most specific prefix wins.
 LAYERS = [
     ("base", ["distillx._checks", "distillx._ext", "distillx._atomic", "distillx._options", "distillx._version",
-              "distillx._batch", "distillx._C", "distillx.data"]),
+              "distillx._batch", "distillx._C", "distillx.data", "distillx.reporting.progress"]),
     ("ops", ["distillx.ops"]),
     ("functional", ["distillx.functional"]),
     ("features", ["distillx.features"]),

@@ -31,6 +31,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from ..distiller import Distiller
+from ..hf.pretrained import load_pretrained, load_tokenizer, student_from_config
+from ..hf.text import PadCollate, TokenizedTexts
+
 HELDOUT = 256
 LR = 1e-4
 MAX_LENGTH = 64
@@ -52,8 +56,6 @@ def teacher_dir() -> str:
 
 def load_teacher() -> tuple[nn.Module, Any]:
     """The pretrained encoder (eval mode) and its tokenizer."""
-    from ..hf.pretrained import load_pretrained, load_tokenizer
-
     path = teacher_dir()
     return load_pretrained(path, "teacher").eval(), load_tokenizer(path, "teacher")
 
@@ -77,8 +79,6 @@ def corpus(seed: int = 0) -> tuple[list[str], list[str]]:
 def train_loader(sentences: Sequence[str], tokenizer: Any, steps: int, batch_size: int = 32,
                  seed: int = 0) -> DataLoader:
     """``steps`` batches of ``batch_size`` sentences, as mapping batches (one epoch = ``steps`` steps)."""
-    from ..hf.text import PadCollate, TokenizedTexts
-
     data = TokenizedTexts(list(sentences), tokenizer, MAX_LENGTH)
     sampler = RandomSampler(data, num_samples=steps * batch_size, generator=torch.Generator().manual_seed(seed))
     return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=PadCollate(tokenizer))
@@ -86,8 +86,6 @@ def train_loader(sentences: Sequence[str], tokenizer: Any, steps: int, batch_siz
 
 def make_student(teacher: nn.Module, shape: str = "deep", seed: int = 0) -> nn.Module:
     """The teacher's architecture at ``SHAPES[shape]``, random-initialised from ``seed``."""
-    from ..hf.pretrained import student_from_config
-
     torch.manual_seed(seed)
     return student_from_config(teacher, SHAPES[shape])
 
@@ -137,10 +135,8 @@ def distil(teacher: nn.Module, student: nn.Module, methods: list, loader: DataLo
            lr: float = LR, **distiller_options: Any) -> dict:
     """One epoch of ``loader`` with ``methods`` (no task loss); returns the Distiller's last metrics
     and the seconds it took."""
-    import distillx as dx
-
     start = time.perf_counter()
-    d = dx.Distiller(teacher, student, methods, task_weight=0.0,
+    d = Distiller(teacher, student, methods, task_weight=0.0,
                      optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
                      progress=False, seed=seed, **distiller_options)
     history = d.fit(loader, 1)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from .. import _checks
+from .calibration import batches as calibration_batches
+from .calibration import call
 from .errors import TransferError, check_models, close_names
 from .report import TransferReport
 from .tensors import output_layer, transferable_tensors
@@ -16,35 +18,6 @@ from .tensors import output_layer, transferable_tensors
 class _Captured(BaseException):
     """Stops the student's forward once the head's input is captured. A BaseException, so a model
     that wraps its forward in ``except Exception`` does not swallow it."""
-
-
-def _device(model: nn.Module) -> Optional[torch.device]:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return None if tensor is None else tensor.device
-
-
-def _to(value: Any, device: Optional[torch.device]) -> Any:
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on a calibration batch: a tensor, ``(inputs, targets, ...)``, or a dict of keyword inputs."""
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise TransferError("head_fit: a calibration batch is an empty tuple")
-        batch = batch[0]
-    batch = _to(batch, _device(model))
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -71,7 +44,7 @@ def _head_input(student: nn.Module, head: nn.Module, path: str, batch: Any) -> t
 
     handle = head.register_forward_pre_hook(hook)
     try:
-        _call(student, batch)
+        call(student, batch, "head_fit")
     except _Captured:
         pass
     finally:
@@ -136,24 +109,6 @@ def _check_untied(student: nn.Module, layer: nn.Linear, path: str) -> None:
         raise TransferError(f"head_fit: the student's output layer {path!r} is tied to {', '.join(others)} (the same "
                             f"tensor); fitting it would rewrite that too and change the features it is fitted on. "
                             f"Untie the head first, or use another strategy")
-
-
-def _calibration_batches(calibration: Any, max_batches: Optional[int]) -> Iterator[Any]:
-    if calibration is None:
-        raise TransferError("head_fit needs calibration=: an iterable of batches (a DataLoader, a list of "
-                            "(inputs, targets) or of input tensors)")
-    if isinstance(calibration, torch.Tensor):
-        calibration = [calibration]  # one batch, not its rows one by one
-    try:
-        iterator = iter(calibration)
-    except TypeError:
-        raise TypeError(f"head_fit: calibration must be an iterable of batches, got {type(calibration).__name__}") \
-            from None
-    if max_batches is not None:
-        _checks.integer("head_fit: max_batches", max_batches, ge=1, optional=True)
-        # islice stops before pulling batch max_batches + 1 (a loader may be expensive or endless)
-        iterator = itertools.islice(iterator, max_batches)
-    return iterator
 
 
 def solve(xtx: torch.Tensor, xty: torch.Tensor, lam: float, bias: bool) -> torch.Tensor:
@@ -223,7 +178,7 @@ def head_fit(teacher: nn.Module, student: nn.Module, *, calibration: Any = None,
     n_in, n_out = layer.in_features, layer.out_features
     _check_untied(student, layer, path)
 
-    data = _calibration_batches(calibration, max_batches)
+    data = calibration_batches(calibration, "head_fit", max_batches, progress=True)
     modes = [(m, m.training) for m in (teacher, student)]
     teacher.eval()
     student.eval()
@@ -233,7 +188,7 @@ def head_fit(teacher: nn.Module, student: nn.Module, *, calibration: Any = None,
         for batch in data:
             x = _head_input(student, layer, path, batch)
             _check_finite(x, f"the student's features at {path!r}", student, "student", batch, batches)
-            y = _logits(_call(teacher, batch))
+            y = _logits(call(teacher, batch, "head_fit"))
             _check_finite(y, "the teacher's logits", teacher, "teacher", batch, batches)
             if y.shape[-1] != n_out:
                 raise TransferError(f"head_fit: the teacher's logits have {y.shape[-1]} outputs but the student's "
