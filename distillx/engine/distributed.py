@@ -7,12 +7,18 @@ it yet), the Distiller wraps the student together with the methods' adapters in
 unsynchronised (it is only read), re-creates each training loader so every rank sees its share of
 every global batch (:mod:`distillx.engine.sharding`), sums the epoch metrics over ranks, and lets
 only rank 0 write checkpoints, metrics and plots and draw progress bars.
+
+Before its first collective a run checks that every rank runs the same configuration
+(:func:`check_same`: a hash of a plain description, gathered; the ranks that differ and the keys
+where they differ on every rank).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +26,10 @@ from torch import nn
 
 from . import fsdp
 from .batches import call_model
+
+
+class RanksDisagree(ValueError):
+    """The ranks are not running the same configuration (raised on every rank by :func:`check_same`)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,68 @@ def init_from_env(device: torch.device) -> DistContext:
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size())
     return DistContext()
+
+
+def flatten(value: Any, prefix: str = "") -> dict:
+    """A nested description as ``{dotted.key: leaf}`` (dicts by key, lists holding dicts by index)."""
+    if isinstance(value, dict):
+        out: dict = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: {}}
+    if isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON data for :func:`check_same`: containers recursively, numbers, strings, None;
+    a function or class by its qualified name and any other object by its type's, never by its repr
+    (which holds a memory address that differs between processes)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    named = value if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__") else type(value)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', type(named).__name__)}"
+
+
+def check_same(ctx: DistContext, description: dict, what: str, shown: int = 6) -> None:
+    """Raise :class:`RanksDisagree` on every rank unless every rank passed the same ``description``
+    (of ``what``, for the message: "the run's config").
+
+    ``description`` is turned into JSON data by :func:`plain`. Its hash is gathered (one small
+    collective); only when the hashes differ are the flattened descriptions gathered, so the message
+    names each rank that differs from rank 0 and up to ``shown`` of the keys where it does, with both
+    values. Call it before a run's first collective: ranks that disagree otherwise hang in, or
+    corrupt, the collectives that follow.
+    """
+    if not ctx.enabled:
+        return
+    text = json.dumps(plain(description), sort_keys=True)
+    digests = ctx.gather(hashlib.sha256(text.encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    # Every rank saw the same digests, so every rank takes this second collective.
+    flat = ctx.gather({k: json.dumps(v, sort_keys=True) for k, v in flatten(json.loads(text)).items()})
+    lines = []
+    for rank in range(1, ctx.world_size):
+        if digests[rank] == digests[0]:
+            continue
+        keys = sorted(k for k in set(flat[0]) | set(flat[rank]) if flat[0].get(k) != flat[rank].get(k))
+        diffs = [f"{k}: {flat[0].get(k, '(unset)')} on rank 0, {flat[rank].get(k, '(unset)')} on rank {rank}"
+                 for k in keys[:shown]]
+        more = f"; and {len(keys) - shown} more key(s)" if len(keys) > shown else ""
+        lines.append(f"rank {rank} differs from rank 0" + (f" in {'; '.join(diffs)}{more}" if diffs else ""))
+    raise RanksDisagree(f"the ranks disagree on {what}, so every rank stops before training: " + " | ".join(lines)
+                        + ". Give every rank the same configuration (the same command line, files and arguments)")
 
 
 class Trainable(nn.Module):
