@@ -53,7 +53,7 @@ from .engine.arguments import (TASK, apply_transfer, build_augmentations, cache_
 from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, task_cross_entropy, to_device,
                              unpack_batch)
 from .engine.distributed import init_from_env
-from .engine.loop import SignalGuard
+from .engine.signals import SignalGuard
 from .engine.phases import Phases
 from .engine.plan import FeaturePlan
 from .engine.schedules import check_weight_schedules

@@ -26,7 +26,9 @@ checkpoint needs ``--resume`` or ``--overwrite``; any other non-empty directory 
 
 Exit status: 0 done; 2 a mistake in the config or in what it names (the message says which key);
 3 a loss became NaN/inf (the message names the phase, epoch, step and loss term; the last checkpoint
-is kept); 1 training failed otherwise; 130 interrupted (a checkpoint of the exact step is written).
+is kept); 1 training failed otherwise; 130 interrupted (a checkpoint of the exact step is written; a
+further SIGINT/SIGTERM more than DISTILLX_SIGNAL_WINDOW seconds, default 2, after the first stops at
+once, keeping the last checkpoint).
 """
 from __future__ import annotations
 
@@ -81,6 +83,12 @@ def main(argv=None) -> int:
         return execute(cfg, source, args.resume, args.overwrite, progress, command)
     except StoppedByRankZero:
         return 2  # rank 0 said why
+    except KeyboardInterrupt as exc:  # a further signal after the first (engine/signals.py): stop now
+        if args.traceback:
+            raise
+        print(f"{_who()}{exc or 'interrupted'}; --resume continues from output_dir's checkpoint.pt, if one was "
+              "written", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         if args.traceback:
             raise
