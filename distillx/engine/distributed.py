@@ -10,7 +10,9 @@ only rank 0 write checkpoints, metrics and plots and draw progress bars.
 
 Before its first collective a run checks that every rank runs the same configuration
 (:func:`check_same`: a hash of a plain description, gathered; the ranks that differ and the keys
-where they differ on every rank).
+where they differ on every rank). A process group distillx starts has a collective timeout of
+``DISTILLX_COLLECTIVE_TIMEOUT`` seconds (default 600): a rank waiting longer for the others in a
+collective fails, and :class:`DistContext`'s collectives name the rank and the operation.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,8 +31,30 @@ from . import fsdp
 from .batches import call_model
 
 
+TIMEOUT_ENV = "DISTILLX_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank: another rank did not join it within the timeout, or died."""
+
+
 class RanksDisagree(ValueError):
     """The ranks are not running the same configuration (raised on every rank by :func:`check_same`)."""
+
+
+def collective_timeout() -> timedelta:
+    """The timeout of a process group distillx starts: ``DISTILLX_COLLECTIVE_TIMEOUT`` seconds (default 600)."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {raw!r}")
+    return timedelta(seconds=value)
 
 
 @dataclass(frozen=True)
@@ -45,9 +70,20 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _collective(self, what: str, run: Callable[[], Any]) -> Any:
+        # A timeout or a dead peer surfaces as a backend RuntimeError that names neither the rank nor
+        # the operation; say both, and what usually causes it.
+        try:
+            return run()
+        except RuntimeError as exc:
+            raise CollectiveError(
+                f"rank {self.rank} of {self.world_size}: the collective {what} failed: another rank did not join it "
+                f"within the process group's timeout ({TIMEOUT_ENV} sets it when distillx starts the group) or "
+                f"stopped; look at the other ranks' errors ({type(exc).__name__}: {exc})") from exc
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            self._collective("all_reduce (sum)", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
         return tensor
 
     def any(self, flag: bool) -> bool:
@@ -55,7 +91,7 @@ class DistContext:
         if not self.enabled:
             return bool(flag)
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        self._collective("all_reduce (any)", lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
         return bool(value.item())
 
     def gather(self, obj):
@@ -63,7 +99,7 @@ class DistContext:
         if not self.enabled:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        self._collective("all_gather_object", lambda: dist.all_gather_object(out, obj))
         return out
 
     def mine(self, per_rank: list):
@@ -72,19 +108,20 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            self._collective("barrier", dist.barrier)
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` overwritten with rank 0's (in place)."""
         if self.enabled:
-            dist.broadcast(tensor, src=0)
+            self._collective("broadcast", lambda: dist.broadcast(tensor, src=0))
         return tensor
 
 
 def init_from_env(device: torch.device) -> DistContext:
-    """The process group's context, initialising it from ``torchrun``'s environment if needed."""
+    """The process group's context, initialising it from ``torchrun``'s environment if needed (with
+    :func:`collective_timeout`; a group the caller initialised keeps its own timeout)."""
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size())
     return DistContext()
