@@ -28,7 +28,9 @@ Exit status: 0 done; 2 a mistake in the config or in what it names (the message 
 3 a loss became NaN/inf (the message names the phase, epoch, step and loss term; the last checkpoint
 is kept); 1 training failed otherwise; 130 interrupted (a checkpoint of the exact step is written; a
 further SIGINT/SIGTERM more than DISTILLX_SIGNAL_WINDOW seconds, default 2, after the first stops at
-once, keeping the last checkpoint).
+once, keeping the last checkpoint). Under torchrun every rank first checks that all run the same
+config (a difference is exit status 2, naming the ranks and keys); a rank that waits for the others
+in a collective longer than DISTILLX_COLLECTIVE_TIMEOUT seconds (default 600) fails, naming itself.
 """
 from __future__ import annotations
 
