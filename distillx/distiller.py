@@ -53,7 +53,7 @@ from .engine.arguments import (TASK, apply_transfer, build_augmentations, cache_
 from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, task_cross_entropy, to_device,
                              unpack_batch)
 from .engine.distributed import init_from_env
-from .engine.loop import SignalGuard
+from .engine.signals import SignalGuard
 from .engine.phases import Phases
 from .engine.plan import FeaturePlan
 from .engine.schedules import check_weight_schedules
@@ -273,6 +273,7 @@ class Distiller(Phases):
         """Phase 1: train the teacher on the task loss for ``epochs`` epochs; return its metrics."""
         check_epochs(epochs)
         with SignalGuard():
+            self._check_ranks_agree("train_teacher", train_loader, val_loader, epochs=epochs, resume=resume)
             state, position = self._resume_state(resume, "teacher", train_loader, val_loader)
             return self._teacher_phase(train_loader, epochs, val_loader, state, position)
 
@@ -293,6 +294,9 @@ class Distiller(Phases):
         # SIGINT/SIGTERM from here on, in setup too (transfer, dry forward pass, teacher cache), stop
         # at the next step boundary with a checkpoint (engine/loop.py).
         with SignalGuard():
+            # Before the first collective: ranks that disagree would hang in the first one that differs.
+            self._check_ranks_agree("fit", train_loader, val_loader, epochs=epochs, teacher_epochs=teacher_epochs,
+                                    resume=resume)
             state, position = self._resume_state(resume, None, train_loader, val_loader)
             if state is not None and state["phase"] == "teacher":
                 self._teacher_phase(train_loader, teacher_epochs, val_loader, state, position)

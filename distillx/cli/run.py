@@ -32,7 +32,11 @@ for the same teacher, captures and inputs, and rebuilt otherwise.
 
 Exit status: 0 done; 2 a mistake in the config or in what it names (the message says which key);
 3 a loss became NaN/inf (the message names the phase, epoch, step and loss term; the last checkpoint
-is kept); 1 training failed otherwise; 130 interrupted (a checkpoint of the exact step is written).
+is kept); 1 training failed otherwise; 130 interrupted (a checkpoint of the exact step is written; a
+further SIGINT/SIGTERM more than DISTILLX_SIGNAL_WINDOW seconds, default 2, after the first stops at
+once, keeping the last checkpoint). Under torchrun every rank first checks that all run the same
+config (a difference is exit status 2, naming the ranks and keys); a rank that waits for the others
+in a collective longer than DISTILLX_COLLECTIVE_TIMEOUT seconds (default 600) fails, naming itself.
 """
 from __future__ import annotations
 
@@ -88,6 +92,12 @@ def main(argv=None) -> int:
         return execute(cfg, source, args.resume, args.overwrite, progress, command)
     except StoppedByRankZero:
         return 2  # rank 0 said why
+    except KeyboardInterrupt as exc:  # a further signal after the first (engine/signals.py): stop now
+        if args.traceback:
+            raise
+        print(f"{_who()}{exc or 'interrupted'}; --resume continues from output_dir's checkpoint.pt, if one was "
+              "written", file=sys.stderr)
+        return 130
     except ConfigError as exc:
         if args.traceback:
             raise

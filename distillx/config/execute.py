@@ -4,8 +4,10 @@ teacher and the student, and write ``checkpoint.pt``, ``config.json``, ``metrics
 and the tokenizer), ``teacher.pt`` (and ``composed.pt`` for a student on the teacher's features) into
 ``output_dir``; the command is ``distillx run`` (:mod:`distillx.cli.run`).
 
-Under ``torchrun`` every process runs this; rank 0 alone checks and writes ``output_dir`` (the others
-wait for its verdict and stop with it) and prints, the others stay quiet.
+Under ``torchrun`` every process runs this. First every rank checks that all run the same resolved
+config (:data:`PER_PROCESS` aside) and the same ``--resume``/``--overwrite``; then rank 0 alone checks
+and writes ``output_dir`` (the others wait for its verdict and stop with it) and prints, the others
+stay quiet.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from .._atomic import atomic_open, save_atomic
 from ..compose import save_composed
 from ..engine import checkpoint as ckpt
-from ..engine.distributed import init_from_env
+from ..engine.distributed import RanksDisagree, check_same, flatten, init_from_env
 from ..engine.fsdp import full_state_dict
 from ..engine.loop import TrainingInterrupted
 from ..engine.step import NonFiniteLossError
@@ -33,28 +35,18 @@ from .schema import ConfigError
 PROG = "distillx run"
 
 
+#: Keys each process may set for itself: they change no collective and no result.
+PER_PROCESS = ("threads", "training.progress")
+
+
 class StoppedByRankZero(ConfigError):
     """Raised on the other ranks when rank 0 refused the run (rank 0 printed why)."""
 
 
 # -- running -------------------------------------------------------------------------------------
-def _flatten(value: Any, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        out: dict = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out if out or not prefix else {prefix: {}}
-    if isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}.{i}"))
-        return out
-    return {prefix: value}
-
-
 def config_changes(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every leaf that differs between two resolved configs."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     changes = []
     for k in sorted(set(a) | set(b)):
         if k not in a or k not in b or a[k] != b[k]:
@@ -115,6 +107,11 @@ def execute(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Opt
             command: str = "distillx run CONFIG") -> int:
     """Run a resolved config; return the exit status. ``command`` is how the user ran it (for hints)."""
     ctx = init_from_env(torch.device(cfg["device"]))
+    shared = {k: v for k, v in flatten(json.loads(json.dumps(cfg, default=str))).items() if k not in PER_PROCESS}
+    try:  # before any other collective: ranks that disagree would hang in the first one that differs
+        check_same(ctx, {**shared, "--resume": resume, "--overwrite": overwrite}, "the run's config")
+    except RanksDisagree as exc:
+        raise ConfigError(str(exc)) from None
     problem = None
     finished = False
     if ctx.is_main:

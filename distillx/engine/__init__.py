@@ -4,7 +4,9 @@
 ``training`` (plain supervised training, evaluation, optimizers), ``batches`` (what a loader yields:
 pairs or mappings, and calling a model with them), ``schedules`` (LR and loss-weight schedules),
 ``checkpoint`` (atomic, verified, safe checkpoints, build/restore), ``rng`` (the random state exact
-resume saves, and the loaders it refuses), ``distributed`` (torchrun/DDP/FSDP), ``sharding`` (every
+resume saves, and the loaders it refuses), ``signals`` (SIGINT/SIGTERM: a flag between steps, a stop
+at once on a later signal), ``distributed`` (torchrun/DDP/FSDP, the ranks' agreement, collective
+timeouts), ``sharding`` (every
 loader form split across ranks), ``fsdp`` (FSDP2 and distributed checkpoints), ``plan`` (which features each method
 needs), ``arguments`` (the Distiller's argument checks).
 """

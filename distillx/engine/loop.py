@@ -7,13 +7,12 @@ per-sample means of every loss component (summed over ranks), validation, the ``
 callback (bookkeeping the checkpoint holds), a checkpoint, then the ``on_epoch_saved`` callback (the
 plugin hooks: one that raises stops the run with the epoch saved). SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
 position and raise :class:`TrainingInterrupted`; resuming from it continues bit for bit (see
-:mod:`distillx.engine.checkpoint`).
+:mod:`distillx.engine.checkpoint`). :class:`~distillx.engine.signals.SignalGuard` says when a
+further signal stops at once instead.
 """
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NoReturn, Optional
 
@@ -24,6 +23,7 @@ from . import checkpoint as ckpt
 from .batches import LABELS, batch_size, split, split_indexed, to_device
 from .distributed import DistContext
 from .sharding import set_epoch
+from .signals import SignalGuard
 
 LossFn = Callable[..., dict]
 _END = object()  # what next() returns past a loader's last batch
@@ -88,49 +88,6 @@ def _unpack(batch, phase: Phase):
     else:
         indices, (inputs, targets) = None, split(batch, phase.label_key)
     return indices, to_device(inputs, phase.device), to_device(targets, phase.device)
-
-
-class SignalGuard:
-    """Turns SIGINT/SIGTERM into a flag (``signum``) checked between steps (main thread only).
-
-    Guards nest: entering one while another is active returns the active one, so a signal caught
-    while :class:`distillx.Distiller` sets up a phase (transfer, the dry forward pass that builds
-    adapters, the teacher cache) is seen by the loop that starts next. A second signal raises
-    ``KeyboardInterrupt`` at once.
-    """
-
-    _active: Optional["SignalGuard"] = None
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
-        self._outer: Optional[SignalGuard] = None
-
-    def __enter__(self) -> "SignalGuard":
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        if SignalGuard._active is not None:
-            self._outer = SignalGuard._active
-            return self._outer
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        SignalGuard._active = self
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now, the last checkpoint stays
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        if self._outer is not None:
-            self._outer = None
-            return
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-        if SignalGuard._active is self:
-            SignalGuard._active = None
 
 
 class Runner:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from typing import Callable, Optional
@@ -24,9 +25,9 @@ from ..plugin import get_plugin_manager
 from ..teacher_cache import cache_for_run
 from . import checkpoint as ckpt
 from . import fsdp
-from .arguments import AMP
+from .arguments import AMP, method_name
 from .batches import call_model, check_loader, logits_of, unpack_batch
-from .distributed import parallelize, wrap
+from .distributed import check_same, parallelize, wrap
 from .loop import Phase, Runner, steps_per_epoch
 from .schedules import build_scheduler
 from .sharding import shard_loader
@@ -182,6 +183,34 @@ class Phases:
             position, state["path"] if state is not None else None)
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _check_ranks_agree(self, call: str, train_loader, val_loader, **arguments) -> None:
+        """Under several processes, stop every rank (:class:`~distillx.engine.distributed.RanksDisagree`)
+        unless all call ``call`` with the same settings: what decides the collectives that follow and
+        the result (strategy, methods and their options, epochs, resume, the loaders' lengths, the
+        models' parameter shapes, ...). Call it before the phase's first collective."""
+        if not self.ctx.enabled:
+            return
+        optimizer, scheduler, warmup = self._phase_specs["student"]
+        t_optimizer, t_scheduler, t_warmup = self._phase_specs["teacher"]
+        described = {
+            "call": call, **arguments,
+            "train_loader": {"batches": steps_per_epoch(train_loader),
+                             "batch_size": getattr(train_loader, "batch_size", None)},
+            "val_loader": None if val_loader is None else {"batches": steps_per_epoch(val_loader)},
+            "strategy": self.strategy, "shard_teacher": self.shard_teacher, "amp": self.amp,
+            "grad_clip": self.grad_clip,
+            "task_weight": self.task_weight, "task_loss": self.task_loss, "check_finite": self.check_finite,
+            "label_key": self.label_key, "student_input": self.student_input,
+            "methods": [{"name": method_name(m), "class": type(m), "options": m.config()} for m in self.methods],
+            "weight_schedules": self.weight_schedules, "augmentations": [type(a) for a in self.augmentations],
+            "cache_teacher": self._cache_opts, "checkpoint_dir": self.checkpoint_dir,
+            "student": {"optimizer": optimizer, "scheduler": scheduler, "warmup": warmup,
+                        "parameters": _shapes(self.student)},
+            "teacher": {"optimizer": t_optimizer, "scheduler": t_scheduler, "warmup": t_warmup,
+                        "parameters": _shapes(self.teacher)},
+        }
+        check_same(self.ctx, described, f"Distiller.{call}()'s settings and arguments")
+
     def _resume_state(self, resume, want_phase: Optional[str], train_loader, val_loader):
         """The checkpoint to resume (or None), after the checks a run that writes or reads
         checkpoints needs: a writable checkpoint_dir, loaders whose random state can be saved."""
@@ -228,3 +257,10 @@ class Phases:
                 seen.add(id(p))
                 params.append(p)
         return params
+
+
+def _shapes(model: nn.Module) -> str:
+    """A short digest of ``model``'s parameter names, shapes and dtypes (equal models, equal digests)."""
+    text = ";".join(f"{name}:{tuple(p.shape)}:{p.dtype}" for name, p in model.named_parameters())
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{sum(p.numel() for p in model.parameters())} parameters, shapes {digest}"
