@@ -6,20 +6,36 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from ..hf.layouts import attention_blocks
+from .adapt import uniform_indices
 from .apply import copy_or_shrink
 from .correspond import MappingSpec, correspond, layer_stacks
+from .depth import choose_maps
 from .errors import TransferError, check_choice, check_models, close_names
 from .report import TransferReport
 
-LayerMap = Union[None, Sequence[int], Mapping[str, Sequence[int]]]
+LayerMap = Union[None, str, Sequence[int], Mapping[str, Sequence[int]]]
+RULES = ("uniform", "every", "auto")
+DEFAULT_RULE = "uniform"  # measured against "every": see the README's weight-transfer table
+
+
+def every_map(n_student: int, n_teacher: int) -> list[int]:
+    r""":math:`j(i) = \lfloor i\,N_t / N_s \rfloor`: every :math:`(N_t/N_s)`-th teacher layer from layer 0.
+
+    For a teacher twice as deep this is DistilBERT's ``[0, 2, 4, ...]`` (every other layer); it never
+    keeps the teacher's last layer.
+    """
+    return [i * n_teacher // n_student for i in range(n_student)]
+
+
+def uniform_map(n_student: int, n_teacher: int) -> list[int]:
+    r""":math:`j(i) = \operatorname{round}(i\,(N_t-1)/(N_s-1))`: evenly spaced, the first *and the last*
+    teacher layer included (``[0, 5]`` for 6 -> 2, ``[0, 2, 5]`` for 6 -> 3)."""
+    return uniform_indices(n_teacher, n_student)
 
 
 def default_map(n_student: int, n_teacher: int) -> list[int]:
-    r""":math:`j(i) = \lfloor i\,N_t / N_s \rfloor`: every :math:`(N_t/N_s)`-th teacher layer from layer 0.
-
-    For a teacher twice as deep this is DistilBERT's ``[0, 2, 4, ...]`` (every other layer).
-    """
-    return [i * n_teacher // n_student for i in range(n_student)]
+    """The data-free default, :data:`DEFAULT_RULE`."""
+    return {"uniform": uniform_map, "every": every_map}[DEFAULT_RULE](n_student, n_teacher)
 
 
 def _check_map(stack: str, layer_map: Sequence[int], n_student: int, n_teacher: int) -> list[int]:
@@ -37,7 +53,8 @@ def _check_map(stack: str, layer_map: Sequence[int], n_student: int, n_teacher: 
 
 
 def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, mapping: MappingSpec = None,
-              adapt: Optional[str] = "select", blocks: Optional[Mapping[str, Any]] = None) -> TransferReport:
+              adapt: Optional[str] = "select", blocks: Optional[Mapping[str, Any]] = None,
+              calibration: Any = None, max_batches: Optional[int] = None) -> TransferReport:
     r"""Initialise student layer :math:`i` from teacher layer :math:`\mathrm{map}[i]`.
 
     DistilBERT (V. Sanh, L. Debut, J. Chaumond, T. Wolf, "DistilBERT, a distilled version of
@@ -48,8 +65,13 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
 
     Options:
         map: for every stack, ``[j_0, j_1, ...]`` (student layer i <- teacher layer j_i), or
-            ``{stack path: [...]}`` per stack; default :func:`default_map`
-            (:math:`\lfloor i N_t/N_s \rfloor`, DistilBERT's every other layer for a teacher twice as deep).
+            ``{stack path: [...]}`` per stack, or a rule: ``"uniform"`` (:func:`uniform_map`: evenly
+            spaced with the first and the last layer, the default), ``"every"`` (:func:`every_map`:
+            DistilBERT's every other layer from layer 0, the default before it was measured worse),
+            ``"auto"`` (chosen on ``calibration`` data: the map whose pruned teacher stays closest
+            to the teacher, :mod:`distillx.transfer.depth`; the report lists each layer's block
+            influence and the distances of the maps tried).
+        calibration: batches for ``map="auto"`` (as for ``head_fit``); ``max_batches`` bounds them.
         mapping: ``{student name: teacher name}`` of tensors or modules (or a callable), e.g. when
             the stacks have different paths: ``{"layers": "encoder.layer"}``.
         adapt: how tensors of different shapes are shrunk: ``"select"`` (default, uniform
@@ -61,6 +83,7 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
     Example::
 
         dx.transfer("layer_map", bert_base, distil, map=[0, 2, 4, 6, 8, 10])
+        dx.transfer("layer_map", bert_base, distil, map="auto", calibration=loader)
     """
     check_models(teacher, student)
     check_choice("layer_map", "adapt", adapt, ("select", "truncate", None))
@@ -68,6 +91,24 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
     if not stacks:
         raise TransferError("layer_map: the student has no stack of layers (an nn.ModuleList or nn.Sequential "
                             "of layers of one type); use 'direct' or 'select' instead")
+    rule = map if isinstance(map, str) else None
+    if rule is not None:
+        check_choice("layer_map", "map", rule, RULES)
+        map = None
+    elif calibration is not None:
+        raise TransferError("layer_map: calibration= is used only with map=\"auto\"")
+    choices = {}
+    if rule == "auto":
+        t_stacks = layer_stacks(teacher)
+        missing = [p for p in stacks if p not in t_stacks]
+        if missing:
+            raise TransferError(f"layer_map: map=\"auto\" needs the teacher's stack at the student's path; the "
+                                f"teacher has no stack {missing[0]!r} (stacks: {', '.join(repr(p) for p in t_stacks)})")
+        choices = choose_maps(teacher, {p: (n, t_stacks[p]) for p, n in stacks.items()}, calibration,
+                              "layer_map", max_batches)
+        map = {p: c.map for p, c in choices.items()}
+    elif calibration is None and max_batches is not None:
+        raise TransferError("layer_map: max_batches= bounds the calibration of map=\"auto\" only")
     if isinstance(map, Mapping):
         for path in map:
             if path not in stacks:
@@ -76,15 +117,22 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
 
     used: dict[str, list[int]] = {}
 
-    def rule(stack: str, i: int, n_student: int, n_teacher: int) -> Optional[int]:
+    named = {"uniform": uniform_map, "every": every_map}.get(rule, default_map)
+
+    def layers(stack: str, i: int, n_student: int, n_teacher: int) -> Optional[int]:
         if stack not in used:
             given = map.get(stack) if isinstance(map, Mapping) else map
-            used[stack] = (default_map(n_student, n_teacher) if given is None
+            used[stack] = (named(n_student, n_teacher) if given is None
                            else _check_map(stack, given, n_student, n_teacher))
         return used[stack][i]
 
     report = TransferReport.for_model("layer_map", student)
-    matches = correspond(teacher, student, mapping=mapping, layers=rule)
+    matches = correspond(teacher, student, mapping=mapping, layers=layers)
     report.notes += [f"{stack or 'root'}: student layer i <- teacher layer {m}" for stack, m in used.items()]
+    for c in choices.values():
+        report.importance.setdefault("layers", {})[c.stack] = c.to_dict()
+        report.notes.append(f"{c.stack or 'root'}: map {c.map} chosen on calibration data ({c.search}; output "
+                            f"distance {c.distance:.4f}); block influence per teacher layer: "
+                            + ", ".join(f"{b:.3f}" for b in c.influence))
     blocks = {**attention_blocks(teacher, student), **(blocks or {})}  # heads kept apart; given ones win
     return copy_or_shrink(student, matches, report, adapt, blocks)

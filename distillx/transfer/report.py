@@ -96,6 +96,8 @@ class TransferReport:
         self.aliases: dict[str, str] = dict(aliases or {})  # tied tensors: {alias: first name}
         self.records: list[TensorRecord] = []
         self.notes: list[str] = []  # strategy-wide remarks (the ridge used, the layer map, ...)
+        # what a data-aware strategy measured, JSON-ready: {"layers": {stack: {...}}, "heads": ..., ...}
+        self.importance: dict[str, Any] = {}
 
     @classmethod
     def for_model(cls, strategy: str, student) -> "TransferReport":
@@ -203,6 +205,7 @@ class TransferReport:
             "counts": self.counts(),
             "complete": self.complete,
             "notes": list(self.notes),
+            "importance": self.importance,
             "tensors": [r.to_dict() for r in self.records],
         }
 
