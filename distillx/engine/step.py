@@ -22,6 +22,7 @@ from torch import nn
 
 from ..features.paths import unwrap_model
 from ..methods import Method
+from ..methods.base import checked_loss
 from .batches import call_model, logits_of
 from .plan import FeaturePlan
 
@@ -174,11 +175,13 @@ class DistillStep:
             terms[TASK] = w * self.task_loss(student_logits, targets)
         else:
             terms[TASK] = zero
+        # A method's loss needs a graph only where there is something to train through it.
+        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.student.parameters())
         for i, (key, m) in enumerate(zip(self.keys, self.methods)):
             w = self.weight(key, m.weight)
             if w:
                 s, t = self.plan.views(i, *outs)
-                terms[key] = w * m.loss(s, t, batch)
+                terms[key] = w * checked_loss(m, key, m.loss(s, t, batch), need_graph)
             else:
                 terms[key] = zero
         return terms
