@@ -109,7 +109,9 @@ class Distiller(Phases):
         student_input: a student that consumes the teacher's features: the student is called on the
             teacher's feature at this cut (``"layer3"``, ``"penultimate"``, ``"blocks.2@input"``,
             ``"encoder:0"``, or a :class:`~distillx.features.FeatureSpec` with a reduction) instead of
-            the batch inputs. The teacher runs (``no_grad``, ``eval()``) only up to the cut unless a
+            the batch inputs. The feature must be a tensor: at a layer whose output is a tuple, select
+            one element (``"encoder:0"``), unless the student sets ``distillx_whole_inputs = True`` to
+            take the tuple as it is. The teacher runs (``no_grad``, ``eval()``) only up to the cut unless a
             method reads its logits or later features; with ``cache_teacher=True`` the cut features
             are cached and training runs only the student. ``d.composed`` (teacher trunk + student)
             is what :meth:`evaluate` and validation run, and what :func:`distillx.compose` deploys.

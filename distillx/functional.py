@@ -235,7 +235,8 @@ def attention_map_loss(f_s, f_t, p=2.0):
     ``f_s`` (B, Cs, H, W) and ``f_t`` (B, Ct, H', W'): channel counts may differ; the larger attention
     map is adaptive-average-pooled to the smaller size. Any ``p > 0`` works: each sample is computed
     on ``F / max|F|``, which leaves its normalised map unchanged and keeps ``|F|^p`` finite (p = 200
-    on features of magnitude 2 overflowed float32 before).
+    on features of magnitude 2 overflowed float32 before); a sample of subnormal magnitude (|F| ~ 1e-39
+    in float32) is divided by its max, never multiplied by ``1/max`` (which overflows to inf).
 
     Example::
 

@@ -34,6 +34,28 @@ inline T pow_p(T x, T p) {
   return p == T(2) ? x * x : std::pow(x, p);
 }
 
+// x / m, as x · (1/m) when 1/m is a normal number, else (kDivide) as a true division: for a subnormal m
+// (features of magnitude ~1e-39 in float32) 1/m overflows to inf and x · inf is inf or NaN, and near
+// the top of the range 1/m is subnormal and has lost bits. Where 1/m is normal, x · (1/m) is within an
+// ulp of x / m and cheaper.
+template <typename T, bool kDivide>
+struct Unscale {
+  T m, inv;
+  inline T operator()(T x) const { return kDivide ? x / m : x * inv; }
+  inline Vec<T> operator()(const Vec<T>& x) const { return kDivide ? x / Vec<T>(m) : x * Vec<T>(inv); }
+};
+
+// Calls f(Unscale<T, kDivide>) with the kDivide that 1/m calls for (see Unscale).
+template <typename T, typename F>
+inline void with_unscale(T m, F&& f) {
+  const T inv = T(1) / m;
+  if (std::isnormal(inv)) {
+    f(Unscale<T, false>{m, inv});
+  } else {
+    f(Unscale<T, true>{m, inv});
+  }
+}
+
 // max_j |row[j]|, NaN when any entry is NaN.
 template <typename T>
 T max_abs(const T* row, int64_t n) {
@@ -90,13 +112,13 @@ std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& feature, 
             m = r;
           }
           if (!(m > T(0))) continue;  // all zero so far (or NaN: the sample's map is NaN)
-          const T inv = T(1) / m;
-          const Vec<T> vinv(inv);
-          int64_t j = 0;
-          for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
-            (Vec<T>::loadu(acc + j) + abs_pow(Vec<T>::loadu(row + j) * vinv, pp)).store(acc + j);
-          }
-          for (; j < n; ++j) acc[j] += pow_p(std::abs(row[j] * inv), pp);
+          with_unscale(m, [&](const auto unscale) {
+            int64_t j = 0;
+            for (; j + Vec<T>::size() <= n; j += Vec<T>::size()) {
+              (Vec<T>::loadu(acc + j) + abs_pow(unscale(Vec<T>::loadu(row + j)), pp)).store(acc + j);
+            }
+            for (; j < n; ++j) acc[j] += pow_p(std::abs(unscale(row[j])), pp);
+          });
         }
         task_max[task] = m;
         T* dst = a + b * HW + j0;
@@ -147,26 +169,29 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
         const T* src = x + row * HW;
         const T* grow = gm + (row / C) * HW;
         T* dst = dx + row * HW;
-        const T inv = T(1) / ms[row / C], scale = p_over_c * inv;
-        int64_t j = 0;
-        for (; j + Vec<T>::size() <= HW; j += Vec<T>::size()) {
-          const Vec<T> v = Vec<T>::loadu(src + j) * Vec<T>(inv), gv = Vec<T>::loadu(grow + j) * Vec<T>(scale);
-          Vec<T> d;
-          if (pp == T(2)) {
-            d = v;
-          } else {
-            // |v|^(p−1)·sign(v), with 0 at v = 0 (where the derivative is 0 for p > 1)
-            const Vec<T> mag = v.abs().pow(Vec<T>(pp - 1));
-            d = Vec<T>::blendv(mag, Vec<T>(0) - mag, v < Vec<T>(0));
-            d = Vec<T>::blendv(d, Vec<T>(0), v == Vec<T>(0));
+        // ∂f = unscale(unscale(f)^(p−1)·g·p/C): the second 1/m last, as the reference's autograd has it,
+        // so a subnormal m gives the (large, finite) gradient rather than 0·inf.
+        with_unscale(ms[row / C], [&](const auto unscale) {
+          int64_t j = 0;
+          for (; j + Vec<T>::size() <= HW; j += Vec<T>::size()) {
+            const Vec<T> v = unscale(Vec<T>::loadu(src + j)), gv = Vec<T>::loadu(grow + j) * Vec<T>(p_over_c);
+            Vec<T> d;
+            if (pp == T(2)) {
+              d = v;
+            } else {
+              // |v|^(p−1)·sign(v), with 0 at v = 0 (where the derivative is 0 for p > 1)
+              const Vec<T> mag = v.abs().pow(Vec<T>(pp - 1));
+              d = Vec<T>::blendv(mag, Vec<T>(0) - mag, v < Vec<T>(0));
+              d = Vec<T>::blendv(d, Vec<T>(0), v == Vec<T>(0));
+            }
+            unscale(d * gv).store(dst + j);
           }
-          (d * gv).store(dst + j);
-        }
-        for (; j < HW; ++j) {
-          const T v = src[j] * inv;
-          const T d = pp == T(2) ? v : (v == T(0) ? T(0) : std::copysign(std::pow(std::abs(v), pp - 1), v));
-          dst[j] = d * grow[j] * scale;
-        }
+          for (; j < HW; ++j) {
+            const T v = unscale(src[j]);
+            const T d = pp == T(2) ? v : (v == T(0) ? T(0) : std::copysign(std::pow(std::abs(v), pp - 1), v));
+            dst[j] = unscale(d * grow[j] * p_over_c);
+          }
+        });
       }
     });
   });

@@ -14,12 +14,15 @@ logits, the output layers methods apply themselves (``lm_kd``) are skipped on th
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..features.paths import unwrap_model
 from ..methods import Method
+from ..methods.base import checked_loss
 from .batches import call_model, logits_of
 from .plan import FeaturePlan
 
@@ -30,6 +33,28 @@ STUDENT_INPUT = "student_input"  # teacher capture key of the feature a student 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN/inf; the message names the method and, when a captured feature holds
     non-finite values, the model and layer."""
+
+
+def _not_a_tensor(trunk, feature) -> str:
+    """Why a cut whose output is a tuple, list or mapping cannot feed the student, and the selector
+    (the ``"PATH:INDEX"`` / ``"PATH:KEY"`` form of feature paths) that picks one of its tensors."""
+    def describe(v):
+        return f"a Tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+
+    if isinstance(feature, (tuple, list)):
+        what = f"a {type(feature).__name__} of {len(feature)} elements ({', '.join(map(describe, feature))})"
+        first = next((i for i, v in enumerate(feature) if isinstance(v, torch.Tensor)), 0)
+    elif isinstance(feature, Mapping):
+        what = f"a {type(feature).__name__} with keys {', '.join(map(repr, feature))}"
+        first = next((k for k, v in feature.items() if isinstance(v, torch.Tensor)), next(iter(feature), 0))
+    else:
+        what, first = describe(feature), 0
+    verb = "receives" if trunk.spec.capture == "input" else "outputs"
+    # The step calls the student model(*feature) on a tuple, the composed model head(feature): they
+    # would disagree, so one tensor is required (or a student that takes its inputs whole).
+    return (f"student_input={trunk.at!r}: the teacher's layer {trunk.path!r} {verb} {what}, but the student takes one "
+            f"tensor: use student_input={trunk.at + ':' + str(first)!r} to select element {first!r} (or give the "
+            "student distillx_whole_inputs = True to take it whole)")
 
 
 class DistillStep:
@@ -91,8 +116,15 @@ class DistillStep:
         return (logits_of(out, "teacher", required=False) if need else None), self.plan.collect("teacher")
 
     def student_input(self, inputs, teacher_feats):
-        """What the student is called on: the batch's inputs, or the teacher's feature at the cut."""
-        return teacher_feats.pop(STUDENT_INPUT) if self.trunk is not None else inputs
+        """What the student is called on: the batch's inputs, or the teacher's feature at the cut, which
+        must be a tensor unless the student takes its inputs whole (``distillx_whole_inputs = True``)."""
+        if self.trunk is None:
+            return inputs
+        feature = teacher_feats.pop(STUDENT_INPUT)
+        if not isinstance(feature, torch.Tensor) and not getattr(unwrap_model(self.student), "distillx_whole_inputs",
+                                                                 False):
+            raise ValueError(_not_a_tensor(self.trunk, feature))
+        return feature
 
     def student_outputs(self, inputs, need: bool):
         """``(student_logits, student_feats)`` of the (unwrapped) student."""
@@ -143,11 +175,13 @@ class DistillStep:
             terms[TASK] = w * self.task_loss(student_logits, targets)
         else:
             terms[TASK] = zero
+        # A method's loss needs a graph only where there is something to train through it.
+        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.student.parameters())
         for i, (key, m) in enumerate(zip(self.keys, self.methods)):
             w = self.weight(key, m.weight)
             if w:
                 s, t = self.plan.views(i, *outs)
-                terms[key] = w * m.loss(s, t, batch)
+                terms[key] = w * checked_loss(m, key, m.loss(s, t, batch), need_graph)
             else:
                 terms[key] = zero
         return terms

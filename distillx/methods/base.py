@@ -129,7 +129,9 @@ class Method(Options, nn.Module):
         """
 
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:
-        """The unweighted scalar loss from the student's and teacher's outputs (see module docstring)."""
+        """The unweighted scalar loss from the student's and teacher's outputs (see module docstring):
+        a floating-point tensor of shape () (or (1,), taken as the scalar), with a graph to the
+        student's parameters while gradients are on; the Distiller checks it (:func:`checked_loss`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement loss(student, teacher, batch)")
 
     # -- provided ---------------------------------------------------------------------------
@@ -200,6 +202,33 @@ class Method(Options, nn.Module):
 
 Method._root = Method
 Method._reserved = _MODULE_INSTANCE_ATTRS
+
+
+def checked_loss(method: "Method", key: str, value: Any, need_graph: bool) -> torch.Tensor:
+    """``value`` (what ``method.loss()`` returned) as a 0-dim tensor, checked: a floating-point tensor of
+    shape () or (1,) (one element, as ``torch.stack`` of a single term gives), which must require grad
+    when ``need_graph`` (gradients on and a student with trainable parameters; under ``no_grad`` or for a
+    frozen student a loss without a graph is legitimate). Anything else is a ``TypeError`` (not a
+    floating-point tensor) or ``ValueError`` (shape, graph) naming the method (``key``, its class) and
+    what it returned against what was expected: a float, a vector or a detached tensor would otherwise
+    fail later with a raw error, or train nothing."""
+    expected = "expected a floating-point scalar tensor (shape () or (1,))"
+    if need_graph:
+        expected += (" that requires grad (gradients are enabled and the student has trainable parameters: the loss"
+                     " must be computed from the student's outputs)")
+    if not isinstance(value, torch.Tensor):
+        found, error = ("None" if value is None else f"a {type(value).__name__}"
+                        + (f" ({value!r})" if isinstance(value, (int, float)) else "")), TypeError
+    elif not value.is_floating_point():
+        found, error = f"a tensor of dtype {value.dtype} (shape {tuple(value.shape)})", TypeError
+    elif value.dim() > 1 or value.numel() != 1:
+        found, error = f"a tensor of shape {tuple(value.shape)} (reduce it to a scalar, e.g. .mean())", ValueError
+    elif need_graph and not value.requires_grad:
+        found, error = ("a tensor that does not require grad (no graph to the student: computed under torch.no_grad, "
+                        "detached, .item() turned back into a tensor, or from the teacher's outputs alone)"), ValueError
+    else:
+        return value.reshape(())
+    raise error(f"method {key!r} ({type(method).__qualname__}).loss() returned {found}; {expected}")
 
 
 def check_method_class(name: str, obj: Any) -> None:

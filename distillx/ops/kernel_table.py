@@ -8,6 +8,8 @@ Everything that names a kernel reads it from here: the fused and reference losse
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional
@@ -100,4 +102,62 @@ def check_params(kernel: str, params: Mapping[str, Any]) -> dict:
     return checked
 
 
-__all__ = ["KERNELS", "PARAMS", "KernelSpec", "KernelParam", "is_builtin", "check_kernel", "check_params"]
+class NamedKernel:
+    """A kernel callable with the name it was registered under (:func:`distillx.plugin.kernel` returns
+    a plugin's kernel so), so that an error about its result names it; calls it unchanged."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn: Callable):
+        self.name, self.fn = name, fn
+
+    def __call__(self, x, z, **params):
+        return self.fn(x, z, **params)
+
+    def __repr__(self) -> str:
+        return f"NamedKernel({self.name!r}, {_callable_name(self.fn)})"
+
+
+def _callable_name(fn: Any) -> str:
+    """``fn``'s ``__qualname__`` (a lambda's with where it was defined; a partial's function's)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    code = getattr(fn, "__code__", None)
+    if name.endswith("<lambda>") and code is not None:
+        name += f" (defined at {os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+    return name
+
+
+def kernel_label(kernel: Any) -> str:
+    """How errors name a kernel callable: ``kernel '<registered name>' (<qualname>)`` for a registered one,
+    else ``kernel <qualname>``."""
+    while isinstance(kernel, functools.partial):
+        kernel = kernel.func
+    if isinstance(kernel, NamedKernel):
+        return f"kernel {kernel.name!r} ({_callable_name(kernel.fn)})"
+    return f"kernel {_callable_name(kernel)}"
+
+
+def kernel_result(kernel: Callable, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``kernel(x, z)``, checked to be what every loss needs of a kernel: a floating-point tensor of shape
+    (N, M) for ``x`` of N rows and ``z`` of M rows. Anything else (a sum, a vector, an extra column, an
+    int or non-tensor result) would broadcast or reduce into a loss that trains silently: it is a
+    ``TypeError`` (not a floating-point tensor) or ``ValueError`` (shape) naming the kernel
+    (:func:`kernel_label`), what it returned and what was expected."""
+    out = kernel(x, z)
+    expected = (x.shape[0], z.shape[0])
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) == expected:
+        return out
+    if not isinstance(out, torch.Tensor):
+        found, error = f"a {type(out).__name__}", TypeError
+    elif not out.is_floating_point():
+        found, error = f"a tensor of dtype {out.dtype} (shape {tuple(out.shape)})", TypeError
+    else:
+        found, error = f"a tensor of shape {tuple(out.shape)}", ValueError
+    raise error(f"{kernel_label(kernel)} returned {found} for x of {expected[0]} rows and z of {expected[1]} rows; "
+                f"expected a floating-point tensor of shape {expected}")
+
+
+__all__ = ["KERNELS", "PARAMS", "KernelSpec", "KernelParam", "NamedKernel", "is_builtin", "check_kernel",
+           "check_params", "kernel_label", "kernel_result"]

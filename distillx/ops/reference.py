@@ -6,11 +6,12 @@ clarity and exactness over speed and memory (they materialise full (N, C) tensor
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from .kernel_table import KERNELS
+from .kernel_table import KERNELS, kernel_result
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -205,7 +206,7 @@ def kernel_gram_loss_reference(s, t, kernel="rbf", normalize_rows=False, **kerne
     """
     t = t.detach()  # one object, so kernel_matrix sees x is z (per-side σ², Chebyshev scale)
     if callable(kernel):
-        ks, kt = kernel(s, s), kernel(t, t)
+        ks, kt = kernel_result(kernel, s, s), kernel_result(kernel, t, t)
     else:
         ks = kernel_matrix(s, s, kernel, **kernel_params)
         kt = kernel_matrix(t, t, kernel, **kernel_params)
@@ -223,7 +224,7 @@ def mmd_loss_reference(s, t, kernel="polynomial", **kernel_params):
     """
     t = t.detach()
     if callable(kernel):
-        k = kernel
+        k = functools.partial(kernel_result, kernel)
     else:
         # One kernel for all three terms: data-dependent parameters come from both sets together.
         if kernel == "rbf" and kernel_params.get("sigma2") is None:

@@ -62,7 +62,8 @@ def distillx_register_kernels(registry):
     """Add kernel functions (for kernel-function distillation and MMD) to ``registry``.
 
     A kernel is a callable ``(x, z) -> Tensor`` returning the (N, M) kernel matrix of the rows of
-    ``x`` (N, D) and ``z`` (M, D). Third-party kernels run on the pure-PyTorch path.
+    ``x`` (N, D) and ``z`` (M, D). Third-party kernels run on the pure-PyTorch path; each result is
+    checked (a floating-point tensor of shape (N, M), else an error naming the kernel by its name).
 
     Historic: plugins registered after the plugin manager was built still get this call.
     """

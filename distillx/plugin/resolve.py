@@ -16,6 +16,7 @@ from torch import nn
 
 from ..augment import Augmentation
 from ..kernels import BuiltinKernel
+from ..ops.kernel_table import NamedKernel
 from ..transfer import EnsembleMember, Transfer, TransferReport, run_strategy
 from .manager import get_registries
 
@@ -23,11 +24,13 @@ from .manager import get_registries
 def kernel(name: Any):
     """A kernel for the losses: a built-in name stays a name (its fused path) while the registry
     holds the built-in entry; a kernel a plugin registered (or a plugin's override of a built-in
-    name) is its callable; a callable is kept. An unknown name lists the registered kernels."""
+    name) is its callable, wrapped in a :class:`~distillx.ops.kernel_table.NamedKernel` that calls it
+    unchanged and carries the name, so an error about its result names it; a callable is kept. An
+    unknown name lists the registered kernels."""
     if not isinstance(name, str):
         return name
     entry = get_registries().kernels.get(name)
-    return name if isinstance(entry, BuiltinKernel) and entry.name == name else entry
+    return name if isinstance(entry, BuiltinKernel) and entry.name == name else NamedKernel(name, entry)
 
 
 def method(name: str, **options: Any):

@@ -76,6 +76,28 @@ def test_attention_map_matches_reference(p, shapes):
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_attention_map_subnormal_features(dtype):
+    """Samples of subnormal magnitude (max |F| = 1e-39, 1e-309 in float64; the build's fast math flushes
+    float subnormals to zero, and 1/max|F| overflows) on the student side, the teacher side, and one
+    among normal ones: loss and gradient finite and equal to the float64 reference, sample by sample."""
+    tiny = 1e-309 if dtype == torch.float64 else 1e-39
+    for case in range(3):
+        fs, ft = _inputs(40 + case, [(3, 3, 6, 6), (3, 5, 6, 6)], torch.float64)
+        side = ft if case == 1 else fs
+        for b in ((1,) if case == 2 else range(3)):
+            side[b] = side[b] / side[b].abs().max() * tiny
+        fs, ft = fs.to(dtype), ft.to(dtype)
+        loss, grad = _grad(lambda a, b: DF.attention_map_loss(a, b, p=2.0), fs, ft)
+        want, want_grad = _grad(lambda a, b: ref.attention_map_loss_reference(a, b, 2.0), fs.double(), ft.double())
+        assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all()), case
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(loss.double(), want, rtol=tol, atol=tol * 1e-2)
+        for b in range(3):
+            big = float(want_grad[b].abs().max())
+            torch.testing.assert_close(grad[b].double(), want_grad[b], rtol=tol * 10, atol=tol * big)
+
+
 def test_opcheck():
     s, t = _inputs(5, [(7, 3), (7, 4)])
     ps, pt = torch.tensor([0.5 / 3]).double(), torch.tensor([0.5 / 4]).double()

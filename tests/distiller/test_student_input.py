@@ -150,3 +150,78 @@ def test_augmentations_and_bf16_autocast_on_top():
     with pytest.raises(ValueError, match="augmentations that change the inputs"):
         dx.Distiller(teacher, mlp((64, 10)), [dx.method("kd")], student_input="2", cache_teacher=True,
                      augmentations=["noise"], progress=False)
+
+
+class Pair(nn.Module):
+    """A layer whose output is a tuple (or a list) of two tensors: the feature and a per-row summary."""
+
+    def __init__(self, as_list=False):
+        super().__init__()
+        self.lin, self.as_list = nn.Linear(64, 64), as_list
+
+    def forward(self, x):
+        h = self.lin(x)
+        return [h, h.sum(1)] if self.as_list else (h, h.sum(1))
+
+
+class First(nn.Module):
+    def forward(self, pair):
+        return pair[0]
+
+
+class PairTeacher(nn.Module):
+    """Not a Sequential (a graph trunk), or with data-dependent control flow that torch.fx cannot trace
+    (a stopped trunk)."""
+
+    def __init__(self, as_list=False, untraceable=False):
+        super().__init__()
+        self.enc, self.head, self.untraceable = Pair(as_list), nn.Linear(64, 10), untraceable
+
+    def forward(self, x):
+        if self.untraceable and bool(x.sum() > 1e9):
+            x = x * 0
+        return self.head(self.enc(x)[0])
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["tuple", "list"])
+@pytest.mark.parametrize("kind", ["slice", "graph", "stop"])
+def test_a_cut_whose_output_is_a_tuple_names_it_and_the_index_form(kind, as_list):
+    """student_input at a layer returning a tuple/list (the student is called on one tensor; it got a raw
+    TypeError from Sequential.forward): an error saying what the output is and suggesting "<layer>:0",
+    which then trains, in all three kinds of trunk."""
+    torch.manual_seed(0)
+    if kind == "slice":
+        teacher, cut = nn.Sequential(nn.Linear(64, 64), Pair(as_list), First(), nn.Linear(64, 10)).eval(), "1"
+    else:
+        teacher, cut = PairTeacher(as_list, untraceable=kind == "stop").eval(), "enc"
+    x, y, _, _ = data(64)
+    d = dx.Distiller(teacher, mlp((64, 32, 10)), [dx.method("kd")], student_input=cut, progress=False)
+    kind_name = "list" if as_list else "tuple"
+    with pytest.raises(ValueError, match=rf"^student_input='{cut}': the teacher's layer '{cut}' outputs a {kind_name} "
+                                         rf"of 2 elements \(a Tensor of shape \(32, 64\), a Tensor of shape \(32,\)\), "
+                                         rf"but the student takes one tensor: use student_input='{cut}:0'"):
+        d.fit(loader(x, y, 32, seed=0), 1)
+    d = dx.Distiller(teacher, mlp((64, 32, 10)), [dx.method("kd")], student_input=f"{cut}:0", progress=False)
+    assert d.fit(loader(x, y, 32, seed=0), 1) and d._step.trunk.kind == ("graph" if kind == "slice" else kind)
+
+
+def test_a_student_taking_whole_inputs_may_consume_a_tuple():
+    """A student that declares distillx_whole_inputs = True is called on the tuple as it is (as the
+    composed model calls it), so a tuple cut is not refused for it."""
+    class PairHead(nn.Module):
+        distillx_whole_inputs = True
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(65, 10)
+
+        def forward(self, pair):
+            return self.lin(torch.cat([pair[0], pair[1][:, None]], 1))
+
+    torch.manual_seed(0)
+    teacher, head = PairTeacher().eval(), PairHead()
+    x, y, xv, _ = data(64)
+    d = dx.Distiller(teacher, head, [dx.method("kd")], student_input="enc", progress=False)
+    d.fit(loader(x, y, 32, seed=0), 1)
+    with torch.no_grad():
+        assert torch.equal(d.composed(xv[:8]), head(teacher.enc(xv[:8])))

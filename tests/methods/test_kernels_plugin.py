@@ -115,3 +115,25 @@ def test_third_party_kernel_trains_through_the_distiller(laplacian_plugin, optio
     history = d.fit([(x, y)], epochs=4)
     assert history[-1][method.name] < 0.9 * history[0][method.name]
     assert unchanged(teacher, before)
+
+
+def test_a_plugin_kernel_with_a_bad_result_is_named():
+    """A registered kernel returning the wrong shape (a vector) or dtype: kfd and nst stop with an error
+    naming it by its registered name and saying what it returned against the expected (N, M) floats."""
+    class BadKernels:
+        @hookimpl
+        def distillx_register_kernels(self, registry):
+            registry.add("row_sums", lambda x, z: (x @ z.T).sum(1))
+            registry.add("signs", lambda x, z: (x @ z.T > 0).long())
+
+    get_plugin_manager().register(BadKernels(), name="bad-kernels")
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 4, requires_grad=True), torch.randn(6, 9)
+    kfd = dx.method("kfd", student="a", teacher="b", kernel="row_sums")
+    with pytest.raises(ValueError, match=r"^kernel 'row_sums' \(.*\) returned a tensor of shape \(6,\) for x of 6 "
+                                         r"rows and z of 6 rows; expected a floating-point tensor of shape \(6, 6\)"):
+        kfd.loss({"pair0": s}, {"pair0": t})
+    nst = dx.method("nst", student="a", teacher="b", kernel="signs")
+    with pytest.raises(TypeError, match=r"^kernel 'signs' \(.*\) returned a tensor of dtype torch.int64"):
+        nst.loss({"pair0": torch.randn(2, 3, 2, 2)}, {"pair0": torch.randn(2, 5, 2, 2)})
+    assert "signs" in repr(nst.kernel)

@@ -211,6 +211,60 @@ def test_fused_map_is_finite_far_out_of_range(rng, dtype):
             close(grad[b], want_grad[b], dtype, f"grad sample {b} {tag}")
 
 
+def _subnormal_sample(rng, shape, dtype):
+    """A (C, H, W) sample whose max |F| is subnormal in ``dtype`` (1e-39 in float32/bfloat16, 1e-309 in
+    float64), where 1 / max|F| overflows: the case that made the fused map NaN."""
+    tiny = 1e-309 if dtype == F64 else 1e-39
+    f = rng.randn(*shape, dtype=F64)
+    return (f / f.abs().max() * tiny).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, F64), ids=dtype_id)
+@pytest.mark.parametrize("p", (1.5, 2.0), ids=lambda p: f"p{p}")
+def test_subnormal_features(rng, dtype, p):
+    """Features of subnormal magnitude (student, teacher, or one sample among normal ones on either
+    side): loss and gradient are finite and equal the float64 reference on the same values. Each
+    sample's gradient is compared on its own scale (a subnormal sample's is ~1/max|F|, ~1e37)."""
+    B, s_shape, t_shape = 3, (3, 6, 6), (5, 6, 6)
+    for case in ("student", "teacher", "one student sample", "one teacher sample"):
+        f_s = torch.stack([rng.randn(*s_shape, dtype=dtype) for _ in range(B)])
+        f_t = torch.stack([rng.randn(*t_shape, dtype=dtype) for _ in range(B)])
+        side, shape = (f_s, s_shape) if "student" in case else (f_t, t_shape)
+        for b in ((1,) if case.startswith("one") else range(B)):
+            side[b] = _subnormal_sample(rng, shape, dtype)
+        assert side.abs().max() > 0 and (side[1].abs().max() < torch.finfo(dtype).tiny), case
+        tag = rng.tag(p=p, dtype=dtype, case=case)
+        loss, grad = run_loss(_at(p), f_s, f_t)
+        want, want_grad = run_ref(_at_ref(p), f_s, f_t)
+        assert bool(torch.isfinite(want)) and bool(torch.isfinite(want_grad).all()), f"reference {tag}"
+        assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all()), tag
+        close(loss, want, dtype, f"loss {tag}")
+        for b in range(B):
+            close(grad[b], want_grad[b], dtype, f"grad sample {b} {tag}")
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_fused_map_subnormal_on_threads(rng, dtype):
+    """The raw op on a subnormal sample next to a normal one, on 1 and 2 threads (the subnormal sample's
+    rows split into tasks whose maxima are subnormal too): map and gradient equal the reference."""
+    f = torch.stack([_subnormal_sample(rng, (4, 9, 70), dtype), rng.randn(4, 9, 70, dtype=dtype)])
+    g = rng.randn(2, 9, 70, dtype=dtype, scale=1e-3)  # (p/C)·g/m stays in float32's range
+    want_map, want_scale, want_grad = _unit_map_ref(f, 2.0, g)
+    assert bool(torch.isfinite(want_grad).all()), rng.tag(dtype=dtype)
+    for threads in (1, 2):
+        tag = rng.tag(dtype=dtype, threads=threads)
+        with num_threads(threads):
+            x = f.clone().requires_grad_(True)
+            out, scale = torch.ops.distillx.attention_map(x, 2.0)
+            (grad,) = torch.autograd.grad(out, x, g)
+        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad).all()), tag
+        close(out, want_map, dtype, f"map {tag}")
+        assert torch.equal(scale.to(F64), want_scale), tag
+        for b in range(2):
+            close(grad[b], want_grad[b], dtype, f"grad sample {b} {tag}")
+
+
 @requires_kernel
 def test_fused_map_nan_and_inf_stay_in_their_sample(rng):
     """A NaN anywhere in a sample makes that sample's map and scale NaN (as the reference's max |F| is);
