@@ -102,6 +102,31 @@ def reference_error(ref_fn, x, *args, upstream=1.0, dtype=torch.float32):
     return float((out.detach().to(F64) - want).abs()), dg
 
 
+def reference_floor(ref_fn, x, *args, upstream=1.0, dtype=torch.float32, factor=16.0) -> tuple[float, float]:
+    """``factor`` x the reference's own rounding error (:func:`reference_error`) for a comparison in
+    ``dtype``: the (loss, grad) atol floors of an ill-conditioned case. Half inputs are computed in
+    float32 by the kernels, so their floor is float32's too.
+
+    float64 has no wider dtype to measure against, and ``reference_error`` in float64 is 0 by
+    construction — yet the float64 reference has rounding error of its own, which matters where the
+    exact value is 0 and the atol scaled by the expected magnitude is too (rbf with the default σ² on
+    N = 2 rows: both sides' kernel values are exp(−1/2), the gradient cancels to 0, and the reference's
+    expanded ‖x_i‖² + ‖x_j‖² − 2⟨x_i,x_j⟩ leaves ε·‖x‖²/‖x_i − x_j‖² of it). Rounding error is first order
+    in the unit roundoff, so the float64 floor is float32's scaled by the ratio of their epsilons.
+
+    The error is measured twice, on the rows as given and reversed (every scalar loss checked this way is
+    invariant to the order of the samples), and the larger one counts: where the exact gradient cancels
+    to 0 the rounding left over depends on the summation order, and one order can be lucky."""
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16, F64) else dtype
+
+    def reversed_rows(a, *rest):
+        return ref_fn(a.flip(0), *(r.flip(0) if isinstance(r, torch.Tensor) and r.dim() else r for r in rest))
+
+    errors = [reference_error(fn, x, *args, upstream=upstream, dtype=compute) for fn in (ref_fn, reversed_rows)]
+    scale = factor * (torch.finfo(F64).eps / torch.finfo(torch.float32).eps if dtype == F64 else 1.0)
+    return scale * max(e[0] for e in errors), scale * max(e[1] for e in errors)
+
+
 # ----------------------------------------------------------------------------------------------
 # Independent oracles
 # ----------------------------------------------------------------------------------------------

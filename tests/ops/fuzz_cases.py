@@ -15,7 +15,7 @@ import distillx.functional as DF
 from distillx.ops import reference as ref
 
 from .conftest import F64, HALF, close, reference_kd, reference_linear
-from .feature_helpers import reference_error, run_ref
+from .feature_helpers import reference_floor, run_ref
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Memory layouts of an input, all holding the values drawn for it: "transposed" stores the last two
@@ -102,26 +102,6 @@ def close_or_overflow(actual, expected, dtype, msg, **kw) -> None:
             f"{msg}\nbeyond the {dtype} range: expected {e.tolist()}, got {a.tolist()}"
         actual, expected = actual[~big], expected[~big]
     close(actual, expected, dtype, msg, **kw)
-
-
-def reference_floor(ref_fn, x, *args, upstream, dtype) -> tuple[float, float]:
-    """16x the float32-vs-float64 error of the reference itself (:func:`reference_error`): ill-conditioned
-    cases allow that much on top of the dtype's tolerance, as in test_gram/test_mmd. Half inputs are
-    computed in float32 by the kernels, so their floor is float32's too. float64 has no wider dtype to
-    measure against: its floor is float32's scaled by the ratio of their epsilons.
-
-    The reference's error is measured twice, on the rows as given and reversed (every scalar loss here
-    is invariant to the order of the samples), and the larger one counts: where the exact gradient
-    cancels to 0 (a cosine kernel on width-1 rows, a Chebyshev Gram whose two sides match) the rounding
-    left over depends on the summation order, and one order can be lucky."""
-    compute = torch.float32 if dtype in HALF or dtype == F64 else dtype
-
-    def reversed_rows(a, *rest):
-        return ref_fn(a.flip(0), *(r.flip(0) if isinstance(r, torch.Tensor) and r.dim() else r for r in rest))
-
-    errors = [reference_error(fn, x, *args, upstream=upstream, dtype=compute) for fn in (ref_fn, reversed_rows)]
-    scale = 16 * (torch.finfo(F64).eps / torch.finfo(torch.float32).eps if dtype == F64 else 1.0)
-    return scale * max(e[0] for e in errors), scale * max(e[1] for e in errors)
 
 
 # ----------------------------------------------------------------------------------------------
