@@ -22,6 +22,8 @@ Built-in strategies (each ``(teacher, student, **options) -> TransferReport``, w
                   default (:func:`~distillx.transfer.layer_map.layer_map`)
 ``head_fit``      ridge regression of the student's output layer onto the teacher's logits on
                   calibration data (:func:`~distillx.transfer.head_fit.head_fit`)
+``prune``         the teacher's most important heads, neurons and channels on calibration data
+                  (Minitron; :func:`~distillx.transfer.prune.prune`), depth as ``layer_map``
 ================  =========================================================================
 
 The plugin manager registers :data:`BUILTIN_TRANSFERS` as the built-in plugin ``distillx.transfer``
@@ -42,6 +44,7 @@ from .distribution import distribution
 from .errors import TransferError, check_models
 from .head_fit import head_fit
 from .layer_map import layer_map
+from .prune import prune
 from .report import ACTIONS, TensorRecord, TransferReport
 from .selection import select
 from .tensors import output_layer, transferable_tensors
@@ -52,11 +55,12 @@ BUILTIN_TRANSFERS: dict = {  # name -> strategy (teacher, student, **options) ->
     "select": select,
     "layer_map": layer_map,
     "head_fit": head_fit,
+    "prune": prune,
 }
 
 __all__ = [
     "run_strategy", "Transfer", "EnsembleMember", "TransferReport", "TensorRecord", "TransferError", "ACTIONS",
-    "BUILTIN_TRANSFERS", "direct", "distribution", "select", "layer_map", "head_fit",
+    "BUILTIN_TRANSFERS", "direct", "distribution", "select", "layer_map", "head_fit", "prune",
     "correspond", "Match", "layer_stacks", "output_layer", "transferable_tensors",
     "shrink", "uniform_indices", "layout_of", "Layout", "ShapeMismatch", "check_models",
 ]

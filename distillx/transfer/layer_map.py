@@ -87,52 +87,63 @@ def layer_map(teacher: nn.Module, student: nn.Module, *, map: LayerMap = None, m
     """
     check_models(teacher, student)
     check_choice("layer_map", "adapt", adapt, ("select", "truncate", None))
-    stacks = layer_stacks(student)
-    if not stacks:
-        raise TransferError("layer_map: the student has no stack of layers (an nn.ModuleList or nn.Sequential "
-                            "of layers of one type); use 'direct' or 'select' instead")
-    rule = map if isinstance(map, str) else None
-    if rule is not None:
-        check_choice("layer_map", "map", rule, RULES)
-        map = None
-    elif calibration is not None:
-        raise TransferError("layer_map: calibration= is used only with map=\"auto\"")
-    choices = {}
-    if rule == "auto":
-        t_stacks = layer_stacks(teacher)
-        missing = [p for p in stacks if p not in t_stacks]
-        if missing:
-            raise TransferError(f"layer_map: map=\"auto\" needs the teacher's stack at the student's path; the "
-                                f"teacher has no stack {missing[0]!r} (stacks: {', '.join(repr(p) for p in t_stacks)})")
-        choices = choose_maps(teacher, {p: (n, t_stacks[p]) for p, n in stacks.items()}, calibration,
-                              "layer_map", max_batches)
-        map = {p: c.map for p, c in choices.items()}
-    elif calibration is None and max_batches is not None:
-        raise TransferError("layer_map: max_batches= bounds the calibration of map=\"auto\" only")
-    if isinstance(map, Mapping):
-        for path in map:
-            if path not in stacks:
-                raise TransferError(f"layer_map: map names {path!r}, which is not a stack of layers in the student "
-                                    f"(stacks: {', '.join(repr(s) for s in stacks)})." + close_names(path, stacks))
-
-    used: dict[str, list[int]] = {}
-
-    named = {"uniform": uniform_map, "every": every_map}.get(rule, default_map)
-
-    def layers(stack: str, i: int, n_student: int, n_teacher: int) -> Optional[int]:
-        if stack not in used:
-            given = map.get(stack) if isinstance(map, Mapping) else map
-            used[stack] = (named(n_student, n_teacher) if given is None
-                           else _check_map(stack, given, n_student, n_teacher))
-        return used[stack][i]
-
+    plan = DepthPlan("layer_map", teacher, student, map, calibration, max_batches)
     report = TransferReport.for_model("layer_map", student)
-    matches = correspond(teacher, student, mapping=mapping, layers=layers)
-    report.notes += [f"{stack or 'root'}: student layer i <- teacher layer {m}" for stack, m in used.items()]
-    for c in choices.values():
-        report.importance.setdefault("layers", {})[c.stack] = c.to_dict()
-        report.notes.append(f"{c.stack or 'root'}: map {c.map} chosen on calibration data ({c.search}; output "
-                            f"distance {c.distance:.4f}); block influence per teacher layer: "
-                            + ", ".join(f"{b:.3f}" for b in c.influence))
+    matches = correspond(teacher, student, mapping=mapping, layers=plan.layers)
+    plan.describe(report)
     blocks = {**attention_blocks(teacher, student), **(blocks or {})}  # heads kept apart; given ones win
     return copy_or_shrink(student, matches, report, adapt, blocks)
+
+
+class DepthPlan:
+    """Which teacher layer each student layer of each stack reads (``map`` as :func:`layer_map`
+    takes it); :meth:`layers` is the layer rule for :func:`correspond`, :meth:`describe` writes the
+    maps (and, for ``"auto"``, the evidence) into a report. Shared by ``layer_map`` and ``prune``."""
+
+    def __init__(self, who: str, teacher: nn.Module, student: nn.Module, map: LayerMap, calibration: Any,
+                 max_batches: Optional[int], data_needed: bool = False):
+        stacks = layer_stacks(student)
+        if not stacks and not data_needed:
+            raise TransferError(f"{who}: the student has no stack of layers (an nn.ModuleList or nn.Sequential "
+                                "of layers of one type); use 'direct' or 'select' instead")
+        rule = map if isinstance(map, str) else None
+        if rule is not None:
+            check_choice(who, "map" if who == "layer_map" else "layers", rule, RULES)
+            map = None
+        elif calibration is not None and not data_needed:
+            raise TransferError(f"{who}: calibration= is used only with map=\"auto\"")
+        self.choices: dict = {}
+        if rule == "auto":
+            t_stacks = layer_stacks(teacher)
+            missing = [p for p in stacks if p not in t_stacks]
+            if missing:
+                raise TransferError(f"{who}: \"auto\" needs the teacher's stack at the student's path; the teacher "
+                                    f"has no stack {missing[0]!r} (stacks: {', '.join(repr(p) for p in t_stacks)})")
+            self.choices = choose_maps(teacher, {p: (n, t_stacks[p]) for p, n in stacks.items()}, calibration,
+                                       who, max_batches)
+            map = {p: c.map for p, c in self.choices.items()}
+        elif calibration is None and max_batches is not None:
+            raise TransferError(f"{who}: max_batches= bounds the calibration data, and there is none")
+        if isinstance(map, Mapping):
+            for path in map:
+                if path not in stacks:
+                    raise TransferError(f"{who}: map names {path!r}, which is not a stack of layers in the student "
+                                        f"(stacks: {', '.join(repr(s) for s in stacks)})." + close_names(path, stacks))
+        self.map = map
+        self.named = {"uniform": uniform_map, "every": every_map}.get(rule, default_map)
+        self.used: dict[str, list[int]] = {}
+
+    def layers(self, stack: str, i: int, n_student: int, n_teacher: int) -> Optional[int]:
+        if stack not in self.used:
+            given = self.map.get(stack) if isinstance(self.map, Mapping) else self.map
+            self.used[stack] = (self.named(n_student, n_teacher) if given is None
+                                else _check_map(stack, given, n_student, n_teacher))
+        return self.used[stack][i]
+
+    def describe(self, report: TransferReport) -> None:
+        report.notes += [f"{stack or 'root'}: student layer i <- teacher layer {m}" for stack, m in self.used.items()]
+        for c in self.choices.values():
+            report.importance.setdefault("layers", {})[c.stack] = c.to_dict()
+            report.notes.append(f"{c.stack or 'root'}: map {c.map} chosen on calibration data ({c.search}; output "
+                                f"distance {c.distance:.4f}); block influence per teacher layer: "
+                                + ", ".join(f"{b:.3f}" for b in c.influence))

@@ -9,9 +9,9 @@ VOCAB = 96
 
 
 def bert(layers: int = 4, hidden: int = 32, heads: int = 4, cls=None, **kw):
+    kw.setdefault("intermediate_size", 2 * hidden)
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=heads, intermediate_size=2 * hidden,
-                                     max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     num_attention_heads=heads, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0, **kw)
     return (cls or transformers.BertModel)(config)
 
@@ -30,11 +30,13 @@ def gpt2(layers: int = 2, hidden: int = 32, heads: int = 4, vocab: int = VOCAB):
     return transformers.GPT2LMHeadModel(config)
 
 
-def llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB, tied=False):
+def llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB, tied=False,
+          **kw):
+    kw.setdefault("intermediate_size", 2 * hidden)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                       num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                      intermediate_size=2 * hidden, max_position_embeddings=64,
-                                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                                      max_position_embeddings=64, tie_word_embeddings=tied, bos_token_id=1,
+                                      eos_token_id=2, pad_token_id=0, **kw)
     return transformers.LlamaForCausalLM(config)
 
 
