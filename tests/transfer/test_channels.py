@@ -276,16 +276,24 @@ def test_resnet_student_keeps_the_same_stream_channels_in_every_block():
     assert torch.isfinite(student(xs[0])).all()
 
 
-def test_a_shallower_student_reads_its_stream_from_the_teacher_through_mapping():
+def test_a_shallower_student_reads_its_blocks_from_the_teacher_through_mapping():
     torch.manual_seed(6)
     teacher, student = TinyResNet(blocks=(3, 2)), TinyResNet((6, 16), blocks=(2, 2))
+    with torch.no_grad():  # inner channels of constant activation: 1 (live) or 0; blocks 1 and 2 differ
+        for block, dead in ((1, [0, 1]), (2, [6, 7])):
+            norm = teacher.layer1[block].bn1
+            norm.weight.zero_()
+            norm.bias.fill_(1.0)
+            norm.bias[dead] = 0.0
     t_plan, s_plan = channel_groups(teacher, IMG), channel_groups(student, IMG)
     assert groups(s_plan) == resnet_groups((2, 2))
     scores = channel_importance(teacher, t_plan, [torch.randn(4, 3, 8, 8)])
     mapping = {m.name: m.teacher_name for m in correspond(teacher, student, layers="uniform") if m.teacher_name}
     chosen = channel_indices(t_plan, s_plan, scores, mapping)
-    keep = top_channels(scores[t_plan.space_of("stem.0.weight", 0).index], 6)
-    assert chosen.indices[("layer1.1.bn2.weight", 0)] == keep  # student block 1 <- teacher block 2
+    assert mapping["layer1.1.conv1.weight"] == "layer1.2.conv1.weight"  # student block 1 <- teacher block 2
+    stream = top_channels(scores[t_plan.space_of("stem.0.weight", 0).index], 6)
+    assert chosen.indices[("layer1.1.bn2.weight", 0)] == stream  # the stream: a subset of the teacher's space
+    assert chosen.indices[("layer1.1.bn1.running_var", 0)] == [0, 1, 2, 3, 4, 5]  # teacher block 2's live ones
     assert not chosen.skipped
 
 
