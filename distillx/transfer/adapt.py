@@ -20,12 +20,16 @@ Some dimensions are not one homogeneous axis:
   declares with ``blocks=``.
 - *kept* dimensions must be equal: an embedding's rows are token ids and an output layer's rows
   are classes; choosing a subset would silently renumber them.
+
+A caller that knows *which* teacher elements to keep (pruning by importance,
+:mod:`distillx.transfer.channels`) gives them per dimension in :attr:`Layout.indices`; they replace
+the rule (and the blocks) on that dimension, so one tensor can mix given and uniform dimensions.
 """
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +38,7 @@ from .tensors import owner
 
 RULES = ("select", "truncate")
 _HOW = {"select": "select-uniform", "truncate": "truncate"}
+INDEXED = "indexed"  # the ``how`` of a tensor whose every shrunk dimension took given indices
 
 
 class ShapeMismatch(Exception):
@@ -72,11 +77,18 @@ def block_indices(d_teacher: int, d_student: int, rule: str, blocks: int = 1) ->
 
 @dataclass
 class Layout:
-    """How a tensor's dimensions may be shrunk: ``blocks`` (dim -> number of fused blocks) and
-    ``keep`` (dim -> why it must not change)."""
+    """How a tensor's dimensions may be shrunk: ``blocks`` (dim -> number of fused blocks),
+    ``keep`` (dim -> why it must not change) and ``indices`` (dim -> the teacher indices to keep,
+    one per student element, in the order the student holds them).
+
+    ``indices`` are used wherever that dimension's widths differ, instead of the rule and of
+    ``blocks`` (the caller chose the elements, fused blocks included); ``keep`` still wins. Where
+    the widths are equal the dimension is copied whole, whatever ``indices`` says.
+    """
 
     blocks: dict[int, int] = field(default_factory=dict)
     keep: dict[int, str] = field(default_factory=dict)
+    indices: dict[int, Sequence[int]] = field(default_factory=dict)
 
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1, nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}
@@ -109,17 +121,40 @@ def layout_of(model: nn.Module, name: str, *, output_layer: Optional[str] = None
     return layout
 
 
-def shrink(teacher: torch.Tensor, shape: tuple[int, ...], rule: str, layout: Optional[Layout] = None
+def given_indices(indices: Sequence[int], dim: int, d_teacher: int, d_student: int) -> list[int]:
+    """``indices`` checked as a selection of ``d_student`` distinct teacher elements out of ``d_teacher``.
+
+    Malformed indices are the caller's bug, not a property of the models: ``ValueError``, not
+    :class:`ShapeMismatch` (which a strategy turns into a skipped tensor).
+    """
+    out = [int(i) for i in indices]
+    if len(out) != d_student:
+        raise ValueError(f"{len(out)} indices given for dim {dim}, but the student has {d_student} elements there")
+    bad = [i for i in out if not 0 <= i < d_teacher]
+    if bad:
+        raise ValueError(f"indices {bad[:4]} for dim {dim} are outside the teacher's 0..{d_teacher - 1}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"the indices given for dim {dim} repeat an element: {out}")
+    return out
+
+
+def shrink(teacher: torch.Tensor, shape: tuple[int, ...], rule: Optional[str], layout: Optional[Layout] = None
            ) -> tuple[torch.Tensor, str]:
     """``teacher`` reduced to ``shape`` by ``rule`` (``"select"`` or ``"truncate"``), and the ``how``
-    string for the report. Raises :class:`ShapeMismatch` with the reason when it cannot be done."""
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    string for the report. Raises :class:`ShapeMismatch` with the reason when it cannot be done.
+
+    A dimension listed in ``layout.indices`` takes those teacher indices instead of the rule.
+    ``rule=None`` allows only that: a differing dimension without given indices is a mismatch.
+    ``how`` is ``"indexed"`` when every shrunk dimension took given indices, else the rule's name
+    with a note of the dimensions that did.
+    """
+    if rule is not None and rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES} or None, got {rule!r}")
     layout = layout or Layout()
     shape = tuple(int(d) for d in shape)
     if teacher.dim() != len(shape):
         raise ShapeMismatch(f"teacher tensor has {teacher.dim()} dimensions, student {len(shape)}")
-    out, notes = teacher, []
+    out, notes, ruled = teacher, [], False
     for dim, (dt, ds) in enumerate(zip(teacher.shape, shape)):
         if dt == ds:
             continue
@@ -127,11 +162,20 @@ def shrink(teacher: torch.Tensor, shape: tuple[int, ...], rule: str, layout: Opt
             raise ShapeMismatch(f"dim {dim} differs (teacher {dt}, student {ds}) but must match ({layout.keep[dim]})")
         if ds > dt:
             raise ShapeMismatch(f"student is wider than the teacher in dim {dim} ({ds} > {dt}); "
-                                f"{_HOW[rule]} only shrinks")
-        n = layout.blocks.get(dim, 1)
-        idx = torch.tensor(block_indices(dt, ds, rule, n), dtype=torch.long, device=teacher.device)
-        out = out.index_select(dim, idx)
-        if n > 1:
-            notes.append(f"per block, {n} blocks in dim {dim}")
+                                f"{_HOW.get(rule, INDEXED)} only shrinks")
+        if dim in layout.indices:
+            idx = given_indices(layout.indices[dim], dim, dt, ds)
+            notes.append(f"given indices in dim {dim}")
+        elif rule is None:
+            raise ShapeMismatch(f"dim {dim} differs (teacher {dt}, student {ds}) and no indices were given for it")
+        else:
+            n = layout.blocks.get(dim, 1)
+            idx = block_indices(dt, ds, rule, n)
+            ruled = True
+            if n > 1:
+                notes.append(f"per block, {n} blocks in dim {dim}")
+        out = out.index_select(dim, torch.tensor(idx, dtype=torch.long, device=teacher.device))
+    if not ruled and (rule is None or notes):
+        return out, INDEXED
     how = _HOW[rule] + (f" ({'; '.join(notes)})" if notes else "")
     return out, how
