@@ -16,6 +16,12 @@ state dict), atomically: a temporary file in the same directory, then a rename, 
 run never leaves a half-written checkpoint. Without ``--out`` nothing is written (a dry run).
 Strategy options: ``--option key=value`` (repeatable; values are parsed as JSON when they can be,
 ``--option adapt=select --option seed=3``).
+
+``--calibration DATA`` gives the strategies that look at data (``prune``, ``layer_map`` with
+``--option map=auto``, ``head_fit``) their batches: a ``.pt`` file read with ``weights_only=True``
+holding one batch (a tensor, an ``(inputs, targets)`` pair or a dict of tensors such as a
+tokenizer's output) or a list of batches; or ``MODULE:CALLABLE``, a zero-argument function returning
+an iterable of batches (a DataLoader).
 """
 from __future__ import annotations
 
@@ -134,6 +140,29 @@ def load_model(path: str, arch: str | None, allow_pickle: bool, side: str) -> tu
     raise SystemExit(f"distillx transfer: --{side} {path!r} holds a {type(obj).__name__}, not a model or a state dict")
 
 
+def load_calibration(spec: str) -> Any:
+    """``--calibration``: a ``.pt`` file of one batch or a list of batches, or ``MODULE:CALLABLE``."""
+    if not os.path.exists(spec) and ":" in spec:
+        try:
+            return _builder(spec, "--calibration")()
+        except SystemExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's builder: one line naming the flag
+            raise SystemExit(f"distillx transfer: --calibration {spec!r} raised {type(exc).__name__}: {exc}") from exc
+    if not os.path.isfile(spec):
+        raise SystemExit(f"distillx transfer: --calibration {spec!r} is neither a file nor MODULE:CALLABLE")
+    damage = _damage(spec)
+    if damage:
+        raise SystemExit(f"distillx transfer: --calibration {spec!r} is damaged: {damage}")
+    try:
+        data = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - anything torch.load refuses: one line, never a traceback
+        raise SystemExit(f"distillx transfer: --calibration {spec!r} cannot be read with weights_only=True "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); save tensors, "
+                         "tuples, lists or dicts of tensors") from exc
+    return data if isinstance(data, list) else [data]
+
+
 def _option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -156,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow whole-model (pickled) checkpoints")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="strategy option (repeatable)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help="batches for prune / layer_map map=auto / head_fit: a .pt file (a batch or a list of "
+                        "batches, read with weights_only=True) or MODULE:CALLABLE returning an iterable of batches")
     p.add_argument("--out", help="write the initialised student here (atomically); default: dry run")
     p.add_argument("--json", help="write the report as JSON to this path ('-' for stdout)")
     return p
@@ -169,6 +201,8 @@ def main(argv=None) -> int:
     teacher, _ = load_model(args.teacher, args.teacher_arch, args.allow_pickle, "teacher")
     student, fmt = load_model(args.student, args.student_arch, args.allow_pickle, "student")
     options = dict(args.option)
+    if args.calibration is not None:
+        options["calibration"] = load_calibration(args.calibration)
     try:
         report = transfer(args.strategy, teacher, student, **options)
     except (TypeError, ValueError, KeyError) as exc:

@@ -14,6 +14,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate, default_convert
 
 from ..distiller import Distiller
 from ..engine.checkpoint import CheckpointError, check_state_dict
@@ -212,10 +214,33 @@ def build_methods(cfg: dict) -> list:
     return methods
 
 
-def build_transfer(cfg: dict):
+def calibration_loader(loader: Any) -> DataLoader:
+    """The run's ``loader`` read in order, with its batch size and collate function, so that a
+    calibration pass draws nothing from the training loader's random state."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    batch_size, collate = loader.batch_size, loader.collate_fn
+    if batch_size is None:  # a batch sampler given as the sampler (distillx.data.tensor_loader)
+        batch_size = getattr(loader.batch_sampler or loader.sampler, "batch_size", None)
+        collate = default_collate if collate is default_convert else collate
+    if batch_size is None:
+        raise ConfigError("transfer.calibration: cannot tell the batch size of the run's loader")
+    # its own generator: iterating a DataLoader draws a worker seed, which must not come from the global one
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def build_transfer(cfg: dict, data: Optional[dict] = None):
     if cfg["transfer"] is None:
         return None
     name, options = _split_named(cfg["transfer"])
+    if isinstance(options.get("calibration"), str):
+        which = options["calibration"]
+        if which not in ("train", "val") or (data or {}).get(which) is None:
+            raise ConfigError(f"transfer.calibration: expected \"train\" or \"val\" (the run's data"
+                              f"{'' if (data or {}).get('val') is not None else '; this run has no val data'}), "
+                              f"got {which!r}")
+        options["calibration"] = calibration_loader(data[which])
     try:
         return transfer(name, **options)
     except (TypeError, ValueError, KeyError) as exc:
@@ -256,7 +281,7 @@ def build(cfg: dict, progress: Optional[bool] = None) -> Run:
         load_state_dict_file(teacher, cfg["teacher"]["checkpoint"], "teacher.checkpoint")
     student = build_model(cfg["student"], "student", teacher)
     methods = build_methods(cfg)
-    transfer = build_transfer(cfg)
+    transfer = build_transfer(cfg, {"train": train, "val": val})
     augmentations = build_augmentations(cfg)
     schedules = build_weight_schedules(cfg)
     t, s, tr = cfg["teacher"], cfg["student"], cfg["training"]

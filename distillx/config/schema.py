@@ -86,6 +86,10 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     [transfer]               optional table: initialise the student from the teacher's weights.
     name *                   a registered weight transfer ("select", "direct", ...).
     (any other key)          an option of the strategy (dx.transfer(name, **options)).
+    calibration              for the strategies that look at data (prune, layer_map with
+                             map = "auto", head_fit): "train" or "val", the run's own data, read in
+                             order without shuffling (the training order is not disturbed); with
+                             max_batches = N to bound it.
 
     [[augmentations]]        optional array, default []: applied in order to every training batch.
     name *                   a registered augmentation ("random_crop", "flip", "noise", "mixup", ...).

@@ -3,7 +3,7 @@
 
 A calibration batch is a tensor, an ``(inputs, targets, ...)`` tuple (``inputs`` may be a dict of
 keyword arguments) or a dict of keyword arguments (a tokenizer's output; its ``"labels"`` are not
-passed to the model). A single tensor is one batch.
+passed to the model). A single tensor or dict given as ``calibration`` is one batch.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .errors import TransferError
 
 
 def model_device(model: nn.Module) -> Optional[torch.device]:
+    """The device of the model's first parameter (else buffer); None for a model without tensors."""
     tensor = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
@@ -49,14 +50,19 @@ def inputs_of(batch: Any, who: str) -> Any:
     return batch
 
 
+def model_inputs(batch: Any, who: str) -> Any:
+    """:func:`inputs_of`, a mapping without its ``"labels"`` (they are targets, not inputs)."""
+    inputs = inputs_of(batch, who)
+    return {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, Mapping) else inputs
+
+
 def call(model: nn.Module, batch: Any, who: str) -> Any:
-    """Run ``model`` on a calibration batch's inputs (moved to its device). A mapping is passed as
-    keyword arguments without ``"labels"`` (and without keys the forward does not take, when it
-    takes no ``**kwargs``)."""
-    inputs = to_device(inputs_of(batch, who), model_device(model))
-    if not isinstance(inputs, Mapping):
-        return model(inputs)
-    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    """Run ``model`` on a calibration batch's :func:`model_inputs` (moved to its device); a mapping
+    is passed as keyword arguments (without keys the forward does not take, when it takes no
+    ``**kwargs``)."""
+    kwargs = to_device(model_inputs(batch, who), model_device(model))
+    if not isinstance(kwargs, Mapping):
+        return model(kwargs)
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -74,8 +80,10 @@ def batches(calibration: Any, who: str, max_batches: Optional[int] = None, *, pr
     if calibration is None:
         raise TransferError(f"{who} needs calibration=: an iterable of batches (a DataLoader, a list of "
                             "(inputs, targets) or of input tensors, or tokenizer outputs)")
-    if isinstance(calibration, torch.Tensor):
-        calibration = [calibration]  # one batch, not its rows one by one
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]  # one batch (a tensor, a tokenizer's output), not its rows or keys
+    if isinstance(calibration, (str, bytes)):  # iterable, but of characters
+        raise TypeError(f"{who}: calibration must be an iterable of batches, got a {type(calibration).__name__}")
     try:
         iterator = iter(calibration)
     except TypeError:

@@ -409,21 +409,3 @@ def positional(gm: torch.fx.GraphModule, inputs: Any, what: str) -> list[Any]:
         else:
             raise TransferError(f"{what} has no input {node.target!r} (it holds {sorted(map(str, inputs))})")
     return out
-
-
-def on_device(value: Any, device: Optional[torch.device]) -> Any:
-    """``value`` with its tensors (through tuples and lists) on ``device`` (unchanged for None)."""
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_device(v, device) for v in value)
-    return value
-
-
-def model_device(model: nn.Module) -> Optional[torch.device]:
-    """The device of the model's first parameter (else buffer); None for a model without tensors."""
-    tensor = next(model.parameters(), None)
-    tensor = next(model.buffers(), None) if tensor is None else tensor
-    return None if tensor is None else tensor.device

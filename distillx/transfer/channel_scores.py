@@ -18,45 +18,17 @@ the teacher's order.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.fx
 from torch import nn
 
-from .. import _checks
-from .channel_graph import ChannelPlan, ChannelSpace, model_device, on_device, positional, trace
+from . import calibration as calib
+from .channel_graph import ChannelPlan, ChannelSpace, positional, trace
 from .errors import TransferError
 from .tensors import transferable_tensors
-
-
-def _batches(calibration: Any, max_batches: Optional[int]) -> Iterator[Any]:
-    if calibration is None:
-        raise TransferError("channel importance needs calibration=: an iterable of batches (a DataLoader, a list "
-                            "of (inputs, targets) pairs or of input tensors)")
-    if isinstance(calibration, torch.Tensor):
-        calibration = [calibration]  # one batch, not its rows one by one
-    try:
-        iterator = iter(calibration)
-    except TypeError:
-        raise TypeError(f"calibration must be an iterable of batches, got {type(calibration).__name__}") from None
-    _checks.integer("max_batches", max_batches, ge=1, optional=True)
-    # islice stops before pulling batch max_batches + 1 (a loader may be expensive or endless)
-    return iterator if max_batches is None else itertools.islice(iterator, max_batches)
-
-
-def _inputs(batch: Any) -> Any:
-    """The model inputs of a calibration batch: a tensor, the first element of ``(inputs, targets)``,
-    or a mapping without its ``"labels"`` (distillx's batch forms)."""
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k != "labels"}
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise TransferError("a calibration batch is an empty tuple")
-        return batch[0]
-    return batch
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -111,15 +83,16 @@ def channel_importance(model: nn.Module, plan: ChannelPlan, calibration: Any, de
     gm = trace(model)
     _check_plan(model, plan, gm)
     points = {name: dim for s in plan.prunable for name, dim, _ in s.points}
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(device) if device is not None else calib.model_device(model)
     recorder = _Recorder(gm, points)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     gm.eval()
     batches = 0
     try:
-        for batch in _batches(calibration, max_batches):
-            recorder.run(*on_device(positional(gm, _inputs(batch), "a calibration batch"), device))
+        for batch in calib.batches(calibration, "prune", max_batches, progress=True):
+            recorder.run(*calib.to_device(positional(gm, calib.model_inputs(batch, "prune"), "a calibration batch"),
+                                          device))
             batches += 1
     finally:
         for m, training in modes:

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .channel_graph import (POINT_KINDS, ChannelPlan, ChannelSpace, SpaceBuilder, model_device, on_device, positional,
-                            trace)
+from .calibration import model_device, to_device
+from .channel_graph import POINT_KINDS, ChannelPlan, ChannelSpace, SpaceBuilder, positional, trace
 from .channel_scores import ChannelIndices, channel_importance, channel_indices, top_channels
 from .errors import TransferError
 
@@ -52,7 +52,7 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> ChannelPlan:
     ``torch.fx`` cannot trace is a :class:`TransferError` with fx's reason.
     """
     gm = trace(model)
-    args = on_device(positional(gm, example_inputs, "example_inputs"), model_device(model))
+    args = to_device(positional(gm, example_inputs, "example_inputs"), model_device(model))
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     gm.eval()

@@ -33,22 +33,18 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .adapt import block_indices, layout_of, uniform_indices
-from .apply import settle_trivial
+from .adapt import uniform_indices
+from .apply import copy_or_shrink
+from .channels import channel_groups, channel_importance, channel_indices, top_channels
+from . import calibration as calib
 from .correspond import MappingSpec, correspond
+from ..hf.layouts import attention_blocks
 from .errors import TransferError, check_models
 from .importance import Importance, LayerParts, hidden_size, layer_parts, measure
 from .layer_map import DepthPlan, LayerMap
 from .report import TransferReport
-from .tensors import output_layer
 
 Indices = dict[tuple[str, int], tuple[str, list[int]]]  # (student tensor, dim) -> (axis, teacher indices)
-
-
-def top(scores: torch.Tensor, k: int) -> list[int]:
-    """The ``k`` indices of highest score, ties to the lower index, sorted ascending."""
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    return sorted(order[:k])
 
 
 def kept_heads(scores: torch.Tensor, t_heads: int, t_kv: int, s_heads: int, s_kv: int) -> tuple[list[int], list[int]]:
@@ -57,11 +53,11 @@ def kept_heads(scores: torch.Tensor, t_heads: int, t_kv: int, s_heads: int, s_kv
         return list(range(t_heads)), list(range(t_kv))
     rep_t, rep_s = t_heads // t_kv, s_heads // s_kv
     if rep_s == rep_t:  # whole groups (plain multi-head attention: rep = 1, one head per group)
-        groups = top(scores.reshape(t_kv, rep_t).sum(1), s_kv)
+        groups = top_channels(scores.reshape(t_kv, rep_t).sum(1), s_kv)
         return [g * rep_t + r for g in groups for r in range(rep_t)], groups
     if s_kv == t_kv and rep_s < rep_t:  # every group, its best query heads
         per_group = scores.reshape(t_kv, rep_t)
-        return [g * rep_t + r for g in range(t_kv) for r in top(per_group[g], rep_s)], list(range(t_kv))
+        return [g * rep_t + r for g in range(t_kv) for r in top_channels(per_group[g], rep_s)], list(range(t_kv))
     raise TransferError(f"prune: cannot map {t_heads} query / {t_kv} key-value heads onto {s_heads} / {s_kv}: keep "
                         "the heads per key/value group, or the number of key/value groups")
 
@@ -113,7 +109,7 @@ def transformer_indices(student: nn.Module, teacher: nn.Module, imp: Importance,
                 out[(f"{s.output[0]}.weight", s.output[1])] = ("heads", q_rows)
         if t.layer in imp.neurons and s.down and s.intermediate and t.intermediate:
             scores = imp.neurons[t.layer]
-            kept = top(scores, s.intermediate)
+            kept = top_channels(scores, s.intermediate)
             report.importance.setdefault("neurons", {})[s.layer] = {
                 "teacher layer": t.layer, "kept": len(kept), "of": len(scores),
                 "scores": [round(float(v), 6) for v in scores], "kept neurons": kept}
@@ -128,49 +124,55 @@ def transformer_indices(student: nn.Module, teacher: nn.Module, imp: Importance,
     channels = None
     h_s, h_t = hidden_size(student), hidden_size(teacher)
     if imp.channels is not None and h_s and h_t and h_s < h_t:
-        channels = top(imp.channels, h_s)
+        channels = top_channels(imp.channels, h_s)
         report.importance["channels"] = {"kept": len(channels), "of": h_t,
                                          "scores": [round(float(v), 6) for v in imp.channels],
                                          "kept channels": channels}
     return out, channels
 
 
-@torch.no_grad()
-def _write(student: nn.Module, matches: list, report: TransferReport, indices: Indices,
-           residual: Optional[tuple[int, int, list[int]]]) -> None:
-    """Copy equal shapes; take the given indices per dim (the residual channels for any dim of the
-    residual widths), uniform selection where nothing is known; skip what cannot shrink."""
-    head = output_layer(student)
-    for m in matches:
-        if settle_trivial(m, report):
-            continue
-        shape, t_shape = tuple(m.tensor.shape), tuple(m.teacher_tensor.shape)
-        if len(shape) != len(t_shape):
-            report.skipped(m.name, shape, f"{m.teacher_name} has {len(t_shape)} dimensions, the student {len(shape)}")
-            continue
-        layout = layout_of(student, m.name, output_layer=head)
-        value, axes, problem = m.teacher_tensor, [], None
-        for dim, (dt, ds) in enumerate(zip(t_shape, shape)):
-            if dt == ds:
+def _by_tensor(matches: list, indices: Indices, residual: Optional[tuple[int, int, list[int]]]
+               ) -> dict[str, dict[int, list[int]]]:
+    """``{student tensor: {dim: teacher indices}}`` for ``copy_or_shrink``: the explicit ones, and the
+    kept residual channels for every other dim of the residual widths (teacher, student)."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for (name, dim), (_, idx) in indices.items():
+        out.setdefault(name, {})[dim] = idx
+    if residual is not None:
+        for m in matches:
+            if m.teacher_tensor is None or m.teacher_tensor.dim() != m.tensor.dim():
                 continue
-            if dim in layout.keep or ds > dt:
-                problem = (f"dim {dim} differs (teacher {dt}, student {ds}) but must match ({layout.keep[dim]})"
-                           if dim in layout.keep else f"the student is wider in dim {dim} ({ds} > {dt})")
-                break
-            axis, idx = indices.get((m.name, dim), (None, None))
-            if idx is None and residual is not None and (dt, ds) == residual[:2]:
-                axis, idx = "channels", residual[2]
-            if idx is None:
-                axis, idx = "uniform", block_indices(dt, ds, "select", layout.blocks.get(dim, 1))
-            if len(idx) != ds:
-                raise TransferError(f"prune: {len(idx)} {axis} indices for dim {dim} of {m.name!r} (size {ds})")
-            value = value.index_select(dim, torch.tensor(idx, dtype=torch.long, device=value.device))
-            axes.append(f"dim {dim}: {axis}")
-        if problem is not None:
-            report.skipped(m.name, shape, f"{m.teacher_name} {t_shape} does not fit: {problem}")
-            continue
-        m.tensor.copy_(value)
-        report.adapted(m.name, shape, m.teacher_name, t_shape, "prune (" + "; ".join(axes) + ")", m.reason)
+            for dim, (dt, ds) in enumerate(zip(m.teacher_tensor.shape, m.tensor.shape)):
+                if (dt, ds) == residual[:2] and dim not in out.get(m.name, {}):
+                    out.setdefault(m.name, {})[dim] = residual[2]
+    return out
+
+
+def cnn_indices(teacher: nn.Module, student: nn.Module, matches: list, calibration: Any, max_batches: Optional[int],
+                report: TransferReport) -> tuple[list, dict[str, dict[int, list[int]]]]:
+    """The channels a CNN/MLP student keeps (:mod:`~distillx.transfer.channels`): ``(matches left,
+    indices)``; tensors whose channels cannot be chosen are recorded as skipped."""
+    first = next(iter(calib.batches(calibration, "prune", 1)), None)
+    calib.require_rows(0 if first is None else 1, "prune")
+    example = calib.model_inputs(first, "prune")
+    t_plan, s_plan = channel_groups(teacher, example), channel_groups(student, example)
+    if not t_plan.prunable:
+        raise TransferError(f"prune: found nothing to rank in the {type(teacher).__name__}: no attention heads and "
+                            "no channel space of a conv or linear layer that may change its width")
+    scores = channel_importance(teacher, t_plan, calibration, max_batches=max_batches)
+    chosen = channel_indices(t_plan, s_plan, scores, mapping={m.name: m.teacher_name for m in matches if m.teacher_name})
+    spaces = report.importance.setdefault("channels", {})
+    for space in t_plan.prunable:
+        kept = sorted({tuple(v) for (n, d), v in chosen.indices.items() if (n, d) in space.members}, key=len)
+        spaces[space.name] = {"scores": [round(float(v), 6) for v in scores[space.index]],
+                              "kept channels": list(kept[0]) if kept else None}
+    left = []
+    for m in matches:
+        if m.name in chosen.skipped and m.teacher_tensor is not None and m.teacher_tensor.shape != m.tensor.shape:
+            report.skipped(m.name, tuple(m.tensor.shape), chosen.skipped[m.name])
+        else:
+            left.append(m)
+    return left, chosen.by_tensor()
 
 
 def prune(teacher: nn.Module, student: nn.Module, *, calibration: Any = None, layers: LayerMap = None,
@@ -202,9 +204,10 @@ def prune(teacher: nn.Module, student: nn.Module, *, calibration: Any = None, la
     plan.describe(report)
     if layer_parts(teacher):
         imp = measure(teacher, calibration, "prune", max_batches)
-        indices, channels = transformer_indices(student, teacher, imp, plan, report)
+        explicit, channels = transformer_indices(student, teacher, imp, plan, report)
         residual = (hidden_size(teacher), hidden_size(student), channels) if channels is not None else None
+        indices = _by_tensor(matches, explicit, residual)
     else:
-        raise TransferError("prune: found no transformer layers (attention heads) to rank in the teacher")
-    _write(student, matches, report, indices, residual)
-    return report
+        matches, indices = cnn_indices(teacher, student, matches, calibration, max_batches, report)
+    # uniform selection (heads kept apart) where no importance applies; the report says which dims
+    return copy_or_shrink(student, matches, report, "select", attention_blocks(teacher, student), indices=indices)

@@ -149,3 +149,45 @@ def test_a_damaged_checkpoint_does_not_suggest_allow_pickle(arch, damage):
         with pytest.raises(SystemExit, match=rf"--teacher '{path}' {expected}") as info:
             cli(_args(tmp, *extra))
         assert "--allow-pickle" not in str(info.value)
+
+
+def _prune_args(tmp, *extra):
+    return ["transfer", "prune", "--teacher", str(tmp / "teacher.pt"), "--student", str(tmp / "student.pt"),
+            "--teacher-arch", "cli_arch_models:teacher", "--student-arch", "cli_arch_models:student", *extra]
+
+
+def test_prune_with_calibration_from_a_file_or_a_builder(arch, capsys, monkeypatch):
+    tmp, t, _ = arch
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(0))
+    torch.save([(x, torch.zeros(32, dtype=torch.long))], tmp / "calib.pt")
+    assert cli(_prune_args(tmp, "--calibration", str(tmp / "calib.pt"), "--json", str(tmp / "r.json"),
+                           "--out", str(tmp / "init.pt"))) == 0
+    report = json.loads((tmp / "r.json").read_text())
+    (space, found), = report["importance"]["channels"].items()
+    with torch.no_grad():
+        score = torch.relu(t[0](x)).abs().mean(0)
+    kept = sorted(sorted(range(64), key=lambda i: (-float(score[i]), i))[:16])
+    assert found["kept channels"] == kept
+    written = torch.load(tmp / "init.pt", weights_only=True)
+    assert torch.equal(written["0.weight"], t[0].weight[kept].detach())
+    # a builder of batches
+    (tmp / "calib_builder.py").write_text("import torch\ndef batches():\n    return [torch.load(%r)]\n"
+                                          % str(tmp / "calib.pt"))
+    monkeypatch.syspath_prepend(str(tmp))
+    assert cli(_prune_args(tmp, "--calibration", "calib_builder:batches")) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing.pt", "is neither a file nor MODULE:CALLABLE"),
+    ("os:getcwd", "prune: calibration must be an iterable of batches"),
+])
+def test_bad_calibration_is_one_line(arch, capsys, spec, message):
+    tmp, _, _ = arch
+    try:
+        code = cli(_prune_args(tmp, "--calibration", spec))
+    except SystemExit as exc:
+        code, err = 2, str(exc)
+    else:
+        err = capsys.readouterr().err
+    assert code == 2 and message in err

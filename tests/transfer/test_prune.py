@@ -10,7 +10,8 @@ from torch import nn
 import distillx as dx
 from distillx.transfer import TransferError
 from distillx.transfer.importance import measure
-from distillx.transfer.prune import kept_heads, top
+from distillx.transfer.channels import top_channels as top
+from distillx.transfer.prune import kept_heads
 
 models = pytest.importorskip("tests.hf.models")
 
@@ -155,3 +156,33 @@ def test_calibration_is_required_and_must_yield_batches():
         dx.transfer("prune", t, s)
     with pytest.raises(TransferError, match="yielded no batches"):
         dx.transfer("prune", t, s, calibration=[])
+
+
+def test_cnn_and_mlp_through_the_strategy():
+    """dx.transfer("prune") on models without attention: the channel spaces (a ResNet stage shares
+    its stream channels, BatchNorm statistics follow their conv), a dead-unit MLP reproduced."""
+    from .test_channels import TinyResNet, dead_mlp, mlp
+
+    torch.manual_seed(0)
+    teacher, student = TinyResNet((8, 16), (8, 16)).eval(), TinyResNet((6, 12), (4, 8))
+    x = torch.randn(6, 3, 8, 8)
+    report = dx.transfer("prune", teacher, student, calibration=[(x, None)])
+    assert report.complete and report.counts()["skipped"] == 0
+    stream = [v["kept channels"] for k, v in report.importance["channels"].items() if "layer2.0.down" in k]
+    assert stream and len(stream[0]) == 12
+    for name in ("layer2.0.bn2", "layer2.1.bn2", "layer2.0.down.1"):
+        bn_s, bn_t = student.get_submodule(name), teacher.get_submodule(name)
+        assert torch.equal(bn_s.running_mean, bn_t.running_mean[stream[0]]), name
+    with torch.no_grad():
+        assert torch.isfinite(student(x)).all()
+    live = [[1, 4, 5, 9, 10, 12, 15], [0, 3, 4, 7, 11]]
+    teacher, student = dead_mlp(0, live), mlp((7, 5))
+    x = torch.rand(32, 12)
+    dx.transfer("prune", teacher, student, calibration=[(x, None)])
+    torch.testing.assert_close(student(x), teacher(x), rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_to_rank_is_an_error():
+    t, s = nn.Sequential(nn.Flatten(), nn.Identity()), nn.Sequential(nn.Flatten(), nn.Identity())
+    with pytest.raises(TransferError, match="prune: found nothing to rank"):
+        dx.transfer("prune", t, s, calibration=[torch.zeros(2, 3)], allow_empty=True)
