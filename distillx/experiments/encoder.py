@@ -7,7 +7,7 @@ README's weight-transfer and loss-balancing tables.
 - **Text**: the English sentences of the Python language reference that the standard library
   bundles (``pydoc_data.topics``: about 1,200 sentences of 6-30 words), shuffled with a fixed seed;
   the first ``HELDOUT`` are held out for the metric, the rest are the training pool.
-- **Students**: the teacher's architecture at 2 layers (``"deep"``: same width), or also narrower
+- **Students**: the teacher's architecture at 2 layers (``"deep"``: same width; ``"deep3"``: 3 layers), or also narrower
   (``"narrow"``: width 256, 8 heads of 32, intermediate 1024), random-initialised from the seed
   before any weight transfer.
 - **Training**: ``steps`` batches of ``batch_size`` sentences (a sampler that draws whole
@@ -38,7 +38,7 @@ from ..hf.text import PadCollate, TokenizedTexts
 HELDOUT = 256
 LR = 1e-4
 MAX_LENGTH = 64
-SHAPES = {"deep": {"num_hidden_layers": 2},
+SHAPES = {"deep": {"num_hidden_layers": 2}, "deep3": {"num_hidden_layers": 3},
           "narrow": {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 8, "intermediate_size": 1024}}
 #: the pooled-embedding objective: MSE of the mean-pooled last hidden states (through an adapter when
 #: the widths differ)

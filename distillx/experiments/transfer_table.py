@@ -3,7 +3,7 @@
 Run::
 
     python -m distillx.experiments.transfer_table [--seeds 0,1,2] [--epochs 20] [--json PATH]
-        [--inits random,direct,distribution,select,head_fit] [--students 64-32-10,64-128-10]
+        [--inits random,direct,distribution,select,head_fit,prune] [--students 64-32-10,64-128-10]
         [--teacher-epochs 60]
 
 It prints one markdown table per student shape and, with ``--json``, writes every measurement.
@@ -71,7 +71,7 @@ from ..distiller import Distiller
 from ..engine.training import evaluate, train
 from ..plugin import get_registries, method, transfer
 
-INITS = ("random", "direct", "distribution", "select", "head_fit")
+INITS = ("random", "direct", "distribution", "select", "head_fit", "prune")
 SEEDS = (0, 1, 2)
 EPOCHS = 20
 STUDENTS = (tuple(demo.STUDENT_WIDTHS), (64, 128, 10))
@@ -99,7 +99,7 @@ def _init_options(name: str, seed: int, calibration: Iterable) -> dict[str, Any]
     """The options this experiment passes to a transfer (the rest are the strategy's defaults)."""
     if name == "distribution":
         return {"seed": seed}
-    if name == "head_fit":
+    if name in ("head_fit", "prune"):
         return {"calibration": calibration}
     return {}
 
@@ -107,7 +107,7 @@ def _init_options(name: str, seed: int, calibration: Iterable) -> dict[str, Any]
 def _describe_options(name: str) -> dict[str, str]:
     if name == "distribution":
         return {"seed": "the run's seed"}
-    if name == "head_fit":
+    if name in ("head_fit", "prune"):
         return {"calibration": "the training split, batches of the training loader"}
     return {}
 

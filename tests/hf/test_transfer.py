@@ -23,7 +23,7 @@ def names(report):
 def test_layer_map_on_bert_copies_every_other_layer_and_selects_per_head():
     torch.manual_seed(0)
     teacher, student = bert(4, 32, 4), bert(2, 16, 4)
-    report = dx.transfer("layer_map", teacher, student)
+    report = dx.transfer("layer_map", teacher, student, map="every")
     assert report.complete and names(report) == set(transferable_tensors(student, aliases=True))
     assert report.counts()["skipped"] == 0  # the pooler is not an output layer whose rows must match
     t_q, s_q = teacher.encoder.layer[2].attention.self.query, student.encoder.layer[1].attention.self.query
@@ -34,7 +34,7 @@ def test_layer_map_on_bert_copies_every_other_layer_and_selects_per_head():
     assert "per block, 4 blocks in dim 0" in report["encoder.layer.1.attention.self.query.weight"].how
     # equal widths: an exact copy of teacher layer 2 into student layer 1
     same_width = bert(2, 32, 4)
-    dx.transfer("layer_map", teacher, same_width)
+    dx.transfer("layer_map", teacher, same_width, map="every")
     for a, b in zip(same_width.encoder.layer[1].parameters(), teacher.encoder.layer[2].parameters()):
         assert torch.equal(a, b)
 

@@ -16,7 +16,7 @@ from distillx.transfer import BUILTIN_TRANSFERS, Transfer, TransferError, Transf
 from . import helpers
 from .models import ConvNet, TinyTransformer, mlp
 
-BUILTINS = {"direct", "distribution", "select", "layer_map", "head_fit"}
+BUILTINS = {"direct", "distribution", "select", "layer_map", "head_fit", "prune"}
 
 
 def test_builtins_are_registered_through_the_plugin_registry():

@@ -7,22 +7,24 @@ from torch import nn
 
 import distillx as dx
 from distillx.transfer import TransferError
-from distillx.transfer.layer_map import default_map
+from distillx.transfer.layer_map import default_map, every_map
 
 from . import helpers
 from .models import TinyTransformer, mlp
 
 
-def test_default_map_is_every_other_layer_for_half_depth():
-    assert default_map(6, 12) == [0, 2, 4, 6, 8, 10]
-    assert default_map(2, 4) == [0, 2]
+def test_the_default_map_keeps_the_first_and_the_last_layer():
+    """Measured against DistilBERT's every other layer (README: weight transfer table)."""
+    assert default_map(6, 12) == [0, 2, 4, 7, 9, 11]
+    assert default_map(2, 4) == [0, 3]
     assert default_map(3, 3) == [0, 1, 2]
+    assert every_map(6, 12) == [0, 2, 4, 6, 8, 10] and every_map(2, 4) == [0, 2]
 
 
 def test_same_width_half_depth_copies_every_other_layer():
     torch.manual_seed(0)
     teacher, student = TinyTransformer(layers=4), TinyTransformer(layers=2)
-    report = dx.transfer("layer_map", teacher, student)
+    report = dx.transfer("layer_map", teacher, student, map="every")
     assert report.counts() == {"copied": len(report), "adapted": 0, "sampled": 0, "fitted": 0, "skipped": 0}
     for i, j in enumerate([0, 2]):
         for (name, s), (_, t) in zip(student.encoder.layers[i].state_dict().items(),
@@ -73,6 +75,6 @@ def test_stacks_at_different_paths_through_a_module_mapping():
 
     torch.manual_seed(2)
     teacher, student = Net(6, "blocks"), Net(3, "layers")
-    report = dx.transfer("layer_map", teacher, student, mapping={"layers": "blocks"})
+    report = dx.transfer("layer_map", teacher, student, mapping={"layers": "blocks"}, map="every")
     assert [report[f"layers.{i}.weight"].source for i in range(3)] == [f"blocks.{j}.weight" for j in (0, 2, 4)]
     assert torch.equal(student.layers[2].bias, teacher.blocks[4].bias)
