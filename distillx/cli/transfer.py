@@ -91,13 +91,18 @@ def _damage(path: str) -> str | None:
     return None if bad is None else f"the data of {bad!r} fails its CRC-32 check"
 
 
-def load_model(path: str, arch: str | None, allow_pickle: bool, side: str) -> tuple[nn.Module, str]:
-    """The model in ``path`` and its format ("module" or "state_dict")."""
+def _check_intact(path: str, flag: str, missing: str = "does not exist") -> None:
+    """One line naming ``flag`` when ``path`` is not a file or not an intact ``torch.save`` file."""
     if not os.path.isfile(path):
-        raise SystemExit(f"distillx transfer: --{side} {path!r} does not exist")
+        raise SystemExit(f"distillx transfer: {flag} {path!r} {missing}")
     damage = _damage(path)
     if damage:
-        raise SystemExit(f"distillx transfer: --{side} {path!r} is corrupt or truncated: {damage}")
+        raise SystemExit(f"distillx transfer: {flag} {path!r} is corrupt or truncated: {damage}")
+
+
+def load_model(path: str, arch: str | None, allow_pickle: bool, side: str) -> tuple[nn.Module, str]:
+    """The model in ``path`` and its format ("module" or "state_dict")."""
+    _check_intact(path, f"--{side}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # intact, but holds objects: a whole pickled model?
@@ -149,11 +154,7 @@ def load_calibration(spec: str) -> Any:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's builder: one line naming the flag
             raise SystemExit(f"distillx transfer: --calibration {spec!r} raised {type(exc).__name__}: {exc}") from exc
-    if not os.path.isfile(spec):
-        raise SystemExit(f"distillx transfer: --calibration {spec!r} is neither a file nor MODULE:CALLABLE")
-    damage = _damage(spec)
-    if damage:
-        raise SystemExit(f"distillx transfer: --calibration {spec!r} is damaged: {damage}")
+    _check_intact(spec, "--calibration", "is neither a file nor MODULE:CALLABLE")
     try:
         data = torch.load(spec, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything torch.load refuses: one line, never a traceback

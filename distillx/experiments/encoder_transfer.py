@@ -10,7 +10,8 @@ language-reference sentences, fidelity = Spearman rho of pairwise similarities o
 sentences). Per case one random student (seed 0) is copied for every init, so the inits differ only
 in what they write; each init is then distilled for ``steps`` steps of 32 sentences with the
 pooled-embedding MSE (``sld`` on the mean-pooled last layer, through an adapter when the widths
-differ), AdamW lr 1e-4, the same batches in the same order. Calibration for ``auto`` and ``prune``:
+differ), AdamW lr 1e-4, the same batches in the same order (``--cache-dir``: the teacher's features
+come from a float32 teacher cache, built once, instead of a live teacher). Calibration for ``auto`` and ``prune``:
 the first 256 training sentences (8 batches of 32), never the held-out ones.
 
 Cases: ``deep`` (6 -> 2 layers, width 384), ``narrow`` (6 -> 2 layers, width 256, 8 heads, MLP
@@ -45,13 +46,16 @@ def _strategy(label: str) -> str:
     return label.split()[0]
 
 
-def run(steps: int = 200, cases: Sequence[str] = tuple(CASES), seed: int = 0) -> dict[str, Any]:
+def run(steps: int = 200, cases: Sequence[str] = tuple(CASES), seed: int = 0,
+        cache_dir: Optional[str] = None) -> dict[str, Any]:
     E.single_thread()
     teacher, tok = E.load_teacher()
     train, held = E.corpus(seed)
     teacher_sims = E.pairwise_cosine(E.embeddings(teacher, held, tok))
     calib_data = TokenizedTexts(train[:CALIBRATION], tok, E.MAX_LENGTH)
     calibration = torch.utils.data.DataLoader(calib_data, batch_size=32, collate_fn=PadCollate(tok))
+    # the teacher's pooled features of the training pool, computed once and reused by every run
+    cache = {"cache_teacher": True, "cache_dir": cache_dir, "cache_dtype": "float32"} if cache_dir else {}
     rows = []
     for case in cases:
         shape, inits = CASES[case]
@@ -67,7 +71,7 @@ def run(steps: int = 200, cases: Sequence[str] = tuple(CASES), seed: int = 0) ->
                 maps = next((n for n in report.notes if "student layer i <- teacher layer" in n), None)
             start = E.fidelity(student, teacher_sims, held, tok)
             out = E.distil(teacher, student, [method("sld", **E.POOLED)], E.train_loader(train, tok, steps, seed=seed),
-                           seed=seed)
+                           seed=seed, **cache)
             rho = E.fidelity(student, teacher_sims, held, tok)
             rows.append({"case": case, "init": label, "layers": maps, "rho_at_init": round(start, 4),
                          "rho": round(rho, 4), "seconds": round(out["seconds"], 1)})
@@ -89,8 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--cache-dir", help="keep the teacher's features here (a teacher cache: each run then "
+                                            "only runs the student)")
     args = parser.parse_args(argv)
-    result = run(args.steps, [c for c in args.cases.split(",") if c])
+    result = run(args.steps, [c for c in args.cases.split(",") if c], cache_dir=args.cache_dir)
     publish(table(result), result, args.json)
     return 0
 
