@@ -7,7 +7,6 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
-from .. import _checks
 from .calibration import batches as calibration_batches
 from .calibration import call
 from .errors import TransferError, check_models, close_names

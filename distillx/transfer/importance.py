@@ -87,7 +87,7 @@ def layer_parts(model: nn.Module) -> dict[str, LayerParts]:
         for rel in DOWN_PROJECTIONS:
             candidate = f"{layer}.{rel}" if layer else rel
             try:
-                module = model.get_submodule(candidate)
+                model.get_submodule(candidate)  # exists?
             except AttributeError:
                 continue
             if o is None or candidate != o[0]:

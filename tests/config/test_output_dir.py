@@ -5,7 +5,6 @@ a teacher cache there is reused only for the same teacher, captures and data."""
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
