@@ -47,7 +47,7 @@ from torch import nn
 from . import _checks
 from .compose import Composed
 from .features import FeatureSpec, Trunk
-from .engine.arguments import (TASK, apply_transfer, build_augmentations, cache_options, check_amp,
+from .engine.arguments import (TASK, apply_transfer, balancer, build_augmentations, cache_options, check_amp,
                                check_grad_clip, check_methods, check_models, check_strategy, check_weight, method_name,
                                metric_keys, student_input_spec)
 from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, task_cross_entropy, to_device,
@@ -121,6 +121,14 @@ class Distiller(Phases):
             world size; needs an optimizer factory). ``shard_teacher``: with ``"fsdp"``, shard the teacher
             too for its forward passes instead of replicating it.
         label_key: the targets of mapping batches (default ``"labels"``; the other keys are inputs).
+        balance: ``None`` (default: the weights as given) or ``"auto"``: loss terms that balance
+            themselves (:mod:`distillx.engine.balance`). Every ``balance_every`` steps (default
+            10 x (active terms - 1)) each term's gradient on the student is measured, and every term
+            but the primary one gets a factor max(0, cos) of its gradient's angle with the primary's
+            (Du et al. 2018): a conflicting term is switched off, an aligned one counts in proportion;
+            ``weight=`` stays a preference on top. ``balance_primary``: the primary term (``"task"``
+            or a method's key; default the first method). The factors are logged per step
+            (``weight/<term>``) and saved in checkpoints.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
@@ -136,7 +144,8 @@ class Distiller(Phases):
                  cache_top_k: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  progress: Optional[bool] = None, seed: Optional[int] = None, label_key: str = LABELS,
                  student_input: Union[None, str, FeatureSpec] = None, strategy: str = "ddp",
-                 shard_teacher: bool = False):
+                 shard_teacher: bool = False, balance: Optional[str] = None, balance_primary: Optional[str] = None,
+                 balance_every: Optional[int] = None):
         check_models(teacher, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
@@ -166,6 +175,8 @@ class Distiller(Phases):
         self._phase_specs = {"student": (optimizer, scheduler, warmup),
                              "teacher": (teacher_optimizer, teacher_scheduler, teacher_warmup)}
         self.ctx = init_from_env(self.device)
+        loss_balancer = balancer(balance, balance_primary, balance_every, self.task_weight, self.methods, self._keys,
+                                 self.weight_schedules, self.strategy, self.ctx)
         # Not drawn from the global generator: constructing a Distiller must not shift the user's
         # randomness. One stream per rank: each rank augments its own shard.
         gen_seed = torch.initial_seed() if seed is None else int(seed)
@@ -176,6 +187,7 @@ class Distiller(Phases):
         self._plan.attach()
         self._step = DistillStep(self.teacher, self.student, self.methods, self._keys, self._plan, self.task_loss,
                                  self.task_weight, self.weight_schedules, bool(check_finite), self.device)
+        self._step.balancer = loss_balancer
         # The teacher's layers after a cut run only when a method reads its logits or later features.
         later = [k for k in self._plan.capture_keys("teacher") if k != STUDENT_INPUT]
         self._step.full_teacher = any(m.uses_logits for m in self.methods) or bool(later)

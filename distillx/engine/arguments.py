@@ -16,6 +16,8 @@ from .distributed import STRATEGIES
 from ..methods import Method
 from ..plugin import resolve_augmentation, transfer as resolve_transfer
 from ..transfer import Transfer, TransferReport
+from .balance import PREFIX as WEIGHT_PREFIX, Balancer, check_balance
+from .distributed import DistContext
 from .step import TASK
 
 AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,4 +160,18 @@ def metric_keys(methods: Sequence[Method]) -> list[str]:
         keys.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
     if TASK in keys or "loss" in keys:
         raise ValueError(f"a method may not be named {TASK!r} or 'loss' (reserved metrics keys)")
+    if any(k.startswith(WEIGHT_PREFIX) for k in keys):
+        raise ValueError(f"a method's name may not start with {WEIGHT_PREFIX!r} (the metrics keys of balance factors)")
     return keys
+
+
+def balancer(balance, primary, every, task_weight: float, methods: Sequence[Method], keys: Sequence[str],
+             schedules: dict, strategy: str, ctx: DistContext) -> Optional[Balancer]:
+    """The loss balancer of ``balance=`` (None without), its options checked (errors name them)."""
+    terms = [TASK, *keys]
+    weights = [task_weight, *(m.weight for m in methods)]
+    candidates = [k for k, w in zip(terms, weights) if w or k in schedules]
+    spec = check_balance(balance, primary, every, terms, candidates, strategy)
+    if spec is None:
+        return None
+    return Balancer(terms, spec["primary"], spec["every"], logged=candidates, ctx=ctx)

@@ -46,6 +46,7 @@ PHASES = ("teacher", "student")
 KEYS = ("format", "version", "phase", "position", "student", "methods", "method_keys", "teacher", "optimizer",
         "scheduler", "scaler", "metrics", "history", "transfer_report")
 POSITION_KEYS = ("epoch", "step", "epoch_rng", "step_rng", "sums", "n")
+BALANCE_KEYS = ("mode", "primary", "every", "factors", "steps")  # engine/balance.Balancer.state_dict()
 
 
 class CheckpointError(ValueError):
@@ -125,6 +126,9 @@ def _problem(ckpt: dict) -> Optional[str]:
         return "history lacks the teacher/student lists"
     if not isinstance(ckpt.get("optimizer_class", ""), str):  # absent from checkpoints of older versions
         return f"optimizer_class is {ckpt['optimizer_class']!r}, not a str"
+    balance = ckpt.get("balance")  # absent from checkpoints of older versions: no balancing
+    if balance is not None and not (isinstance(balance, dict) and all(k in balance for k in BALANCE_KEYS)):
+        return f"balance is not a balancer state with {', '.join(BALANCE_KEYS)}"
     return None
 
 
@@ -230,11 +234,13 @@ def check_world_size(state: dict, world_size: int) -> None:
 
 
 def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str], method_keys: list,
-               student: torch.nn.Module, teacher: torch.nn.Module, world_size: int = 1) -> Optional[dict]:
+               student: torch.nn.Module, teacher: torch.nn.Module, world_size: int = 1,
+               balance: Optional[dict] = None) -> Optional[dict]:
     """The checkpoint ``resume`` names (a path, or True for ``checkpoint_dir``'s), checked against the
-    run: phase (when ``want_phase``), methods, the student's and saved teacher's keys and shapes, and
-    the number of processes (:func:`check_world_size`: a warning). None when ``resume`` is None/False.
-    ``state["path"]`` is where it was read."""
+    run: phase (when ``want_phase``), methods, loss balancing (``balance``: the run's
+    ``{"mode", "primary", "every"}``, None without), the student's and saved teacher's keys and shapes,
+    and the number of processes (:func:`check_world_size`: a warning). None when ``resume`` is
+    None/False. ``state["path"]`` is where it was read."""
     if resume is None or resume is False:
         return None
     if resume is True and not checkpoint_dir:
@@ -250,6 +256,14 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
     if state["method_keys"] != list(method_keys):
         raise CheckpointError(f"checkpoint {path!r} was written with methods {state['method_keys']}, this "
                               f"Distiller has {list(method_keys)}")
+    saved = state.get("balance")
+    saved = None if saved is None else {k: saved[k] for k in ("mode", "primary", "every")}
+    if saved != balance:
+        def said(b):
+            return "balance=None" if b is None else ", ".join(f"balance{'_' + k if k != 'mode' else ''}={v!r}"
+                                                              for k, v in b.items())
+        raise CheckpointError(f"checkpoint {path!r} was written with {said(saved)}, this Distiller has {said(balance)}: "
+                              "the loss weights would not continue as they were; resume with the same balancing")
     if not state.get("sharded"):  # a sharded student is checked when its shards load
         check_state_dict(state["student"], student, "student", path)
     if state.get("teacher") is not None:
@@ -261,11 +275,12 @@ def for_resume(resume, checkpoint_dir: Optional[str], want_phase: Optional[str],
 
 def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list, method_keys: list,
           teacher: Optional[torch.nn.Module], optimizer, scheduler, scaler, metrics, history: dict,
-          transfer_report: Optional[dict], sharded: Optional[str] = None) -> dict:
+          transfer_report: Optional[dict], sharded: Optional[str] = None, balance: Optional[dict] = None) -> dict:
     """The checkpoint of a distillation run at ``position`` of ``phase`` (``teacher`` None when its
     weights need not be saved: an untrained teacher is the user's own). ``sharded``: the student's,
     the methods' and the optimizer's states are in that distributed-checkpoint directory beside the
-    file (``strategy="fsdp"``), not in it."""
+    file (``strategy="fsdp"``), not in it. ``balance``: the loss balancer's state (its weights and
+    step count, :meth:`distillx.engine.balance.Balancer.state_dict`), None without balancing."""
     state = {
         "format": FORMAT, "version": VERSION, "phase": phase, "position": position,
         "student": {} if sharded else student.state_dict(),
@@ -274,7 +289,7 @@ def build(phase: str, position: dict, *, student: torch.nn.Module, methods: list
         "optimizer": {} if sharded else optimizer.state_dict(), "optimizer_class": optimizer_class(optimizer),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler else None, "metrics": metrics.state_dict(),
-        "history": history, "transfer_report": transfer_report, "sharded": sharded,
+        "history": history, "transfer_report": transfer_report, "sharded": sharded, "balance": balance,
     }
     check_plain(state, "checkpoint")
     return state
@@ -308,7 +323,7 @@ def _check_optimizer_groups(state: dict, optimizer, needed: set) -> None:
 
 
 def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, methods: list, method_keys: list,
-            metrics, optimizer, scheduler, scaler, load_sharded=None) -> bool:
+            metrics, optimizer, scheduler, scaler, load_sharded=None, balancer=None) -> bool:
     """Load a checkpoint :func:`for_resume` returned into the run's objects; True when it held
     the teacher's weights (a trained teacher). The optimizer, schedule, scaler and metrics states
     load first (they are what an altered checkpoint most likely breaks), the weights last; a sharded
@@ -343,6 +358,12 @@ def restore(state: dict, *, student: torch.nn.Module, teacher: torch.nn.Module, 
         except RuntimeError as exc:
             raise CheckpointError(f"checkpoint {state['path']!r}: method {key!r} does not match its saved "
                                   f"state: {exc}") from exc
+    if balancer is not None and state.get("balance") is not None:
+        try:
+            balancer.load_state_dict(state["balance"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {state['path']!r}: the saved balance state does not load into this "
+                                  f"run ({type(exc).__name__}: {exc})") from exc
     if not sharded:
         student.load_state_dict(state["student"])
     if state.get("teacher") is not None:

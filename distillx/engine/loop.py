@@ -79,6 +79,7 @@ class Phase:
     indexed: bool = False    # batches are (indices, inputs, targets) or (indices, mapping)
     label_key: str = LABELS  # the targets of a mapping batch
     params: list = field(default_factory=list)  # for gradient clipping
+    backward: Optional[Callable] = None  # (losses, scaler) -> None in place of loss.backward()
     epoch_fraction: float = 0.0  # epoch + step / steps_per_epoch of the step running now (weight schedules)
 
 
@@ -123,15 +124,19 @@ class Runner:
         with autocast:
             losses = p.compute_losses(inputs, targets, indices)
         p.optimizer.zero_grad(set_to_none=True)
-        if p.scaler is not None:
+        if p.backward is not None:
+            p.backward(losses, p.scaler)
+        elif p.scaler is not None:
             p.scaler.scale(losses["loss"]).backward()
+        else:
+            losses["loss"].backward()
+        if p.scaler is not None:
             if p.grad_clip:
                 p.scaler.unscale_(p.optimizer)
                 torch.nn.utils.clip_grad_norm_(p.params, p.grad_clip)
             p.scaler.step(p.optimizer)
             p.scaler.update()
         else:
-            losses["loss"].backward()
             if p.grad_clip:
                 torch.nn.utils.clip_grad_norm_(p.params, p.grad_clip)
             p.optimizer.step()

@@ -108,7 +108,7 @@ class Phases:
             self._run_phase("student", [self.student, *self.methods], self._trainable_parameters(), self.optimizer,
                             loader, epochs, self._step, self._student_model(), val_loader, state, position,
                             on_epoch_end=lambda epoch, metrics: self.history.append(metrics),
-                            indexed=self._step.cache is not None,
+                            indexed=self._step.cache is not None, backward=self._balanced_backward(),
                             on_start=lambda: hook.distillx_on_fit_start(distiller=self),
                             on_epoch_saved=lambda epoch, metrics: hook.distillx_on_epoch_end(
                                 distiller=self, epoch=epoch, metrics=metrics))
@@ -123,7 +123,7 @@ class Phases:
     def _run_phase(self, name: str, modules: list, params: list, optimizer, loader, epochs: int, losses: Callable,
                    val_model: nn.Module, val_loader, state: Optional[dict], position: Optional[dict],
                    on_epoch_end: Callable, indexed: bool = False, on_start: Optional[Callable] = None,
-                   on_epoch_saved: Optional[Callable] = None) -> None:
+                   on_epoch_saved: Optional[Callable] = None, backward: Optional[Callable] = None) -> None:
         """The setup both phases share: LR schedule, gradient scaler, the resumed state, the loop.
         ``on_epoch_end`` records the epoch (the history its checkpoint holds); ``on_epoch_saved``
         runs after that checkpoint is written (the plugin hook: if it raises, the epoch is saved)."""
@@ -134,6 +134,7 @@ class Phases:
             self._teacher_trained |= ckpt.restore(
                 state, student=self.student, teacher=self.teacher, methods=self.methods, method_keys=self._keys,
                 metrics=self.metrics, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                balancer=self._step.balancer,
                 load_sharded=lambda directory, sharded: fsdp.load(directory, sharded, self._sharded_modules(),
                                                                   optimizer))
             self.teacher_history = list(state["history"]["teacher"])
@@ -146,7 +147,7 @@ class Phases:
         phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, autocast,
                       self.grad_clip, self._augment(), self.aug_generator,
                       validator(val_loader, val_model, self.task_loss, self.device, self.label_key), indexed=indexed,
-                      params=params, label_key=self.label_key)
+                      params=params, label_key=self.label_key, backward=backward)
         self._step.epoch_fraction = lambda: phase.epoch_fraction
 
         sharded = name == "student" and self._sharded
@@ -157,7 +158,7 @@ class Phases:
                               teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                               metrics=self.metrics, history={"teacher": self.teacher_history, "student": self.history},
                               transfer_report=self.transfer_report.to_dict() if self.transfer_report else None,
-                              sharded=shards)
+                              sharded=shards, balance=self._balance_state())
 
         def save(phase_name, at):
             """Called on every rank; rank 0 writes the file (after every rank wrote its shards)."""
@@ -211,6 +212,18 @@ class Phases:
         }
         check_same(self.ctx, described, f"Distiller.{call}()'s settings and arguments")
 
+    def _balanced_backward(self) -> Optional[Callable]:
+        """The student phase's backward pass under ``balance=`` (None: the loop's plain one)."""
+        balancer = self._step.balancer
+        if balancer is None:
+            return None
+        shared = [p for p in self.student.parameters() if p.requires_grad]
+        params = self._trainable_parameters()
+        return lambda losses, scaler: balancer.backward(losses, shared, params, scaler)
+
+    def _balance_state(self) -> Optional[dict]:
+        return None if self._step.balancer is None else self._step.balancer.state_dict()
+
     def _resume_state(self, resume, want_phase: Optional[str], train_loader, val_loader):
         """The checkpoint to resume (or None), after the checks a run that writes or reads
         checkpoints needs: a writable checkpoint_dir, loaders whose random state can be saved."""
@@ -219,8 +232,9 @@ class Phases:
             ckpt.check_capturable(val_loader, "val_loader")
         if self.ctx.is_main:
             ckpt.check_directory(self.checkpoint_dir)
+        balancer = self._step.balancer
         state = ckpt.for_resume(resume, self.checkpoint_dir, want_phase, self._keys, self.student, self.teacher,
-                                self.ctx.world_size)
+                                self.ctx.world_size, None if balancer is None else balancer.config())
         return state, (state["position"] if state is not None else None)
 
     def _augment(self):

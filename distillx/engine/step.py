@@ -15,6 +15,7 @@ logits, the output layers methods apply themselves (``lm_kd``) are skipped on th
 from __future__ import annotations
 
 from collections.abc import Mapping
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -79,6 +80,7 @@ class DistillStep:
         self.plan, self.task_loss, self.task_weight = plan, task_loss, task_weight
         self.weight_schedules, self.check_finite = weight_schedules, check_finite
         self.cache = None
+        self.balancer = None
         self.ddp = None
         self._outs = None
         self.trunk, self.full_teacher = None, True
@@ -150,11 +152,17 @@ class DistillStep:
         student_in = self.student_input(inputs, teacher_feats)
         # Under DDP the student's forward *and* the losses run inside the wrapper, so DDP sees which
         # parameters the losses reach (hooked features, adapters) and which they do not (a pooler).
-        terms = (self.ddp if self.ddp is not None else self.terms)(inputs, targets, need_s, teacher_logits,
-                                                                   teacher_feats, student_in)
+        # A step that measures the balance factors averages its per-term gradients itself: no_sync.
+        sync = (self.ddp.no_sync() if self.ddp is not None and self.balancer is not None and self.balancer.due()
+                else contextlib.nullcontext())
+        with sync:
+            terms = (self.ddp if self.ddp is not None else self.terms)(inputs, targets, need_s, teacher_logits,
+                                                                       teacher_feats, student_in)
         if self.check_finite:
             self._check_finite(terms, self._outs)
-        return {"loss": sum(terms.values()), **terms}
+        if self.balancer is None:
+            return {"loss": sum(terms.values()), **terms}
+        return {"loss": self.balancer.total(terms), **terms, **self.balancer.logged(self.device)}
 
     def terms(self, inputs, targets, need_logits: bool, teacher_logits, teacher_feats,
               student_in=None) -> dict[str, torch.Tensor]:

@@ -41,6 +41,7 @@ __all__ = ["MetricsLog", "FORMAT_VERSION", "encode_value", "decode_value"]
 
 FORMAT_VERSION = 1
 RESERVED = ("phase", "epoch", "step")
+WEIGHT_PREFIX = "weight/"  # a loss term's balance factor: weight/<term> (distillx.engine.balance)
 _NONFINITE_TO_STR = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
