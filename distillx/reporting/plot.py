@@ -4,8 +4,10 @@
 
 The figure has one column per phase present (``teacher`` first, then ``student``, then any other
 phase in logging order) and two rows: the per-epoch training loss components (``loss``, ``task``
-and one line per method: every numeric epoch value except ``val_*`` and bookkeeping such as
-``lr``/``time``) and the per-epoch validation accuracy (``val_accuracy``). A phase without
+and one line per method: every numeric epoch value except ``val_*``, the balance factors and
+bookkeeping such as ``lr``/``time``) and the per-epoch validation accuracy (``val_accuracy``). A log
+with balance factors (``weight/<term>``, ``Distiller(balance="auto")``) gets a third row: each
+term's factor, its epoch mean. A phase without
 validation accuracy gets a panel saying so. Non-finite values (a diverged loss) are left as gaps,
 and epochs with a non-finite loss component are marked by a dotted red vertical line.
 The loss axis switches to a log scale when all values are positive and span more than two decades
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 from .._atomic import PathLike, atomic_open
-from .metrics import MetricsLog
+from .metrics import WEIGHT_PREFIX, MetricsLog
 
 __all__ = ["plot_metrics", "INSTALL_HINT"]
 
@@ -80,10 +82,31 @@ def _components(records: list[dict], components: Optional[Sequence[str]]) -> lis
     names: dict[str, None] = {}
     for r in records:
         for k, v in r.items():
-            if k != "phase" and k not in NOT_LOSSES and not k.startswith("val_") and _number(v) is not None:
+            if (k != "phase" and k not in NOT_LOSSES and not k.startswith(("val_", WEIGHT_PREFIX))
+                    and _number(v) is not None):
                 names.setdefault(k, None)
     first = [k for k in ("loss", "task") if k in names]
     return first + [k for k in names if k not in first]
+
+
+def _factor_keys(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in records for k in r if k.startswith(WEIGHT_PREFIX)))
+
+
+def _plot_factors(ax, records: list[dict], keys: list[str], phase: str, MaxNLocator) -> None:
+    """The balance factors of a phase (epoch means), or a panel saying it has none."""
+    for key in keys:
+        xs, ys = _series(records, key)
+        ax.plot(xs, ys, marker="o", markersize=3, label=key[len(WEIGHT_PREFIX):])
+    if not keys:
+        _empty(ax, "no balance factors logged")
+    else:
+        ax.legend(loc="best", fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    ax.set_title(f"{phase}: balance factors (balance='auto')")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("factor on the term's weight")
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -125,9 +148,11 @@ def plot_metrics(log_or_dict: Union[MetricsLog, dict], path: PathLike, *,
     if not phases:
         raise ValueError("the metrics log has no epoch records: nothing to plot")
 
-    fig = Figure(figsize=(6.0 * len(phases), 8.0), dpi=dpi, layout="constrained")
+    factors = {p: _factor_keys(log.epochs(p)) for p in phases}
+    rows = 3 if any(factors.values()) else 2
+    fig = Figure(figsize=(6.0 * len(phases), 4.0 * rows), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(phases), squeeze=False)
+    axes = fig.subplots(rows, len(phases), squeeze=False)
     for col, phase in enumerate(phases):
         records = sorted(log.epochs(phase), key=lambda r: r["epoch"])
         ax = axes[0][col]
@@ -169,6 +194,8 @@ def plot_metrics(log_or_dict: Union[MetricsLog, dict], path: PathLike, *,
         ax.set_title(f"{phase}: validation accuracy")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy")
+        if rows == 3:
+            _plot_factors(axes[2][col], records, factors[phase], phase, MaxNLocator)
     fig.suptitle(title if title is not None else "distillx training metrics")
 
     with atomic_open(path, "wb") as f:
