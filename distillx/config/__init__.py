@@ -69,6 +69,9 @@ A config with every key (``*`` required; the rest show their defaults or are off
     progress = true                     # default: on when stderr is a terminal
     strategy = "ddp"                    # under torchrun: "ddp" (replicated student) or "fsdp" (sharded)
     shard_teacher = false               # with "fsdp": shard the teacher too
+    balance = "auto"                    # loss terms that balance themselves; off when unset
+    balance_primary = "kd"              # the primary term (default: the first method)
+    balance_every = 10                  # steps between measurements (default 10 x (terms - 1))
 
 Optimizer names: ``adamw``/``adam`` (``lr``, ``weight_decay``, ``betas``) and ``sgd`` (``lr``,
 ``weight_decay``, ``momentum``, ``nesterov``); ``weight_decay`` defaults to PyTorch's (0.01 for

@@ -295,7 +295,8 @@ def build(cfg: dict, progress: Optional[bool] = None) -> Run:
             teacher_scheduler=teacher_scheduler, teacher_warmup=teacher_warmup, weight_schedules=schedules,
             augmentations=augmentations, amp=tr["amp"], grad_clip=tr["grad_clip"],
             cache_teacher=tr["cache_teacher"], cache_dtype=tr["cache_dtype"], cache_top_k=tr["cache_top_k"],
-            strategy=tr["strategy"], shard_teacher=tr["shard_teacher"],
+            strategy=tr["strategy"], shard_teacher=tr["shard_teacher"], balance=tr["balance"],
+            balance_primary=tr["balance_primary"], balance_every=tr["balance_every"],
             student_input=s["input"][len("teacher:"):] if s["input"] else None,
             checkpoint_dir=cfg["output_dir"], progress=progress, seed=cfg["seed"])
     except (TypeError, ValueError, KeyError) as exc:

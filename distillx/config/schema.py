@@ -114,9 +114,17 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     strategy = "ddp"         "ddp" or "fsdp": how the student is spread over the processes of
                              ``torchrun ... distillx run`` (replicated, or sharded with FSDP2).
     shard_teacher = false    bool: with strategy "fsdp", shard the teacher too.
+    balance                  "auto": loss terms that balance themselves (Distiller(balance="auto"),
+                             distillx.engine.balance): every balance_every steps the auxiliary terms
+                             are reweighted by how their gradients align with the primary term's;
+                             default: off (the fixed weights as given).
+    balance_primary          string: the primary term, "task" or a method's key ("kd", "kd#2");
+                             default: the first method (the task term when there is none).
+    balance_every            int >= 1: steps between two measurements; default 10 x (terms - 1),
+                             so at most one extra backward pass per 10 steps.
 
 In JSON, ``null`` is accepted for the keys whose default is "off"/unset (threads, checkpoint,
-transfer, amp, grad_clip, cache_top_k, progress).
+transfer, amp, grad_clip, cache_top_k, progress, balance, balance_primary, balance_every).
 """
 from __future__ import annotations
 
@@ -276,6 +284,9 @@ SCHEMA = Table({
         "progress": Key(Bool(), nullable=True),
         "strategy": Key(Str(("ddp", "fsdp")), default="ddp"),
         "shard_teacher": Key(Bool(), default=False),
+        "balance": Key(Str(("auto",)), nullable=True),
+        "balance_primary": Key(Str(), nullable=True),
+        "balance_every": Key(Int(1), nullable=True),
     }), default=lambda t: _default_of(SCHEMA.keys["training"].spec)),
 })
 """The whole schema (see the module docstring for every key)."""

@@ -415,6 +415,33 @@ def test_option_errors_name_the_config_key(tmp_path, capsys, override, expected)
     assert not out.exists()
 
 
+def test_a_run_with_balanced_loss_terms_logs_and_saves_the_factors(tmp_path, capsys):
+    code, out = run(tmp_path, "--set", 'methods=[{"name": "kd", "T": 2.0}, {"name": "sld"}]',
+                    "--set", "training.balance=auto", "--set", "training.balance_every=5")
+    assert code == 0, capsys.readouterr().err
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    student = [r for r in steps if r["phase"] == "student"]
+    assert all({"weight/kd", "weight/sld"} <= set(r) and r["weight/kd"] == 1.0 for r in student)
+    assert not any(k.startswith("weight/") for r in steps if r["phase"] == "teacher" for k in r)
+    saved = ckpt.load(str(out / "checkpoint.pt"))["balance"]
+    assert (saved["mode"], saved["primary"], saved["every"], saved["steps"]) == ("auto", "kd", 5, 22)
+    assert json.loads((out / "config.json").read_text())["training"]["balance"] == "auto"
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["training.balance=always"], "training.balance: expected one of 'auto', got 'always'"),
+    (["training.balance=auto", "training.balance_primary=sld"],
+     "cannot set up the distillation: balance_primary must be one of the loss terms 'task', 'kd', got 'sld'"),
+    (["training.balance_every=3"], "cannot set up the distillation: balance_every=3 is set but balance is None"),
+])
+def test_balance_errors_name_the_key(tmp_path, capsys, override, expected):
+    code, out = run(tmp_path, *[a for o in override for a in ("--set", o)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not out.exists()
+
+
 # -- the real command line ---------------------------------------------------------------------------
 def test_the_distillx_cli_dispatches_run(tmp_path):
     out = tmp_path / "cli"

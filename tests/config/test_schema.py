@@ -75,7 +75,8 @@ def test_defaults_are_filled_in():
     assert cfg["student"]["task_weight"] == 1.0 and cfg["student"]["input"] is None
     assert cfg["transfer"] is None and cfg["augmentations"] == [] and cfg["weight_schedules"] == {}
     assert cfg["training"] == {"amp": None, "grad_clip": None, "cache_teacher": False, "cache_dtype": "float16",
-                               "cache_top_k": None, "progress": None, "strategy": "ddp", "shard_teacher": False}
+                               "cache_top_k": None, "progress": None, "strategy": "ddp", "shard_teacher": False,
+                               "balance": None, "balance_primary": None, "balance_every": None}
     assert cfg["data"]["options"] == {}
 
 
