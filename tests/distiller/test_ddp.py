@@ -15,15 +15,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "ddp_script.py")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with gloo is needed")
-def test_two_ranks_match_one_process(tmp_path):
+GLOO = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                          reason="torch.distributed with gloo is needed")
+
+
+def single_and_two_ranks(tmp_path, *extra):
     single, multi = str(tmp_path / "single.pt"), str(tmp_path / "ddp.pt")
-    subprocess.run([sys.executable, SCRIPT, single, "1"], check=True, env=child_env(), timeout=300)
+    subprocess.run([sys.executable, SCRIPT, single, "1", *extra], check=True, env=child_env(), timeout=300)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          SCRIPT, multi, "2"], env=child_env(), timeout=300, capture_output=True, text=True)
+                          SCRIPT, multi, "2", *extra], env=child_env(), timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    a, b = torch.load(single), torch.load(multi)
+    return torch.load(single), torch.load(multi)
+
+
+@GLOO
+def test_two_ranks_match_one_process(tmp_path):
+    a, b = single_and_two_ranks(tmp_path)
     assert b["world"] == 2 and a["world"] == 1
     for key in a["student"]:
         torch.testing.assert_close(b["student"][key], a["student"][key], rtol=1e-5, atol=1e-6, msg=key)
@@ -34,3 +41,19 @@ def test_two_ranks_match_one_process(tmp_path):
     for ha, hb in zip(a["history"], b["history"]):
         assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5)
     assert sorted(os.listdir(tmp_path / "ddp.pt.ckpt")) == ["checkpoint.pt"]
+
+
+@GLOO
+def test_balanced_loss_terms_use_the_same_factors_on_every_rank(tmp_path):
+    """``balance="auto"``: a measuring step averages each term's gradient over the ranks, so both
+    ranks hold the same factors, the single process's (within float tolerance), and the same weights."""
+    a, b = single_and_two_ranks(tmp_path, "auto")
+    ranks = [torch.load(str(tmp_path / f"ddp.pt.rank{r}")) for r in range(2)]
+    assert ranks[0] == ranks[1] and ranks[0]["steps"] == 16
+    assert len(b["factors"]) == len(a["factors"]) == 16
+    for fa, fb in zip(a["factors"], b["factors"]):
+        assert fb.keys() == fa.keys() == {"weight/task", "weight/kd", "weight/sld"}
+        assert fb == pytest.approx(fa, abs=1e-5)
+    assert len({(f["weight/task"], f["weight/sld"]) for f in a["factors"]}) > 2  # measured, not left at 1
+    for key in a["student"]:
+        torch.testing.assert_close(b["student"][key], a["student"][key], rtol=1e-5, atol=1e-6, msg=key)

@@ -119,7 +119,7 @@ def make_loader(kind, x, y):
 
 
 def run(tmp, kind, interrupt_at=None, how="sigint", resume=None, seeds=(0, 1), transfer_fails=False,
-        signal_in_setup=False, cache=False):
+        signal_in_setup=False, cache=False, balance=None):
     x, y, xv, yv = data(320)
     t, s = teacher(seeds[0]), student(seeds[1])
     train = make_loader(kind, x, y)
@@ -127,7 +127,8 @@ def run(tmp, kind, interrupt_at=None, how="sigint", resume=None, seeds=(0, 1), t
                      task_loss=InterruptAt(interrupt_at, how), checkpoint_dir=str(tmp),
                      augmentations=[] if cache else [{"name": "noise", "std": 0.05}], cache_teacher=cache,
                      seed=3, transfer=Transfer(transfer_fails),
-                     weight_schedules={"kd": dx.engine.linear(0.0, 1.0, 2)}, progress=False)
+                     weight_schedules={"kd": dx.engine.linear(0.0, 1.0, 2)}, progress=False, balance=balance,
+                     balance_every=7 if balance else None)
     if resume:
         torch.manual_seed(1234)  # a different process state: everything must come from the checkpoint
         random.seed(1234)
@@ -139,26 +140,29 @@ def run(tmp, kind, interrupt_at=None, how="sigint", resume=None, seeds=(0, 1), t
 _REFERENCES = {}
 
 
-def reference(kind, tmp_path_factory, cache=False):
-    """The uninterrupted run of a loader kind (computed once per kind, with and without the teacher cache)."""
-    if (kind, cache) not in _REFERENCES:
+def reference(kind, tmp_path_factory, cache=False, balance=None):
+    """The uninterrupted run of a loader kind (computed once per kind, with and without the teacher cache
+    or loss balancing)."""
+    if (kind, cache, balance) not in _REFERENCES:
         torch.manual_seed(0)
-        _REFERENCES[kind, cache] = run(tmp_path_factory.mktemp(f"ref-{kind}"), kind, cache=cache)
-    return _REFERENCES[kind, cache]
+        _REFERENCES[kind, cache, balance] = run(tmp_path_factory.mktemp(f"ref-{kind}"), kind, cache=cache,
+                                                balance=balance)
+    return _REFERENCES[kind, cache, balance]
 
 
-def check_resume_is_bitwise(tmp_path, tmp_path_factory, kind, at=None, how="sigint", expect=None, cache=False, **cut):
-    ref, ref_student, ref_teacher = reference(kind, tmp_path_factory, cache)
+def check_resume_is_bitwise(tmp_path, tmp_path_factory, kind, at=None, how="sigint", expect=None, cache=False,
+                            balance=None, **cut):
+    ref, ref_student, ref_teacher = reference(kind, tmp_path_factory, cache, balance)
     torch.manual_seed(0)
     with pytest.raises(TrainingInterrupted if how == "sigint" else Crash) as info:
-        run(tmp_path, kind, interrupt_at=at, how=how, cache=cache, **cut)
+        run(tmp_path, kind, interrupt_at=at, how=how, cache=cache, balance=balance, **cut)
     path = str(tmp_path / "checkpoint.pt")
     if how == "sigint":
         assert info.value.path == path
     saved = ckpt.load(path)
     assert (saved["phase"], saved["position"]["epoch"], saved["position"]["step"] > 0) == expect
     # fresh models with other initial weights: the checkpoint restores everything
-    resumed, res_student, res_teacher = run(tmp_path, kind, resume=True, seeds=(7, 8), cache=cache)
+    resumed, res_student, res_teacher = run(tmp_path, kind, resume=True, seeds=(7, 8), cache=cache, balance=balance)
     assert same(res_teacher, ref_teacher)
     assert same(res_student, ref_student)
     assert resumed.history == ref.history and resumed.teacher_history == ref.teacher_history
@@ -195,6 +199,20 @@ def test_a_kill_with_the_teacher_cache_resumes_bitwise(tmp_path, tmp_path_factor
     options, expect = KILLS[kill]
     check_resume_is_bitwise(tmp_path, tmp_path_factory, "batch-sampler-as-sampler", expect=expect, cache=True,
                             **options)
+
+
+@pytest.mark.parametrize("kill", ["sigint-teacher-epoch", "sigint-first-student-epoch", "sigint-mid-student",
+                                  "crash-mid-student"])
+def test_a_kill_with_balanced_loss_terms_resumes_bitwise(tmp_path, tmp_path_factory, kill):
+    """``balance="auto"`` (measuring every 7 steps: no student kill lands on a multiple): the checkpoint
+    holds the factors and the step count, so the resumed run measures on the same steps, with the same
+    factors, bit for bit."""
+    options, expect = KILLS[kill]
+    check_resume_is_bitwise(tmp_path, tmp_path_factory, "batch-sampler-as-sampler", expect=expect, balance="auto",
+                            **options)
+    ref = reference("batch-sampler-as-sampler", tmp_path_factory, balance="auto")[0]
+    factors = [r["weight/logit_adapter"] for r in ref.metrics.steps("student")]
+    assert len(set(factors)) > 2  # the factors did move: the resumed run had to restore them
 
 
 @pytest.mark.parametrize("kind", ["loader-generator", "global-rng-shuffle", "custom-batch-sampler"])
