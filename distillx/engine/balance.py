@@ -2,36 +2,43 @@ r"""Loss terms that balance themselves: ``Distiller(balance="auto")``.
 
 A distillation step sums weighted terms, :math:`\sum_i w_i L_i` (the task loss and every method's,
 ``w_i`` the user's ``weight=`` or its schedule). With ``balance="auto"`` one term is the *primary*
-one and every other active term :math:`a` gets a factor :math:`f_a` on top of its weight, from how
-its gradient on the student's parameters :math:`\theta` aligns with the primary's
-(gradient-similarity weighting, weighted variant):
+one and every other active term :math:`a` gets a factor :math:`f_a` on top of its weight, from its
+gradient on the student's parameters :math:`\theta` and the primary's,
+:math:`g_p = \nabla_\theta (w_p L_p)` and :math:`g_a = \nabla_\theta L_a`:
 
 .. math:: \mathcal{L} = w_p L_p + \sum_{a \ne p} f_a\, w_a L_a,\qquad
-          f_a = \max\big(0, \cos(\nabla_\theta w_p L_p,\ \nabla_\theta w_a L_a)\big)
+          f_a = \max\big(0, \cos(g_p, g_a)\big)\cdot\min\Big(1, \frac{\|g_p\|}{\|g_a\|}\Big)
 
-An auxiliary term whose gradient conflicts with the primary's (cosine <= 0) is switched off; an
-aligned one counts in proportion to its alignment. The cosine ignores scale, so ``weight=`` stays a
-relative preference: the term's effective weight is :math:`f_a w_a`. The primary's factor is 1.
+- the **direction** part is gradient-similarity weighting (the weighted rule of Y. Du,
+  W. M. Czarnecki, S. M. Jayakumar, M. Farajtabar, R. Pascanu, B. Lakshminarayanan, "Adapting
+  Auxiliary Losses Using Gradient Similarity", arXiv:1812.02224, 2018): a term whose gradient
+  conflicts with the primary's (cosine <= 0) is switched off, an aligned one counts in proportion
+  to its alignment;
+- the **cap**: an auxiliary gradient larger than the primary's is scaled down to the primary's norm
+  (never up: a small term stays as the user weighted it). Without it, a term whose gradient is
+  orders of magnitude larger (MiniLMv2's relations next to a pooled-embedding MSE) still dominates
+  the update, and Adam's second moments remember even a few such steps. This is the one-sided half
+  of matching gradient norms (GradNorm, Z. Chen et al., ICML 2018).
 
-Paper: Y. Du, W. M. Czarnecki, S. M. Jayakumar, M. Farajtabar, R. Pascanu, B. Lakshminarayanan,
-"Adapting Auxiliary Losses Using Gradient Similarity", arXiv:1812.02224, 2018 (their weighted
-rule, there measured every step; here every ``every`` steps, the factors held in between).
+The factor is computed from the auxiliary term's gradient *before* its weight, so ``weight=`` stays
+a relative preference on top: the term counts :math:`f_a w_a L_a`, and its push after the factor is
+at most :math:`w_a \cos\cdot \|g_p\|`. The primary's factor is 1.
 
 - **Primary term**: ``primary=`` (``"task"`` or a method's key: ``"kd"``, ``"kd#2"``); default the
   first method that can be active (a weight > 0 or a schedule), else the task term.
-- **When**: the factors are measured on the first step and then every ``every`` steps. On such a
-  step each active term is backpropagated on its own (``torch.autograd.grad``, the graph kept
-  between them), the factors are computed from those gradients, and the step's gradient is their
-  combination with the new factors: the same update one backward pass of the re-weighted sum
-  would give. A measurement with ``N`` active terms thus costs ``N - 1`` backward passes more than
-  a plain step; the default ``every`` is ``10 * (N - 1)``: at most one extra backward pass per 10
-  steps. Nothing else is allocated but one gradient per term (no (batch, batch) or
-  (tokens, vocabulary) tensor).
-- **Which parameters**: the cosines are taken over the student's trainable parameters (what every
-  term shares); a method's own adapter gets its gradient, scaled by its term's factor, but takes
-  no part in the cosine.
+- **When**: the factors are measured on the first step and then every ``every`` steps, held in
+  between (Du et al. measure every step). On such a step each active term is backpropagated on its
+  own (``torch.autograd.grad``, the graph kept between them), the factors are computed from those
+  gradients, and the step's gradient is their combination with the new factors: the same update one
+  backward pass of the re-weighted sum would give. A measurement with ``N`` active terms thus costs
+  ``N - 1`` backward passes more than a plain step; the default ``every`` is ``10 * (N - 1)``: at
+  most one extra backward pass per 10 steps. Nothing is allocated but one gradient per term (no
+  (batch, batch) or (tokens, vocabulary) tensor).
+- **Which parameters**: the cosines and norms are taken over the student's trainable parameters
+  (what every term shares); a method's own adapter gets its gradient, scaled by its term's factor,
+  but takes no part in them.
 - **No information**: a step where the primary term is inactive (weight 0), its gradient is zero, or
-  any statistic is not finite keeps the factors as they are; so does an auxiliary term with a zero
+  a statistic is not finite keeps the factors as they are; so does an auxiliary term with a zero
   gradient. With fewer than two active terms nothing is measured: balancing is a no-op.
 - **Distributed** (DDP): a measuring step runs its forward pass under ``no_sync``; the per-term
   gradients are averaged over the processes, so every process computes the same factors from the
@@ -40,9 +47,9 @@ rule, there measured every step; here every ``every`` steps, the factors held in
   so a resumed run measures on the same steps with the same factors (bitwise). The factors are
   logged per step as ``weight/<term>`` (metrics, progress bar, ``metrics.json``, the plot).
 
-Rejected after measurement (README, "Loss terms that balance themselves"): scale equalisation
-(each auxiliary gradient rescaled to the primary's norm, as GradNorm, Chen et al., ICML 2018, aims
-for), its product with the cosine, and the unweighted rule (factor 1 or 0 by the cosine's sign).
+Chosen by measurement against the rules it is made of and their neighbours (README, "Loss terms that
+balance themselves"): the cosine alone, the cosine's sign alone (Du et al.'s unweighted rule), norm
+equalisation (GradNorm-like, up and down), and the sign with the cap.
 """
 from __future__ import annotations
 
@@ -128,10 +135,11 @@ class Balancer:
 
     # -- the backward pass -------------------------------------------------------------------------
     def backward(self, losses: dict, shared: Sequence[torch.nn.Parameter], params: Sequence[torch.nn.Parameter],
-                 scaler=None) -> None:
+                 scaler=None, weights: Optional[dict] = None) -> None:
         """Backpropagate ``losses["loss"]`` (a step's output), or on a measuring step each active term
         on its own, update the factors and set every ``params``' gradient to the re-weighted sum.
-        ``shared``: the parameters the cosines are taken over (the student's)."""
+        ``shared``: the parameters the statistics are taken over (the student's); ``weights``: each
+        term's weight in this step (the terms in ``losses`` are weighted; default 1)."""
         due = self.due()
         self.steps += 1
         active = [k for k in self.keys if losses[k].requires_grad]
@@ -148,7 +156,7 @@ class Balancer:
             self._average(grads, params)
         ids = {id(p) for p in shared}
         on_shared = [i for i, p in enumerate(params) if id(p) in ids]
-        self.factors.update(self.measure({k: [grads[k][i] for i in on_shared] for k in active}))
+        self.factors.update(self.measure({k: [grads[k][i] for i in on_shared] for k in active}, weights or {}))
         if self.ctx.enabled:  # the same factors on every process, whatever the float reductions did
             values = torch.tensor([self.factors[k] for k in self.keys], dtype=torch.float64,
                                   device=self.ctx_device(params))
@@ -161,10 +169,10 @@ class Balancer:
             losses["loss"] = self.total({k: losses[k].detach() for k in self.keys})
             losses.update(self.logged(losses["loss"].device))
 
-    def measure(self, grads: dict[str, list]) -> dict[str, float]:
-        """New factors of the auxiliary terms from their gradients and the primary's (lists of
-        per-parameter tensors, None where a term does not reach a parameter); the terms that give
-        no information (see the module docstring) are left out."""
+    def measure(self, grads: dict[str, list], weights: dict) -> dict[str, float]:
+        """New factors of the auxiliary terms from the gradients of the weighted terms (lists of
+        per-parameter tensors, None where a term does not reach a parameter) and their ``weights``
+        (the module docstring's formula); the terms that give no information are left out."""
         g_p = grads[self.primary]
         primary = math.sqrt(_dot(g_p, g_p))
         if not (primary > 0 and math.isfinite(primary)):
@@ -173,10 +181,11 @@ class Balancer:
         for k, g in grads.items():
             if k == self.primary:
                 continue
-            norm = math.sqrt(_dot(g, g))
-            cos = _dot(g_p, g) / (primary * norm) if norm > 0 else math.nan
-            if math.isfinite(cos):
-                out[k] = max(0.0, min(1.0, cos))
+            norm = math.sqrt(_dot(g, g)) / weights.get(k, 1.0)  # the gradient before the term's weight
+            cos = _dot(g_p, g) / (primary * norm * weights.get(k, 1.0)) if norm > 0 else math.nan
+            factor = max(0.0, min(1.0, cos)) * min(1.0, primary / norm) if math.isfinite(cos) else math.nan
+            if math.isfinite(factor):
+                out[k] = factor
         return out
 
     def _average(self, grads: dict, params: list) -> None:

@@ -219,7 +219,8 @@ class Phases:
             return None
         shared = [p for p in self.student.parameters() if p.requires_grad]
         params = self._trainable_parameters()
-        return lambda losses, scaler: balancer.backward(losses, shared, params, scaler)
+        step = self._step
+        return lambda losses, scaler: balancer.backward(losses, shared, params, scaler, step.term_weights)
 
     def _balance_state(self) -> Optional[dict]:
         return None if self._step.balancer is None else self._step.balancer.state_dict()

@@ -81,6 +81,7 @@ class DistillStep:
         self.weight_schedules, self.check_finite = weight_schedules, check_finite
         self.cache = None
         self.balancer = None
+        self.term_weights: dict[str, float] = {}  # each term's weight in the last step (loss balancing reads them)
         self.ddp = None
         self._outs = None
         self.trunk, self.full_teacher = None, True
@@ -175,7 +176,7 @@ class DistillStep:
         terms: dict[str, torch.Tensor] = {}
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         # A zero weight skips the computation: a non-finite loss times 0 would still be NaN.
-        w = self.weight(TASK, self.task_weight)
+        w = self.term_weights[TASK] = self.weight(TASK, self.task_weight)
         if w and targets is not None:
             if student_logits is None:
                 raise ValueError("the task loss needs the student's logits, but the student returned none (a model "
@@ -186,7 +187,7 @@ class DistillStep:
         # A method's loss needs a graph only where there is something to train through it.
         need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.student.parameters())
         for i, (key, m) in enumerate(zip(self.keys, self.methods)):
-            w = self.weight(key, m.weight)
+            w = self.term_weights[key] = self.weight(key, m.weight)
             if w:
                 s, t = self.plan.views(i, *outs)
                 terms[key] = w * checked_loss(m, key, m.loss(s, t, batch), need_graph)

@@ -23,12 +23,12 @@ T = 2.0
 
 class Direction(Method):
     """``mean_b <student logits_b, d>`` for a direction ``d`` drawn from ``seed``: a term whose gradient
-    may point anywhere relative to kd's. ``scale`` -1 with ``mirror_kd``: minus the kd loss (a term
-    that always conflicts with kd); ``zero``: a term that reaches the student with a zero gradient;
-    ``nan_at``: the call that returns NaN."""
+    may point anywhere relative to kd's. ``kd_scale``: that multiple of the kd loss instead (-1: a
+    term that always conflicts with kd; 10: one aligned with it, ten times as large); ``zero``: a
+    term that reaches the student with a zero gradient; ``nan_at``: the call that returns NaN."""
 
     name = "direction"
-    options = {"seed": 0, "mirror_kd": False, "zero": False, "nan_at": None}
+    options = {"seed": 0, "kd_scale": None, "zero": False, "nan_at": None}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -41,8 +41,8 @@ class Direction(Method):
             return s.sum() * math.nan
         if self.zero:
             return s.sum() * 0.0
-        if self.mirror_kd:
-            return -reference_kd(s, self.require(teacher, "logits", "teacher"))
+        if self.kd_scale is not None:
+            return self.kd_scale * reference_kd(s, self.require(teacher, "logits", "teacher"))
         d = torch.randn(s.shape[1], generator=torch.Generator().manual_seed(self.seed))
         return (s @ d).mean()
 
@@ -74,8 +74,9 @@ def distil(methods, epochs=2, lr=0.1, task_weight=0.0, seed=0, **options):
 
 def reference(terms, every, epochs=2, lr=0.1, seed=0):
     """The rule by hand: ``terms`` are ``(weight, f(student_logits, teacher_logits))``, the first one
-    primary. Every ``every`` steps each auxiliary factor becomes max(0, cos) of the flattened
-    gradients; plain SGD on the weighted, factored sum. Returns the student and the factors per step."""
+    primary. Every ``every`` steps each auxiliary factor becomes max(0, cos) times min(1, |g_p| / |g_a|)
+    of the flattened gradients (g_p of the weighted primary term, g_a of the auxiliary one before its
+    weight); plain SGD on the weighted, factored sum. Returns the student and the factors per step."""
     teacher, student = models(seed)
     params = list(student.parameters())
     factors, history = [1.0] * len(terms), []
@@ -88,8 +89,9 @@ def reference(terms, every, epochs=2, lr=0.1, seed=0):
                 flat = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, params, retain_graph=True)])
                         for L in losses]
                 for i in range(1, len(terms)):
-                    cos = F.cosine_similarity(flat[0].double(), flat[i].double(), dim=0).item()
-                    factors[i] = max(0.0, cos)
+                    g_p, g_a = flat[0].double(), flat[i].double() / terms[i][0]
+                    cos = F.cosine_similarity(g_p, g_a, dim=0).item()
+                    factors[i] = max(0.0, cos) * min(1.0, (g_p.norm() / g_a.norm()).item())
             grads = torch.autograd.grad(sum(f * L for f, L in zip(factors, losses)), params)
             with torch.no_grad():
                 for p, g in zip(params, grads):
@@ -107,7 +109,7 @@ def logged(d, keys):
 @pytest.mark.parametrize("every", [1, 4])
 def test_the_rule_matches_a_hand_written_reference(seed, every):
     """kd primary, a random direction (any sign of cosine) and minus kd (always conflicting: factor 0)."""
-    methods = [dx.method("kd", T=T, weight=0.5), Direction(seed=seed, weight=2.0), Direction(mirror_kd=True, weight=0.3)]
+    methods = [dx.method("kd", T=T, weight=0.5), Direction(seed=seed, weight=2.0), Direction(kd_scale=-1.0, weight=0.3)]
     d, student = distil(methods, balance="auto", balance_every=every)
     d_ref = torch.randn(10, generator=torch.Generator().manual_seed(seed))
     ref, history = reference([(0.5, reference_kd), (2.0, lambda s, t: (s @ d_ref).mean()),
@@ -122,6 +124,17 @@ def test_the_rule_matches_a_hand_written_reference(seed, every):
     assert d._step.balancer.steps == 6
 
 
+@pytest.mark.parametrize("kd_scale, weight, factor", [(10.0, 1.0, 0.1), (10.0, 3.0, 0.1), (0.1, 1.0, 1.0),
+                                                      (0.1, 4.0, 1.0)])
+def test_an_aligned_term_is_capped_at_the_primarys_norm_before_its_weight(kd_scale, weight, factor):
+    """A multiple of kd: cosine 1. Ten times kd's gradient is scaled to kd's (factor 0.1, whatever its
+    weight, which then multiplies it); a tenth of it keeps factor 1 (never scaled up)."""
+    d, _ = distil([dx.method("kd", T=T), Direction(kd_scale=kd_scale, weight=weight)], epochs=1, balance="auto",
+                  balance_every=1)
+    for kd, direction in logged(d, ["kd", "direction"]):
+        assert (kd, direction) == (1.0, pytest.approx(factor, rel=1e-5))
+
+
 def test_the_factors_are_held_between_measurements_and_the_primary_can_be_chosen():
     methods = [Direction(seed=4), dx.method("kd", T=T)]
     d, student = distil(methods, balance="auto", balance_every=4, balance_primary="kd")
@@ -130,7 +143,7 @@ def test_the_factors_are_held_between_measurements_and_the_primary_can_be_chosen
     got = logged(d, ["kd", "direction"])
     for a, b in zip(got, history):
         assert a == pytest.approx(b, abs=1e-5)
-    assert [row[1] for row in got[:4]] == [got[0][1]] * 4 and got[0][1] > 0.5 and got[4][1] == 0.0
+    assert [row[1] for row in got[:4]] == [got[0][1]] * 4 and got[0][1] > 0.01 and got[4][1] != got[3][1]
     for p, q in zip(student.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
