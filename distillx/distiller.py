@@ -124,11 +124,12 @@ class Distiller(Phases):
         balance: ``None`` (default: the weights as given) or ``"auto"``: loss terms that balance
             themselves (:mod:`distillx.engine.balance`). Every ``balance_every`` steps (default
             10 x (active terms - 1)) each term's gradient on the student is measured, and every term
-            but the primary one gets a factor max(0, cos) of its gradient's angle with the primary's
-            (Du et al. 2018): a conflicting term is switched off, an aligned one counts in proportion;
-            ``weight=`` stays a preference on top. ``balance_primary``: the primary term (``"task"``
-            or a method's key; default the first method). The factors are logged per step
-            (``weight/<term>``) and saved in checkpoints.
+            but the primary one gets the factor max(0, cos) x min(1, |g_primary| / |g_term|): a term
+            that conflicts with the primary is switched off, an aligned one counts in proportion to
+            its alignment (Du et al. 2018) and never pushes harder than the primary; ``weight=``
+            stays a preference on top. ``balance_primary``: the primary term (``"task"`` or a
+            method's key; default the first method): put the term you trust most first. The factors
+            are logged per step (``weight/<term>``) and saved in checkpoints.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
