@@ -51,7 +51,7 @@ def test_the_summary_compares_auto_with_the_best_single_term():
 
 @pytest.mark.parametrize("argv, message", [
     (["--parts", "vision"], "--parts: encoder and/or digits"),
-    (["--shapes", "wide"], "--shapes: deep and/or narrow"),
+    (["--shapes", "wide"], "--shapes: deep and/or"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--overhead-steps", "-1"], "--overhead-steps must be >= 0"),
     (["--digits-seeds", "a"], "--digits-seeds: comma-separated integers"),

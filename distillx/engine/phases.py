@@ -205,6 +205,7 @@ class Phases:
             "methods": [{"name": method_name(m), "class": type(m), "options": m.config()} for m in self.methods],
             "weight_schedules": self.weight_schedules, "augmentations": [type(a) for a in self.augmentations],
             "cache_teacher": self._cache_opts, "checkpoint_dir": self.checkpoint_dir,
+            "balance": None if self._step.balancer is None else self._step.balancer.config(),
             "student": {"optimizer": optimizer, "scheduler": scheduler, "warmup": warmup,
                         "parameters": _shapes(self.student)},
             "teacher": {"optimizer": t_optimizer, "scheduler": t_scheduler, "warmup": t_warmup,
