@@ -47,8 +47,8 @@ from torch import nn
 from . import _checks
 from .compose import Composed
 from .features import FeatureSpec, Trunk
-from .engine.arguments import (TASK, apply_transfer, balancer, build_augmentations, cache_options, check_amp,
-                               check_grad_clip, check_methods, check_models, check_strategy, check_weight, method_name,
+from .engine.arguments import (REWRITE_SEED_OFFSET, TASK, apply_transfer, balancer, build_augmentations,
+                               cache_options, check_amp, check_grad_clip, check_methods, check_rewriting, check_models, check_strategy, check_weight, method_name,
                                metric_keys, student_input_spec)
 from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, task_cross_entropy, to_device,
                              unpack_batch)
@@ -189,6 +189,12 @@ class Distiller(Phases):
         self._step = DistillStep(self.teacher, self.student, self.methods, self._keys, self._plan, self.task_loss,
                                  self.task_weight, self.weight_schedules, bool(check_finite), self.device)
         self._step.balancer = loss_balancer
+        rewriting = [method_name(m) for m in self.methods if m.rewrites_batch]
+        if rewriting:
+            check_rewriting(rewriting, self._cache_opts, self.strategy)
+            # Its own stream (per rank), apart from the augmentations', so adding a method that
+            # samples does not change what an augmentation draws.
+            self._step.generator = torch.Generator().manual_seed(gen_seed + self.ctx.rank + REWRITE_SEED_OFFSET)
         # The teacher's layers after a cut run only when a method reads its logits or later features.
         later = [k for k in self._plan.capture_keys("teacher") if k != STUDENT_INPUT]
         self._step.full_teacher = any(m.uses_logits for m in self.methods) or bool(later)

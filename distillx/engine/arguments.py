@@ -93,6 +93,21 @@ def cache_options(cache_teacher, augmentations, cache_dir, cache_dtype, cache_to
     return {"directory": cache_dir, "dtype": getattr(torch, cache_dtype), "top_k": cache_top_k}
 
 
+REWRITE_SEED_OFFSET = 0x5EED  # the batch-rewriting generator's seed: the run's seed + rank + this
+
+
+def check_rewriting(methods: Sequence[str], cache: Optional[dict], strategy: str) -> None:
+    """Refuse what cannot follow methods that rewrite the batch (``methods``: their names)."""
+    names = ", ".join(map(repr, methods))
+    if cache is not None:
+        raise ValueError(f"cache_teacher=True stores the teacher's outputs for the loader's batches, but method(s) {names} "
+                         "rewrite each batch before the forward pass (the teacher must score the new one); drop "
+                         "cache_teacher")
+    if strategy == "fsdp":
+        raise ValueError(f"method(s) {names} sample from the student between steps, and each process stops sampling "
+                         "at its own step, which FSDP's sharded collectives cannot follow: use strategy='ddp'")
+
+
 def build_augmentations(augmentations) -> list:
     if augmentations is None:
         return []

@@ -81,6 +81,7 @@ class Phase:
     params: list = field(default_factory=list)  # for gradient clipping
     backward: Optional[Callable] = None  # (losses, scaler) -> None in place of loss.backward()
     epoch_fraction: float = 0.0  # epoch + step / steps_per_epoch of the step running now (weight schedules)
+    epoch_metrics: Optional[Callable[[dict], dict]] = None  # further epoch metrics from the epoch's means
 
 
 def _unpack(batch, phase: Phase):
@@ -254,6 +255,8 @@ class Runner:
             raise ValueError("train_loader is empty: it yields no batches")
         metrics: dict[str, Any] = {"epoch": epoch}
         metrics.update({k: float(v) / total for k, v in zip(names, packed[:-1])})
+        if p.epoch_metrics is not None:
+            metrics.update(p.epoch_metrics(metrics))
         if p.validate is not None:
             metrics.update({f"val_{k}": v for k, v in p.validate().items()})
         return metrics

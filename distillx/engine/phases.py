@@ -147,7 +147,8 @@ class Phases:
         phase = Phase(name, modules, optimizer, loader, epochs, losses, self.device, scheduler, scaler, autocast,
                       self.grad_clip, self._augment(), self.aug_generator,
                       validator(val_loader, val_model, self.task_loss, self.device, self.label_key), indexed=indexed,
-                      params=params, label_key=self.label_key, backward=backward)
+                      params=params, label_key=self.label_key, backward=backward,
+                      epoch_metrics=self._step.epoch_metrics if name == "student" else None)
         self._step.epoch_fraction = lambda: phase.epoch_fraction
 
         sharded = name == "student" and self._sharded
@@ -180,6 +181,8 @@ class Phases:
             build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0},
                   fsdp.DCP_DIR if sharded else None)
         generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
+        if name == "student" and self._step.generator is not None:
+            generators.append(self._step.generator)
         Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators, on_epoch_saved).run(
             position, state["path"] if state is not None else None)
 

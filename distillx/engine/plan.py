@@ -134,6 +134,16 @@ class FeaturePlan:
             raise MissingFeatureError(f"{e}. Needed by: {'; '.join(users)}") from None
 
     @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While active, neither model's hooks capture anything (a model called to sample a
+        completion between two training forward passes)."""
+        with contextlib.ExitStack() as stack:
+            for ex in self.extractors.values():
+                if ex is not None:
+                    stack.enter_context(ex.paused())
+            yield
+
+    @contextlib.contextmanager
     def skipping(self, side: str, skip: bool) -> Iterator[None]:
         """While active (and ``skip``), ``side``'s output layers named by methods do not compute: they
         return an empty (..., 0) tensor. Their forward hooks still run, so their inputs are captured."""

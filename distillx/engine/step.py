@@ -23,7 +23,7 @@ from torch import nn
 
 from ..features.paths import unwrap_model
 from ..methods import Method
-from ..methods.base import checked_loss
+from ..methods.base import BatchContext, checked_loss
 from .batches import call_model, logits_of
 from .plan import FeaturePlan
 
@@ -86,6 +86,9 @@ class DistillStep:
         self._outs = None
         self.trunk, self.full_teacher = None, True
         self.epoch_fraction: Callable[[], float] = lambda: 0.0
+        # The generator methods that rewrite batches draw from (one per process, in checkpoints);
+        # None when no method does.
+        self.generator: Optional[torch.Generator] = None
 
     def needs_logits(self, targets=None) -> tuple[bool, bool]:
         """Whether this step's active terms read the (student, teacher) logits."""
@@ -147,7 +150,42 @@ class DistillStep:
         sched = self.weight_schedules.get(key)
         return base if sched is None else float(sched(self.epoch_fraction()))
 
+    def rewrite(self, inputs, targets):
+        """The batch after every active method's :meth:`~distillx.methods.Method.prepare_batch`
+        (in the methods' order), with the feature hooks paused while they run."""
+        for key, m in zip(self.keys, self.methods):
+            if m.rewrites_batch and self.weight(key, m.weight):
+                context = BatchContext(unwrap_model(self.student), self.teacher, self.generator, self.device)
+                with self.plan.paused():
+                    inputs, targets = m.prepare_batch(inputs, targets, context)
+        return inputs, targets
+
+    def method_metrics(self, terms: dict) -> dict[str, torch.Tensor]:
+        """``<key>/<name>`` of every method's :attr:`~distillx.methods.Method.metric_names` this
+        step (0 where the method was inactive)."""
+        out = {}
+        for key, m in zip(self.keys, self.methods):
+            if not m.metric_names:
+                continue
+            values = m.batch_metrics() if self.term_weights.get(key) else {}
+            for name in m.metric_names:
+                value = values.get(name, 0.0)
+                out[f"{key}/{name}"] = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach()
+        return out
+
+    def epoch_metrics(self, metrics: dict) -> dict:
+        """The methods' :meth:`~distillx.methods.Method.epoch_metrics` from an epoch's means."""
+        out = {}
+        for key, m in zip(self.keys, self.methods):
+            prefix = f"{key}/"
+            means = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+            if m.metric_names and means:
+                out.update({prefix + k: float(v) for k, v in m.epoch_metrics(means).items()})
+        return out
+
     def __call__(self, inputs, targets, indices=None) -> dict[str, torch.Tensor]:
+        if self.generator is not None:
+            inputs, targets = self.rewrite(inputs, targets)
         need_s, need_t = self.needs_logits(targets)
         teacher_logits, teacher_feats = self.teacher_outputs(inputs, indices, need_t)
         student_in = self.student_input(inputs, teacher_feats)
@@ -161,9 +199,10 @@ class DistillStep:
                                                                        teacher_feats, student_in)
         if self.check_finite:
             self._check_finite(terms, self._outs)
+        stats = self.method_metrics(terms)
         if self.balancer is None:
-            return {"loss": sum(terms.values()), **terms}
-        return {"loss": self.balancer.total(terms), **terms, **self.balancer.logged(self.device)}
+            return {"loss": sum(terms.values()), **terms, **stats}
+        return {"loss": self.balancer.total(terms), **terms, **self.balancer.logged(self.device), **stats}
 
     def terms(self, inputs, targets, need_logits: bool, teacher_logits, teacher_feats,
               student_in=None) -> dict[str, torch.Tensor]:

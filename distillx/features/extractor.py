@@ -1,9 +1,10 @@
 """FeatureExtractor: forward (pre-)hooks that capture, select and reduce intermediate features."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -161,6 +162,7 @@ class FeatureExtractor:
         self._probe_handle = None
         self._handles: list = []
         self._depth = 0
+        self._paused = False  # hooks capture nothing while set (see paused())
         self._captured: dict[str, Any] = {}
         self._versions: dict[str, int] = {}
         self._resolve()  # fail fast on bad paths
@@ -224,7 +226,19 @@ class FeatureExtractor:
         self._depth += 1
         return self
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """While active, the hooks capture nothing and the captured features stay as they are: for a
+        model called for another purpose between two captures (sampling a completion from it)."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._paused:
+            return
         if self.clear_on_forward:
             self.clear()
         if self._wants_mask:  # the batch's attention mask, for reductions that leave padding out
@@ -265,7 +279,7 @@ class FeatureExtractor:
     # -- the penultimate feature ------------------------------------------------------------
     def _after_probe(self, module: nn.Module, args: Any, output: Any) -> None:
         probe = self._probe
-        if probe is None:
+        if probe is None or self._paused:
             return
         rec = probe.choose(output, self.name)
         records = [rec] if self._gather is None else [r for r in probe.records if r.path == rec.path]
@@ -306,6 +320,8 @@ class FeatureExtractor:
                                   "(choose an input with select=<index or argument name>)")
 
     def _store(self, cap: _Capture, value: Any) -> None:
+        if self._paused:
+            return
         if self.detach:
             value = tree_map_only(torch.Tensor, torch.Tensor.detach, value)
         if cap.reduce is not None:

@@ -15,20 +15,22 @@ The plugin manager registers :data:`BUILTIN_METHODS` as the built-in plugin ``di
 ``minilmv2``        MiniLMv2 Q-Q/K-K/V-V relations (:class:`MiniLMv2`)
 ``tinybert_attn``   TinyBERT attention-score MSE (:class:`TinyBERTAttention`)
 ``lm_kd``           LM distillation through the output layers, no (tokens × vocab) logits (:class:`LMKD`)
+``gkd``             on-policy distillation of causal LMs on the student's own samples (:class:`GKD`)
 ==================  =====================================================================
 """
 from __future__ import annotations
 
 from .at import AT
-from .base import FeatureRequest, FeatureShapeError, Method
+from .base import BatchContext, FeatureRequest, FeatureShapeError, Method
+from .gkd import GKD
 from .kd import KD
 from .kfd import KFD, NST, SP
 from .lm_kd import LMKD
 from .minilm import MiniLM, MiniLMv2, TinyBERTAttention
 from .sld import SLD
 
-BUILTIN_METHODS = (KD, SLD, KFD, SP, NST, AT, MiniLM, MiniLMv2, TinyBERTAttention, LMKD)
+BUILTIN_METHODS = (KD, SLD, KFD, SP, NST, AT, MiniLM, MiniLMv2, TinyBERTAttention, LMKD, GKD)
 
 
-__all__ = ["Method", "FeatureRequest", "FeatureShapeError", "KD", "SLD", "KFD", "SP", "NST", "AT", "MiniLM",
-           "MiniLMv2", "TinyBERTAttention", "LMKD", "BUILTIN_METHODS"]
+__all__ = ["Method", "BatchContext", "FeatureRequest", "FeatureShapeError", "KD", "SLD", "KFD", "SP", "NST", "AT", "MiniLM",
+           "MiniLMv2", "TinyBERTAttention", "LMKD", "GKD", "BUILTIN_METHODS"]

@@ -40,6 +40,7 @@ method, the feature and its layers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Optional
 
 import torch
@@ -61,6 +62,19 @@ _MODULE_INSTANCE_ATTRS = frozenset(vars(nn.Module()))
 class FeatureShapeError(ValueError):
     """A captured feature has a shape (or width, or value) the method cannot use; the message names
     the method, the feature key and the student/teacher layers."""
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What :meth:`Method.prepare_batch` gets besides the batch: both (unwrapped) models in their
+    training-time modes (a method that samples from one switches it to ``eval()`` and back), the
+    device, and ``generator``: a CPU ``torch.Generator`` of this process, saved in checkpoints, so
+    that every draw made from it repeats on a resumed run."""
+
+    student: nn.Module
+    teacher: nn.Module
+    generator: torch.Generator
+    device: torch.device
 
 
 class Method(Options, nn.Module):
@@ -86,6 +100,11 @@ class Method(Options, nn.Module):
     #: features says False, so a step whose terms need no logits may skip an output layer (see
     #: :meth:`output_layers`); then ``"logits"`` is absent from the dicts.
     uses_logits: ClassVar[bool] = True
+    #: Whether :meth:`prepare_batch` rewrites the training batch (then the teacher runs on the
+    #: rewritten batch: no teacher cache; each process gets a generator that checkpoints save).
+    rewrites_batch: ClassVar[bool] = False
+    #: Names of the per-step statistics :meth:`batch_metrics` returns.
+    metric_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
         nn.Module.__init__(self)
@@ -110,6 +129,28 @@ class Method(Options, nn.Module):
         """``{side: module path}`` of output layers this method applies itself (to the layer's captured
         input, with the layer's weights), so that the layer need not run when no term reads logits.
         Default: none."""
+        return {}
+
+    # -- methods that rewrite the training batch (on-policy distillation) ---------------------
+    def prepare_batch(self, inputs: Any, targets: Any, context: "BatchContext") -> tuple[Any, Any]:
+        """Rewrite a training batch before either model's forward pass: return ``(inputs,
+        targets)``, the batch every term of this step then sees (``gkd`` replaces the completion by
+        the student's own sample). Called only when :attr:`rewrites_batch` is True and the method's
+        weight is not 0, in the methods' order, for training steps (not validation, not the dry
+        forward pass of :meth:`setup`). ``context`` (:class:`BatchContext`) holds both models (the
+        feature hooks are paused while this runs: calling them captures nothing) and the random
+        generator to draw from. Default: the batch unchanged."""
+        return inputs, targets
+
+    def batch_metrics(self) -> dict[str, Any]:
+        """Statistics of the step that just ran, ``{name: float or 0-dim tensor}`` for each name in
+        :attr:`metric_names` (logged as ``<method key>/<name>``, averaged per sample over an epoch;
+        a step where the method is inactive logs 0). Default: none."""
+        return {}
+
+    def epoch_metrics(self, means: Mapping[str, float]) -> dict[str, float]:
+        """Further epoch metrics from the epoch means of :attr:`metric_names` (``{name: mean}``),
+        for ratios such as a mean over the steps where something happened. Default: none."""
         return {}
 
     @property

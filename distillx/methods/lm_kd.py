@@ -13,60 +13,22 @@ from .kd import DIVERGENCES
 IGNORE_INDEX = -100
 
 
-class LMKD(Method):
-    r"""Token-level logit distillation of a causal language model through the output layers, never
-    materialising the (tokens × vocab) logits of either model.
+class OutputLayerKD(Method):
+    """Token-level distillation through both models' output layers (the base of ``lm_kd`` and
+    ``gkd``): capture the hidden states at each output layer's input and compute
+    :func:`distillx.functional.linear_kd_loss` on the kept positions (see :class:`LMKD`). A subclass
+    says which divergence with :meth:`divergence_of`."""
 
-    The method captures each model's final hidden states (the *input* of its output layer, the
-    ``lm_head``) and computes :func:`distillx.functional.linear_kd_loss` with both output layers'
-    weights (tied embeddings included): per kept position :math:`t`, with
-    :math:`p = \mathrm{softmax}(W_t h^t_t / T)` and :math:`q = \mathrm{softmax}(W_s h^s_t / T)`,
-    :math:`T^2\,D(p, q)` for ``divergence`` ``"kl"`` (forward KL), ``"reverse_kl"`` or ``"jsd"``
-    (β), averaged over the kept positions. When no other term reads logits, neither model's output
-    layer runs at all: the step stops each model at its output layer's input, so peak memory does
-    not grow with the vocabulary beyond the output layers themselves.
-
-    Kept positions (``shift=True``, a causal LM): position :math:`t` predicts token :math:`t+1`, so
-    the last position is dropped, and so is every :math:`t` whose next token is padding
-    (``attention_mask``) or, when the batch carries ``labels`` (B, L), whose next label is
-    ``ignore_index`` (prompt tokens in instruction tuning, padding); a padding position itself is
-    dropped too. ``shift=False`` (a masked LM) keeps :math:`t` by its own mask and label.
-
-    The output layers are ``model.get_output_embeddings()`` (transformers) or the last
-    ``nn.Linear``, or ``student_head``/``teacher_head``. Both must have the same vocabulary.
-
-    Papers: G. Hinton, O. Vinyals, J. Dean, arXiv:1503.02531 (token-level KD of a language model);
-    reverse KL: Y. Gu, L. Dong, F. Wei, M. Huang, "MiniLLM", ICLR 2024; generalised JSD:
-    R. Agarwal et al., "On-Policy Distillation of Language Models" (GKD), ICLR 2024.
-
-    Options:
-        T: temperature, > 0 (default 1.0).
-        divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"`` (default ``"kl"``).
-        beta: JSD mixing weight, strictly between 0 and 1 (default 0.5).
-        shift: next-token alignment of a causal LM (default True).
-        ignore_index: label value of positions left out (default -100).
-        student_head, teacher_head: paths of the output layers (default: found).
-        chunk_size: rows per chunk of the fused kernel (default: about 8M logits per chunk).
-        weight: multiplier of this loss in the total (default 1.0).
-
-    Example::
-
-        d = dx.Distiller(teacher_lm, student_lm, [dx.method("lm_kd", T=1.0, divergence="reverse_kl")],
-                         task_weight=0.0)
-
-        # in a run config
-        {"name": "lm_kd", "T": 1.0, "divergence": "jsd", "beta": 0.5}
-    """
-
-    name = "lm_kd"
     uses_logits = False
-    options = {"T": 1.0, "divergence": "kl", "beta": 0.5, "shift": True, "ignore_index": IGNORE_INDEX,
-               "student_head": None, "teacher_head": None, "chunk_size": None}
+    options = {"T": 1.0, "shift": True, "ignore_index": IGNORE_INDEX, "student_head": None, "teacher_head": None,
+               "chunk_size": None}
+
+    def divergence_of(self) -> tuple[str, float]:
+        """``(divergence, beta)`` for :func:`~distillx.functional.linear_kd_loss`."""
+        raise NotImplementedError
 
     def validate(self) -> None:
         self.check_number("T", gt=0)
-        self.check_choice("divergence", DIVERGENCES)
-        self.check_number("beta", gt=0, lt=1)
         self.check_bool("shift")
         self.check_int("ignore_index")
         self.check_int("chunk_size", ge=1, optional=True)
@@ -137,9 +99,67 @@ class LMKD(Method):
                                                "must agree in batch and sequence length")
         keep = self.keep(batch, tuple(hs.shape[:-1]), hs.device)
         sm, tm = self._heads["student"][1], self._heads["teacher"][1]
+        divergence, beta = self.divergence_of()
         return functional.linear_kd_loss(hs, sm.weight, ht, tm.weight, getattr(sm, "bias", None),
-                                         getattr(tm, "bias", None), temperature=self.T, divergence=self.divergence,
-                                         beta=self.beta, reduction="batchmean", mask=keep, chunk_size=self.chunk_size)
+                                         getattr(tm, "bias", None), temperature=self.T, divergence=divergence,
+                                         beta=beta, reduction="batchmean", mask=keep, chunk_size=self.chunk_size)
 
 
-__all__ = ["LMKD"]
+class LMKD(OutputLayerKD):
+    r"""Token-level logit distillation of a causal language model through the output layers, never
+    materialising the (tokens × vocab) logits of either model.
+
+    The method captures each model's final hidden states (the *input* of its output layer, the
+    ``lm_head``) and computes :func:`distillx.functional.linear_kd_loss` with both output layers'
+    weights (tied embeddings included): per kept position :math:`t`, with
+    :math:`p = \mathrm{softmax}(W_t h^t_t / T)` and :math:`q = \mathrm{softmax}(W_s h^s_t / T)`,
+    :math:`T^2\,D(p, q)` for ``divergence`` ``"kl"`` (forward KL), ``"reverse_kl"`` or ``"jsd"``
+    (β), averaged over the kept positions. When no other term reads logits, neither model's output
+    layer runs at all: the step stops each model at its output layer's input, so peak memory does
+    not grow with the vocabulary beyond the output layers themselves.
+
+    Kept positions (``shift=True``, a causal LM): position :math:`t` predicts token :math:`t+1`, so
+    the last position is dropped, and so is every :math:`t` whose next token is padding
+    (``attention_mask``) or, when the batch carries ``labels`` (B, L), whose next label is
+    ``ignore_index`` (prompt tokens in instruction tuning, padding); a padding position itself is
+    dropped too. ``shift=False`` (a masked LM) keeps :math:`t` by its own mask and label.
+
+    The output layers are ``model.get_output_embeddings()`` (transformers) or the last
+    ``nn.Linear``, or ``student_head``/``teacher_head``. Both must have the same vocabulary.
+
+    Papers: G. Hinton, O. Vinyals, J. Dean, arXiv:1503.02531 (token-level KD of a language model);
+    reverse KL: Y. Gu, L. Dong, F. Wei, M. Huang, "MiniLLM", ICLR 2024; generalised JSD:
+    R. Agarwal et al., "On-Policy Distillation of Language Models" (GKD), ICLR 2024.
+
+    Options:
+        T: temperature, > 0 (default 1.0).
+        divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"`` (default ``"kl"``).
+        beta: JSD mixing weight, strictly between 0 and 1 (default 0.5).
+        shift: next-token alignment of a causal LM (default True).
+        ignore_index: label value of positions left out (default -100).
+        student_head, teacher_head: paths of the output layers (default: found).
+        chunk_size: rows per chunk of the fused kernel (default: about 8M logits per chunk).
+        weight: multiplier of this loss in the total (default 1.0).
+
+    Example::
+
+        d = dx.Distiller(teacher_lm, student_lm, [dx.method("lm_kd", T=1.0, divergence="reverse_kl")],
+                         task_weight=0.0)
+
+        # in a run config
+        {"name": "lm_kd", "T": 1.0, "divergence": "jsd", "beta": 0.5}
+    """
+
+    name = "lm_kd"
+    options = {"divergence": "kl", "beta": 0.5}
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_choice("divergence", DIVERGENCES)
+        self.check_number("beta", gt=0, lt=1)
+
+    def divergence_of(self) -> tuple[str, float]:
+        return self.divergence, self.beta
+
+
+__all__ = ["LMKD", "OutputLayerKD"]

@@ -7,7 +7,8 @@ phase in logging order) and two rows: the per-epoch training loss components (``
 and one line per method: every numeric epoch value except ``val_*``, the balance factors and
 bookkeeping such as ``lr``/``time``) and the per-epoch validation accuracy (``val_accuracy``). A log
 with balance factors (``weight/<term>``, ``Distiller(balance="auto")``) gets a third row: each
-term's factor, its epoch mean. A phase without
+term's factor, its epoch mean; one with a method's own statistics (``<method>/<name>``, such as
+``gkd/on_policy``) a row of those. A phase without
 validation accuracy gets a panel saying so. Non-finite values (a diverged loss) are left as gaps,
 and epochs with a non-finite loss component are marked by a dotted red vertical line.
 The loss axis switches to a log scale when all values are positive and span more than two decades
@@ -82,7 +83,7 @@ def _components(records: list[dict], components: Optional[Sequence[str]]) -> lis
     names: dict[str, None] = {}
     for r in records:
         for k, v in r.items():
-            if (k != "phase" and k not in NOT_LOSSES and not k.startswith(("val_", WEIGHT_PREFIX))
+            if (k != "phase" and k not in NOT_LOSSES and not k.startswith("val_") and "/" not in k
                     and _number(v) is not None):
                 names.setdefault(k, None)
     first = [k for k in ("loss", "task") if k in names]
@@ -93,20 +94,41 @@ def _factor_keys(records: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in records for k in r if k.startswith(WEIGHT_PREFIX)))
 
 
+def _statistic_keys(records: list[dict]) -> list[str]:
+    """A method's statistics: ``<method key>/<name>`` (``gkd/on_policy``), balance factors aside."""
+    return list(dict.fromkeys(k for r in records for k in r
+                              if "/" in k and not k.startswith(("val_", WEIGHT_PREFIX)) and _number(r[k]) is not None))
+
+
 def _plot_factors(ax, records: list[dict], keys: list[str], phase: str, MaxNLocator) -> None:
     """The balance factors of a phase (epoch means), or a panel saying it has none."""
+    _plot_lines(ax, records, keys, MaxNLocator, "no balance factors logged", WEIGHT_PREFIX)
+    ax.set_title(f"{phase}: balance factors (balance='auto')")
+    ax.set_ylabel("factor on the term's weight")
+
+
+def _plot_statistics(ax, records: list[dict], keys: list[str], phase: str, MaxNLocator) -> None:
+    """The methods' own epoch statistics (on-policy share, sampled length, ...), log scale when
+    they span more than two decades."""
+    _plot_lines(ax, records, keys, MaxNLocator, "no method statistics logged")
+    values = [y for k in keys for y in _series(records, k)[1] if not math.isnan(y)]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+    ax.set_title(f"{phase}: method statistics")
+    ax.set_ylabel("epoch mean")
+
+
+def _plot_lines(ax, records: list[dict], keys: list[str], MaxNLocator, empty: str, strip: str = "") -> None:
     for key in keys:
         xs, ys = _series(records, key)
-        ax.plot(xs, ys, marker="o", markersize=3, label=key[len(WEIGHT_PREFIX):])
+        ax.plot(xs, ys, marker="o", markersize=3, label=key[len(strip):])
     if not keys:
-        _empty(ax, "no balance factors logged")
+        _empty(ax, empty)
     else:
         ax.legend(loc="best", fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-    ax.set_title(f"{phase}: balance factors (balance='auto')")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("factor on the term's weight")
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -149,7 +171,9 @@ def plot_metrics(log_or_dict: Union[MetricsLog, dict], path: PathLike, *,
         raise ValueError("the metrics log has no epoch records: nothing to plot")
 
     factors = {p: _factor_keys(log.epochs(p)) for p in phases}
-    rows = 3 if any(factors.values()) else 2
+    statistics = {p: _statistic_keys(log.epochs(p)) for p in phases}
+    extra = [(name, keys) for name, keys in (("factors", factors), ("statistics", statistics)) if any(keys.values())]
+    rows = 2 + len(extra)
     fig = Figure(figsize=(6.0 * len(phases), 4.0 * rows), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, len(phases), squeeze=False)
@@ -194,8 +218,9 @@ def plot_metrics(log_or_dict: Union[MetricsLog, dict], path: PathLike, *,
         ax.set_title(f"{phase}: validation accuracy")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy")
-        if rows == 3:
-            _plot_factors(axes[2][col], records, factors[phase], phase, MaxNLocator)
+        for row, (name, keys) in enumerate(extra, start=2):
+            draw = _plot_factors if name == "factors" else _plot_statistics
+            draw(axes[row][col], records, keys[phase], phase, MaxNLocator)
     fig.suptitle(title if title is not None else "distillx training metrics")
 
     with atomic_open(path, "wb") as f:
