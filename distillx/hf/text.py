@@ -1,6 +1,8 @@
 """Text files to mapping batches: ``.txt`` (one example per non-empty line) or ``.jsonl`` (one JSON
 object per line, the text under ``field``), tokenized once with a tokenizer (truncated to
-``max_length``), padded per batch by ``tokenizer.pad``: ``{"input_ids", "attention_mask", ...}``."""
+``max_length``), padded per batch by ``tokenizer.pad``: ``{"input_ids", "attention_mask", ...}``.
+
+Prompt/completion data for causal LMs is :func:`chat_loader` (:mod:`distillx.hf.chat`), here too."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import _checks
 from ._files import check_file, numbered_lines
+from .chat import chat_loader
 
 
 def read_texts(path: str, field: str = "text") -> list[str]:
@@ -78,4 +81,4 @@ def text_loader(path: str, tokenizer: Any, *, max_length: int = 128, batch_size:
                       collate_fn=PadCollate(tokenizer))
 
 
-__all__ = ["read_texts", "TokenizedTexts", "PadCollate", "text_loader"]
+__all__ = ["read_texts", "TokenizedTexts", "PadCollate", "text_loader", "chat_loader"]
