@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from . import lm
+from . import gkd, lm
 
 
 @dataclass
@@ -322,3 +322,34 @@ if importlib.util.find_spec("transformers") is not None:  # the hf extra: LLaMA-
         size_doc={"B": "batch", "L": "sequence length", "C": "vocabulary", "Hs": "student hidden width",
                   "Ht": "teacher hidden width"},
     ))
+
+# ---------------------------------------------------------------------------------------------
+# gkd: a whole on-policy step (sampling, teacher scoring, loss, backward) at two vocabularies
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_gkd(sizes):
+    return {k: sizes[k] for k in ("B", "P", "G", "C", "Hs", "Ht")}
+
+
+def _build_gkd(sizes, dtype, device, gen):
+    args, kwargs = gkd.build(sizes, dtype, device, gen)
+    return Inputs(args=args, kwargs=kwargs)
+
+
+if importlib.util.find_spec("transformers") is not None:
+    for _name, _vocab in (("gkd", 32000), ("gkd_128k", 128256)):
+        register_case(Case(
+            name=_name,
+            description=f"on-policy step of a LLaMA-style pair at vocabulary {_vocab}: student samples, teacher "
+                        "scores, JSD: full logits (TRL-style) vs gkd",
+            reference="distillx.benchmarks.gkd:gkd_full_logits",
+            fused="distillx.benchmarks.gkd:gkd_step",
+            build=_build_gkd,
+            sizes={"B": 4, "P": 128, "G": 64, "C": _vocab, "Hs": 256, "Ht": 512},
+            quick={"B": 2, "P": 6, "G": 3, "C": 512, "Hs": 32, "Ht": 64},
+            params={"temperature": 1.0},
+            resolve=_resolve_gkd,
+            op="linear_divergence",
+            size_doc={"B": "batch", "P": "prompt length", "G": "sampled tokens", "C": "vocabulary",
+                      "Hs": "student hidden width", "Ht": "teacher hidden width"},
+        ))

@@ -90,8 +90,14 @@ Hugging Face models (the ``hf`` extra): ``[teacher] pretrained = "DIR"`` loads a
 the student is ``pretrained = "DIR"`` too, or ``config = {num_hidden_layers = 2, ...}`` (the
 teacher's class and config with these overrides, randomly initialised: add a ``[transfer]``);
 ``[data.text]`` reads ``train = "corpus.txt"`` (or ``.jsonl`` with ``field``) and tokenizes it with
-the teacher's tokenizer (``max_length``, ``batch_size``, ``shuffle``, ``tokenizer``). Such a
-student is written with ``save_pretrained`` into ``output_dir/student/``, with the tokenizer::
+the teacher's tokenizer (``max_length``, ``batch_size``, ``shuffle``, ``tokenizer``);
+``[data.chat]`` reads prompt/completion data for causal LMs, ``train = "chat.jsonl"`` with
+``{"prompt", "completion"}`` or ``{"messages": [...]}`` lines (the tokenizer's chat template), into
+batches whose ``labels`` hold only the completion and with the prompt alone, left-padded, for
+generation (``max_length``, ``truncate_prompt``, ``add_eos``, ``prompt_field``,
+``completion_field``, ``messages_field``, ``batch_size``, ``shuffle``, ``tokenizer``;
+:mod:`distillx.hf.chat` has the rules). Such a student is written with ``save_pretrained`` into
+``output_dir/student/``, with the tokenizer::
 
     output_dir = "runs/mini"
     [data.text]

@@ -21,14 +21,14 @@ from ..distiller import Distiller
 from ..engine.checkpoint import CheckpointError, check_state_dict
 from ..engine.schedules import linear
 from ..hf.pretrained import load_pretrained, load_tokenizer, student_from_config
-from ..hf.text import text_loader
+from ..hf.text import chat_loader, text_loader
 from ..plugin import method, resolve_augmentation, transfer
 from .schema import ConfigError, describe
 
 
 class Run(NamedTuple):
     """What :func:`build` makes from a config (``tokenizer``: the Hugging Face tokenizer of
-    ``teacher.pretrained`` or ``data.text.tokenizer``, else None)."""
+    ``teacher.pretrained``, ``data.text.tokenizer`` or ``data.chat.tokenizer``, else None)."""
 
     train: Iterable
     val: Optional[Iterable]
@@ -97,25 +97,33 @@ def _hf(call: Callable, key: str, *args, **kwargs) -> Any:
 
 
 def load_tokenizer_for(cfg: dict) -> Any:
-    """The tokenizer of ``data.text.tokenizer`` or ``teacher.pretrained`` (None when neither is set)."""
-    text = cfg["data"].get("text") or {}
-    if text.get("tokenizer"):
-        return _hf(load_tokenizer, "data.text.tokenizer", text["tokenizer"], "data.text.tokenizer")
+    """The tokenizer of ``data.text.tokenizer``/``data.chat.tokenizer`` or ``teacher.pretrained`` (None
+    when neither is set)."""
+    for kind in ("text", "chat"):
+        path = (cfg["data"].get(kind) or {}).get("tokenizer")
+        if path:
+            return _hf(load_tokenizer, f"data.{kind}.tokenizer", path, f"data.{kind}.tokenizer")
     if cfg["teacher"].get("pretrained"):
         return _hf(load_tokenizer, "teacher.pretrained", cfg["teacher"]["pretrained"], "teacher.pretrained")
     return None
 
 
 def build_data(cfg: dict, tokenizer: Any = None) -> tuple[Iterable, Optional[Iterable]]:
-    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]`` tokenized (no val)."""
-    text = cfg["data"].get("text")
+    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]``/``[data.chat]``
+    tokenized (no val)."""
+    for kind in ("text", "chat"):
+        if cfg["data"].get(kind) is not None and tokenizer is None:
+            raise ConfigError(f"data.{kind}: the {kind} is tokenized with the teacher's tokenizer: set "
+                              f"teacher.pretrained (a Hugging Face directory) or data.{kind}.tokenizer")
+    text, chat = cfg["data"].get("text"), cfg["data"].get("chat")
     if text is not None:
-        if tokenizer is None:
-            raise ConfigError("data.text: the text is tokenized with the teacher's tokenizer: set teacher.pretrained "
-                              "(a Hugging Face directory) or data.text.tokenizer")
         train = _hf(text_loader, "data.text.train", text["train"], tokenizer, max_length=text["max_length"],
                     batch_size=text["batch_size"], field=text["field"], shuffle=text["shuffle"], seed=cfg["seed"])
         return train, None
+    if chat is not None:
+        options = {k: chat[k] for k in ("max_length", "batch_size", "shuffle", "truncate_prompt", "add_eos",
+                                        "prompt_field", "completion_field", "messages_field")}
+        return _hf(chat_loader, "data.chat.train", chat["train"], tokenizer, seed=cfg["seed"], **options), None
     builder = cfg["data"]["builder"]
     result = call_builder(cfg["data"], "data")
     if isinstance(result, Mapping):

@@ -21,7 +21,7 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     device = "cpu"           string, a torch device ("cpu", "cuda", "cuda:1").
     threads                  int >= 1: torch.set_num_threads for the run (default: leave it as is).
 
-    [data] *                 one of builder or [data.text]:
+    [data] *                 one of builder, [data.text] or [data.chat]:
     builder                  "module:callable"; callable(**options) returns {"train": loader, "val":
                              loader or None} or a (train, val) pair. Built-in:
                              "distillx.config.data:digits".
@@ -34,6 +34,22 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     text.batch_size = 16     int >= 1.
     text.shuffle = true      bool (seeded with seed, so --resume sees the same order).
     text.tokenizer           string: a tokenizer directory instead of teacher.pretrained's.
+    [data.chat]              prompt/completion data for causal LMs (distillx.hf.chat), tokenized
+                             with the teacher's tokenizer: batches with input_ids, attention_mask,
+                             labels (-100 on prompt and padding) and the prompt alone, left-padded
+                             (prompt_input_ids, prompt_attention_mask); no validation loader.
+    chat.train *             a UTF-8 .jsonl file, one object per line: {"prompt": str, "completion":
+                             str} or {"messages": [{"role", "content"}, ...]} (the tokenizer's chat
+                             template; the last message, the assistant's, is the completion).
+    chat.prompt_field = "prompt", chat.completion_field = "completion", chat.messages_field =
+                             "messages": the keys of those lines.
+    chat.max_length = 512    int >= 2: prompt + completion tokens; the completion is cut to fit.
+    chat.truncate_prompt = "error"  "error" (a prompt over max_length - 1 tokens is an error naming
+                             its line) or "left" (such a prompt is cut from the left).
+    chat.add_eos = true      bool: append the tokenizer's EOS token to a completion without it.
+    chat.batch_size = 8      int >= 1.
+    chat.shuffle = true      bool (seeded with seed, so --resume sees the same order).
+    chat.tokenizer           string: a tokenizer directory instead of teacher.pretrained's.
 
     [teacher] *              one of builder or pretrained:
     builder                  "module:callable"; callable(**options) returns the teacher nn.Module.
@@ -256,8 +272,21 @@ SCHEMA = Table({
             "shuffle": Key(Bool(), default=True),
             "tokenizer": Key(Str(), nullable=True),
         }, expected="a table (train, field, max_length, batch_size, shuffle, tokenizer)"), nullable=True),
-    }, post=_one_source(("builder", "text"))), required=True,
-        doc='a table: [data] with builder = "module:callable" or a [data.text] table'),
+        "chat": Key(Table({
+            "train": Key(Str(), required=True, doc="a UTF-8 .jsonl file of prompt/completion or messages lines"),
+            "prompt_field": Key(Str(), default="prompt"),
+            "completion_field": Key(Str(), default="completion"),
+            "messages_field": Key(Str(), default="messages"),
+            "max_length": Key(Int(2), default=512),
+            "truncate_prompt": Key(Str(("error", "left")), default="error"),
+            "add_eos": Key(Bool(), default=True),
+            "batch_size": Key(Int(1), default=8),
+            "shuffle": Key(Bool(), default=True),
+            "tokenizer": Key(Str(), nullable=True),
+        }, expected="a table (train, prompt_field, completion_field, messages_field, max_length, truncate_prompt, "
+                    "add_eos, batch_size, shuffle, tokenizer)"), nullable=True),
+    }, post=_one_source(("builder", "text", "chat"))), required=True,
+        doc='a table: [data] with builder = "module:callable", a [data.text] or a [data.chat] table'),
     "teacher": Key(_model(False), required=True,
                    doc='a table: [teacher] with builder = "module:callable" or pretrained = "DIR"'),
     "student": Key(_model(True), required=True,

@@ -7,7 +7,9 @@
 - :mod:`~distillx.hf.layouts`: head-aware weight-transfer layouts of q/k/v/o projections;
 - :mod:`~distillx.hf.pretrained`: load a model directory, build a student from a teacher's config,
   save with ``save_pretrained``;
-- :mod:`~distillx.hf.text`: ``.txt``/``.jsonl`` text files to mapping batches with a tokenizer.
+- :mod:`~distillx.hf.text`: ``.txt``/``.jsonl`` text files to mapping batches with a tokenizer;
+- :mod:`~distillx.hf.chat`: prompt/completion ``.jsonl`` files (or chat messages through the
+  tokenizer's chat template) to batches with completion-only labels and left-padded prompts.
 """
 from __future__ import annotations
 

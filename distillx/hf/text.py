@@ -1,9 +1,10 @@
 """Text files to mapping batches: ``.txt`` (one example per non-empty line) or ``.jsonl`` (one JSON
 object per line, the text under ``field``), tokenized once with a tokenizer (truncated to
-``max_length``), padded per batch by ``tokenizer.pad``: ``{"input_ids", "attention_mask", ...}``."""
+``max_length``), padded per batch by ``tokenizer.pad``: ``{"input_ids", "attention_mask", ...}``.
+
+Prompt/completion data for causal LMs is :func:`chat_loader` (:mod:`distillx.hf.chat`), here too."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any
@@ -12,51 +13,33 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import _checks
-
-
-def _decode(path: str, data: bytes) -> str:
-    """``data`` as UTF-8; a ``ValueError`` naming the file, the line and the column of the first byte
-    that is not (line ends counted as text mode counts them: ``\n``, ``\r\n`` or ``\r``)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        before = data[:exc.start].decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at column {column}); save it "
-                         "as UTF-8") from None
+from ._files import check_file, numbered_lines
+from .chat import chat_loader
 
 
 def read_texts(path: str, field: str = "text") -> list[str]:
     """The examples of a UTF-8 ``.txt`` or ``.jsonl`` file; errors name the file (a missing one, a
     directory, another kind) and, for its content, the line."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"text file {path!r} is a directory; expected a .txt (one example per line) or "
-                                ".jsonl file (one JSON object per line)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text file {path!r} does not exist")
+    check_file(path, "text file", "a .txt (one example per line) or .jsonl file (one JSON object per line)")
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".txt", ".jsonl"):
         raise ValueError(f"text file {path!r}: expected a .txt (one example per line) or .jsonl file, "
                          f"got {ext or 'no extension'!r}")
     texts = []
-    with open(path, "rb") as f:
-        content = _decode(path, f.read())
-    # newline=None: the universal newlines of a file opened in text mode
-    with io.StringIO(content, newline=None) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if ext == ".txt":
-                texts.append(line.rstrip("\n"))
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON object ({exc})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(f"{path}:{number}: expected an object with a string {field!r} (field=), got {keys}")
-            texts.append(obj[field])
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        if ext == ".txt":
+            texts.append(line.rstrip("\n"))
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON object ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path}:{number}: expected an object with a string {field!r} (field=), got {keys}")
+        texts.append(obj[field])
     if not texts:
         raise ValueError(f"text file {path!r} holds no examples")
     return texts
@@ -98,4 +81,4 @@ def text_loader(path: str, tokenizer: Any, *, max_length: int = 128, batch_size:
                       collate_fn=PadCollate(tokenizer))
 
 
-__all__ = ["read_texts", "TokenizedTexts", "PadCollate", "text_loader"]
+__all__ = ["read_texts", "TokenizedTexts", "PadCollate", "text_loader", "chat_loader"]

@@ -48,7 +48,8 @@ class GKD(OutputLayerKD):
     ``lmbda=0, seq_kd=False`` is exactly ``lm_kd(divergence="jsd", beta=β)`` on the dataset's
     completion.
 
-    Sampling is restricted to the vocabulary rows both output layers share. A sampled batch holds
+    Sampling is restricted to the vocabulary rows both output layers share (``lm_kd``'s rule for
+    output layers padded to different sizes: :attr:`shared_vocab`). A sampled batch holds
     ``input_ids``, ``attention_mask`` and ``labels`` (other keys of the batch are dropped). The
     teacher scores every sampled token, so a teacher cache cannot be used; ``strategy="fsdp"`` is
     refused (each process stops generating at its own step, which the sharded student's collectives
@@ -73,7 +74,8 @@ class GKD(OutputLayerKD):
         seq_kd: off-policy batches use the teacher's samples instead of the dataset's (default False).
         eos_token_id: end-of-sequence id(s) (default: the student's ``generation_config``/``config``).
         pad_token_id: the id written after a sample's end (masked; default the student config's, else 0).
-        shift, ignore_index, student_head, teacher_head, chunk_size, weight: as in ``lm_kd``.
+        shift, ignore_index, student_head, teacher_head, chunk_size, vocab_size, weight: as in ``lm_kd``
+            (vocabularies padded to different sizes are compared over their shared rows).
 
     Example::
 
@@ -130,7 +132,7 @@ class GKD(OutputLayerKD):
         tokens, lengths = sample(model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
                                  generator=context.generator, temperature=self.temperature, top_p=self.top_p,
                                  eos_token_id=self.eos_token_id if self.eos_token_id is not None
-                                 else end_of_sequence(context.student) or None, pad_token_id=pad, vocab_size=self.shared_vocab())
+                                 else end_of_sequence(context.student) or None, pad_token_id=pad, vocab_size=self.shared_vocab)
         if on_policy:
             self._sampled = float(lengths.double().mean())
         batch = join(prompt_ids, prompt_mask, tokens, lengths, pad, self.ignore_index)
@@ -142,12 +144,6 @@ class GKD(OutputLayerKD):
             return self.pad_token_id
         pad = getattr(getattr(student, "config", None), "pad_token_id", None)
         return int(pad) if isinstance(pad, int) and pad >= 0 else 0
-
-    def shared_vocab(self) -> Optional[int]:
-        """The output-layer rows both models share (samples are drawn among them)."""
-        if set(self._heads) != {"student", "teacher"}:
-            return None
-        return min(self._heads["student"][1].weight.shape[0], self._heads["teacher"][1].weight.shape[0])
 
     # -- what it logs ------------------------------------------------------------------------------
     def loss(self, student: Mapping[str, Any], teacher: Mapping[str, Any], batch: Any = None) -> torch.Tensor:

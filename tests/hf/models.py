@@ -95,3 +95,25 @@ def sentences(n: int, seed: int = 0) -> list[str]:
         length = int(torch.randint(3, 9, (1,), generator=g))
         out.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=g)))
     return out
+
+
+CHAT_SPECIAL = ("[PAD]", "<s>", "</s>", "[UNK]", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def chat_tokenizer(pad: bool = True, eos: bool = True, template: bool = True):
+    """A tiny word-level tokenizer for chat data ([PAD]=0, <s>=1 (BOS, added before a single
+    sequence), </s>=2 (EOS), [UNK]=3, role markers and <|end|> 4-7, then WORDS), with a chat template
+    whose turns end with <|end|>; built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {**{t: i for i, t in enumerate(CHAT_SPECIAL)}, **{w: i + len(CHAT_SPECIAL) for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", unk_token="[UNK]", pad_token="[PAD]" if pad else None,
+        eos_token="</s>" if eos else None, additional_special_tokens=list(CHAT_SPECIAL[4:]))
+    tok.chat_template = CHAT_TEMPLATE if template else None
+    return tok

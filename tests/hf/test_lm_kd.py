@@ -87,9 +87,9 @@ def test_lm_kd_trains_a_student_and_leaves_the_teacher_alone():
 
 
 def test_lm_kd_errors():
-    with pytest.raises(ValueError, match=r"method 'lm_kd': the student's output layer 'lm_head' has a vocabulary of 50 "
-                                         r"but the teacher's 'lm_head' has 96; lm_kd compares next-token distributions "
-                                         r"over one vocabulary"):
+    with pytest.raises(ValueError, match=r"method 'lm_kd': the student's output layer 'lm_head' has 50 rows and the "
+                                         r"teacher's 'lm_head' has 96; lm_kd compares next-token distributions over one "
+                                         r"tokenizer's vocabulary"):
         dx.Distiller(llama(1, 32, 4, 2), llama(1, 16, 4, 1, vocab=50), [dx.method("lm_kd")], task_weight=0.0)
     with pytest.raises(ValueError, match=r"option divergence must be one of"):
         dx.method("lm_kd", divergence="tvd")
