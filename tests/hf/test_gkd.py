@@ -285,7 +285,7 @@ def test_what_gkd_cannot_do_is_refused_by_name():
         check_rewriting(["gkd"], None, "fsdp")
     d = dx.Distiller(teacher, student, [dx.method("gkd")], task_weight=0.0, progress=False)
     plain = {k: v for k, v in chat_batch().items() if not k.startswith("prompt_")}
-    with pytest.raises(ValueError, match="prompt_input_ids and prompt_attention_mask .* chat_loader .* holds "
+    with pytest.raises(ValueError, match="prompt_input_ids and prompt_attention_mask .*chat_loader.* holds "
                                          r"\['attention_mask', 'input_ids'\]"):
         d.losses(plain)
     d.close()
@@ -335,3 +335,27 @@ def test_a_plugin_method_rewrites_the_batch_and_logs_its_statistics():
     assert m.width == 2 * width and float(out["doubler/length"]) == 2 * width
     assert "prompt_input_ids" in m.seen  # it saw the batch as the loader made it
     d.close()
+
+
+def test_padded_vocabularies_sample_only_the_shared_rows():
+    """A student whose output layer has 128 rows next to a teacher's 96 (one vocabulary padded twice):
+    samples come from the first 96 rows only, and the loss compares those rows."""
+    torch.manual_seed(0)
+    teacher = llama(layers=2, hidden=48, vocab=96).eval()
+    student = llama(layers=1, hidden=32, vocab=128)
+    with torch.no_grad():
+        student.lm_head.weight[96:] += 3.0 * student.lm_head.weight[96:].sign()  # the padded rows are likely
+    m = dx.method("gkd", lmbda=1.0, max_new_tokens=12, temperature=3.0, eos_token_id=95)
+    m.bind(student, teacher)
+    assert m.shared_vocab == 96
+    batch = chat_batch(4, 5, 3, seed=9)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    g = torch.Generator().manual_seed(0)
+    new, labels = m.prepare_batch(inputs, batch["labels"], BatchContext(student, teacher, g, torch.device("cpu")))
+    assert int(new["input_ids"].max()) < 96 and int(labels.max()) < 96
+    unmasked = sample(student, batch["prompt_input_ids"], batch["prompt_attention_mask"], max_new_tokens=12,
+                      generator=torch.Generator().manual_seed(0), temperature=3.0, eos_token_id=95)[0]
+    assert int(unmasked.max()) >= 96  # without the restriction the padded rows are drawn
+    with dx.Distiller(teacher, student, [dx.method("gkd", lmbda=1.0, max_new_tokens=6)], task_weight=0.0,
+                      progress=False) as d:
+        assert torch.isfinite(d.losses(batch)["gkd"])

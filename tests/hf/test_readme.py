@@ -2,31 +2,38 @@
 test into the local directories they name."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
-from .models import bert, llama, sentences, tokenizer, transformers
+from distillx.cli.run import main
+
+from .models import bert, chat_tokenizer, llama, sentences, tokenizer, transformers
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def recipes() -> list[str]:
+def recipes(language: str = "python") -> list[str]:
     text = README.read_text(encoding="utf-8")
     section = text.split("## Distil a Hugging Face model", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
 def test_the_readme_recipes_run_as_written(tmp_path, monkeypatch, capsys):
     blocks = recipes()
-    assert len(blocks) == 2 and "minilmv2" in blocks[0] and "lm_kd" in blocks[1]
+    assert len(blocks) == 3 and "minilmv2" in blocks[0] and "lm_kd" in blocks[1] and '"gkd"' in blocks[2]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     for name, model in (("teacher-encoder", bert(4, 32, 4)), ("teacher-lm", llama(4, 32, 4, 2, vocab=48))):
         model.save_pretrained(f"models/{name}")
         tokenizer().save_pretrained(f"models/{name}")
+    llama(2, 32, 4, 2).save_pretrained("models/teacher-chat")
+    chat_tokenizer().save_pretrained("models/teacher-chat")
     Path("corpus.txt").write_text("\n".join(sentences(40)) + "\n", encoding="utf-8")
+    lines = [{"prompt": a, "completion": " " + b} for a, b in zip(sentences(12), sentences(12)[::-1])]
+    Path("chat.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     monkeypatch.setenv("DISTILLX_QUIET", "1")
     for block in blocks:
         exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
@@ -34,4 +41,22 @@ def test_the_readme_recipes_run_as_written(tmp_path, monkeypatch, capsys):
     assert len(encoder.encoder.layer) == 2 and Path("student-encoder/tokenizer.json").is_file()
     lm = transformers.AutoModelForCausalLM.from_pretrained("student-lm")
     assert len(lm.model.layers) == 2 and Path("runs/lm/checkpoint.pt").is_file()
-    assert "weight transfer 'layer_map'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "weight transfer 'layer_map'" in out and "'gkd/on_policy'" in out
+    chat = transformers.AutoModelForCausalLM.from_pretrained("student-chat")
+    assert len(chat.model.layers) == 1
+
+
+def test_the_chat_config_runs_as_written(tmp_path, monkeypatch, capsys):
+    (config,) = recipes("toml")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    llama(2, 32, 4, 2).save_pretrained("models/teacher-chat")
+    chat_tokenizer().save_pretrained("models/teacher-chat")
+    lines = [{"prompt": a, "completion": " " + b} for a, b in zip(sentences(8), sentences(8)[::-1])]
+    Path("chat.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    Path("chat.toml").write_text(config, encoding="utf-8")
+    assert main(["chat.toml", "--quiet"]) == 0, capsys.readouterr().err
+    epochs = [r for r in json.loads(Path("runs/chat-run/metrics.json").read_text())["epochs"] if r["phase"] == "student"]
+    assert len(epochs) == 2 and all("gkd/on_policy" in r for r in epochs)
+    assert Path("runs/chat-run/student/config.json").is_file()
