@@ -2,8 +2,8 @@ r"""Sampling a completion from a causal LM for on-policy distillation, from a ge
 
 :func:`sample` continues each left-padded prompt by up to ``max_new_tokens`` tokens, one position at
 a time, under ``no_grad`` with the model in ``eval()`` (its mode restored after). A model whose
-``forward`` takes ``past_key_values`` and ``use_cache`` (every transformers causal LM) runs with its
-KV cache: the prompt once, then one token per step; ``position_ids`` follow the attention mask, so
+``forward`` takes ``use_cache`` and ``past_key_values`` (transformers 4) or ``cache`` (transformers
+5), every transformers causal LM, runs with its KV cache: the prompt once, then one token per step; ``position_ids`` follow the attention mask, so
 left padding does not shift positions. Only the last position's logits are computed when the model
 takes ``logits_to_keep`` (or the older ``num_logits_to_keep``): a step holds (batch × vocab) logits,
 never (tokens × vocab). Any other model is called on the whole sequence each step.
@@ -28,6 +28,7 @@ from torch import nn
 from .. import _checks
 
 TokenIds = Union[int, Sequence[int], None]
+CACHE_KEYS = ("past_key_values", "cache")
 
 
 def end_of_sequence(model: nn.Module, given: TokenIds = None) -> list[int]:
@@ -85,7 +86,8 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                          "of zeros)")
     eos = torch.tensor(end_of_sequence(model, eos_token_id), dtype=torch.long, device=prompt_ids.device)
     accepts = _accepts(model)
-    cached = {"past_key_values", "use_cache"} <= accepts
+    # transformers 5 names the KV cache argument (and output) "cache"; 4.x "past_key_values"
+    cache_key = next((k for k in CACHE_KEYS if k in accepts), None) if "use_cache" in accepts else None
     keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in accepts), {})
     positions = "position_ids" in accepts
     B = prompt_ids.shape[0]
@@ -102,11 +104,11 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             kwargs = {"attention_mask": mask}
             if positions:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-            if cached:
-                out = model(input_ids=step_ids, past_key_values=past, use_cache=True, **kwargs, **keep)
-                past = out.past_key_values
+            if cache_key is not None:
+                out = model(input_ids=step_ids, use_cache=True, **{cache_key: past}, **kwargs, **keep)
+                past = out[cache_key]
             else:
-                out = model(input_ids=ids, **kwargs)
+                out = model(input_ids=ids, **kwargs, **keep)
             logits = out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
             logits = logits[:, -1, :vocab_size] if vocab_size is not None else logits[:, -1]
             nxt = _draw(logits, temperature, top_p, generator)

@@ -144,10 +144,21 @@ class NoCache(nn.Module):
 def test_the_kv_cache_draws_what_recomputing_draws_and_the_generator_decides():
     _, student = pair(torch.float64)
     ids, mask = _prompts(4)
-    runs = []
+    runs, widths = [], []
+    hook = student.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append((kwargs["input_ids"].shape[1], kwargs.get("logits_to_keep"))),
+        with_kwargs=True)
+    logits = []
+    head = student.lm_head.register_forward_hook(lambda module, args, out: logits.append(out.shape[1]))
     for model in (student, NoCache(student), student):
         runs.append(sample(model, ids, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(5),
                            eos_token_id=EOS, pad_token_id=PAD))
+        if model is student and len(runs) == 1:  # with the cache: the prompt once, then one token per step
+            steps = len(widths)
+            assert [w for w, _ in widths] == [ids.shape[1]] + [1] * (steps - 1) and steps > 1
+            assert logits == [1] * steps  # only the last position's logits
+    hook.remove()
+    head.remove()
     for tokens, lengths in runs[1:]:
         assert torch.equal(tokens, runs[0][0]) and torch.equal(lengths, runs[0][1])
     other = sample(student, ids, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(6),
