@@ -26,7 +26,7 @@ LAYERS = [
     ("functional", ["distillx.functional"]),
     ("features", ["distillx.features"]),
     ("components", ["distillx.methods", "distillx.transfer", "distillx.augment", "distillx.kernels",
-                    "distillx.compose", "distillx.hf"]),
+                    "distillx.compose", "distillx.hf", "distillx.loggers"]),
     ("plugin", ["distillx.plugin"]),
     ("engine", ["distillx.engine", "distillx.teacher_cache", "distillx.reporting"]),
     ("distiller", ["distillx.distiller"]),

@@ -73,6 +73,9 @@ A config with every key (``*`` required; the rest show their defaults or are off
     balance_primary = "kd"              # the primary term (default: the first method)
     balance_every = 10                  # steps between measurements (default 10 x (terms - 1))
 
+    [logging]                           # where the metrics go besides metrics.json (rank 0 only)
+    loggers = ["tensorboard"]           # names or {name = ..., options}: output_dir/tensorboard event files
+
 Optimizer names: ``adamw``/``adam`` (``lr``, ``weight_decay``, ``betas``) and ``sgd`` (``lr``,
 ``weight_decay``, ``momentum``, ``nesterov``); ``weight_decay`` defaults to PyTorch's (0.01 for
 adamw, else 0). Scheduler names: ``cosine``, ``linear``, ``constant``, ``none``; ``warmup`` is a

@@ -22,7 +22,7 @@ from ..engine.checkpoint import CheckpointError, check_state_dict
 from ..engine.schedules import linear
 from ..hf.pretrained import load_pretrained, load_tokenizer, student_from_config
 from ..hf.text import text_loader
-from ..plugin import method, resolve_augmentation, transfer
+from ..plugin import get_registries, method, resolve_augmentation, transfer
 from .schema import ConfigError, describe
 
 
@@ -257,6 +257,17 @@ def build_augmentations(cfg: dict) -> list:
     return out
 
 
+def build_loggers(cfg: dict) -> list:
+    """``[logging] loggers`` as the Distiller's ``loggers=`` specs, each name checked against the
+    registry here so that an unknown one names its config key."""
+    registry = get_registries().loggers
+    for i, entry in enumerate(cfg["logging"]["loggers"]):
+        if entry["name"] not in registry:
+            raise ConfigError(f"logging.loggers.{i}: unknown logger {entry['name']!r}; registered loggers: "
+                              f"{', '.join(map(repr, registry.names())) or 'none'}")
+    return [dict(entry) for entry in cfg["logging"]["loggers"]]
+
+
 def build_weight_schedules(cfg: dict) -> dict:
     return {term: linear(s["start"], s["end"], s["epochs"]) for term, s in cfg["weight_schedules"].items()}
 
@@ -298,7 +309,9 @@ def build(cfg: dict, progress: Optional[bool] = None) -> Run:
             strategy=tr["strategy"], shard_teacher=tr["shard_teacher"], balance=tr["balance"],
             balance_primary=tr["balance_primary"], balance_every=tr["balance_every"],
             student_input=s["input"][len("teacher:"):] if s["input"] else None,
-            checkpoint_dir=cfg["output_dir"], progress=progress, seed=cfg["seed"])
+            checkpoint_dir=cfg["output_dir"], progress=progress, seed=cfg["seed"], loggers=build_loggers(cfg))
+    except ImportError as exc:  # an optional package a logger needs (tensorboard)
+        raise ConfigError(f"logging.loggers: {exc}") from exc
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot set up the distillation: {_message(exc)}") from exc
     return Run(train, val, teacher, student, distiller, tokenizer)

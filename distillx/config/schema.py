@@ -123,6 +123,12 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     balance_every            int >= 1: steps between two measurements; default 10 x (terms - 1),
                              so at most one extra backward pass per 10 steps.
 
+    [logging]                optional: where the step and epoch metrics go besides metrics.json (rank 0)
+    loggers = []             array of registered logger names or tables {name = ..., <options>}:
+                             "tensorboard" writes TensorBoard scalars into output_dir/tensorboard
+                             (the tensorboard extra; option log_dir = "DIR" elsewhere); plugins
+                             register more (distillx plugins lists them).
+
 In JSON, ``null`` is accepted for the keys whose default is "off"/unset (threads, checkpoint,
 transfer, amp, grad_clip, cache_top_k, progress, balance, balance_primary, balance_every).
 """
@@ -288,6 +294,10 @@ SCHEMA = Table({
         "balance_primary": Key(Str(), nullable=True),
         "balance_every": Key(Int(1), nullable=True),
     }), default=lambda t: _default_of(SCHEMA.keys["training"].spec)),
+    "logging": Key(Table({
+        "loggers": Key(ListOf(OneOf(_named("logger", "tensorboard"), "a logger name or a table with name and options"),
+                              "an array of loggers (names, or tables with name and options)"), default=[]),
+    }, expected="a table (loggers)"), default=lambda t: _default_of(SCHEMA.keys["logging"].spec)),
 })
 """The whole schema (see the module docstring for every key)."""
 

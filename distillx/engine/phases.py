@@ -180,7 +180,8 @@ class Phases:
             build(name, {"epoch": 0, "step": 0, "epoch_rng": None, "step_rng": None, "sums": None, "n": 0},
                   fsdp.DCP_DIR if sharded else None)
         generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
-        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators, on_epoch_saved).run(
+        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators, on_epoch_saved,
+               loggers=self.loggers).run(
             position, state["path"] if state is not None else None)
 
     # -- pieces ----------------------------------------------------------------------------------

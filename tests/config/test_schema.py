@@ -241,7 +241,7 @@ def test_every_key_is_documented():
                 continue
             assert re.search(rf"\b{name}\b", doc), f"{path} is not documented"
     for section in ("[data]", "[teacher]", "[student]", "[[methods]]", "[transfer]", "[[augmentations]]",
-                    "[weight_schedules]", "[training]"):
+                    "[weight_schedules]", "[training]", "[logging]"):
         assert section in schema.__doc__ and section in dxc.__doc__
 
 
