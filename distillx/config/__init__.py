@@ -93,7 +93,10 @@ Hugging Face models (the ``hf`` extra): ``[teacher] pretrained = "DIR"`` loads a
 the student is ``pretrained = "DIR"`` too, or ``config = {num_hidden_layers = 2, ...}`` (the
 teacher's class and config with these overrides, randomly initialised: add a ``[transfer]``);
 ``[data.text]`` reads ``train = "corpus.txt"`` (or ``.jsonl`` with ``field``) and tokenizes it with
-the teacher's tokenizer (``max_length``, ``batch_size``, ``shuffle``, ``tokenizer``). Such a
+the teacher's tokenizer (``max_length``, ``batch_size``, ``shuffle``, ``tokenizer``);
+``[data.dataset]`` takes a local ``datasets`` source instead (the ``datasets`` extra, never the Hub):
+``path = "json"`` (or ``"parquet"``, ``"csv"``, ``"text"``, ``"arrow"``) with ``data_files``, or a
+``save_to_disk`` directory, and ``split``, ``text_field``, tokenized the same way. Such a
 student is written with ``save_pretrained`` into ``output_dir/student/``, with the tokenizer::
 
     output_dir = "runs/mini"

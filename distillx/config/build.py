@@ -21,7 +21,8 @@ from ..distiller import Distiller
 from ..engine.checkpoint import CheckpointError, check_state_dict
 from ..engine.schedules import linear
 from ..hf.pretrained import load_pretrained, load_tokenizer, student_from_config
-from ..hf.text import text_loader
+from ..hf.datasets_local import dataset_texts
+from ..hf.text import text_loader, texts_loader
 from ..plugin import get_registries, method, resolve_augmentation, transfer
 from .schema import ConfigError, describe
 
@@ -97,24 +98,37 @@ def _hf(call: Callable, key: str, *args, **kwargs) -> Any:
 
 
 def load_tokenizer_for(cfg: dict) -> Any:
-    """The tokenizer of ``data.text.tokenizer`` or ``teacher.pretrained`` (None when neither is set)."""
-    text = cfg["data"].get("text") or {}
-    if text.get("tokenizer"):
-        return _hf(load_tokenizer, "data.text.tokenizer", text["tokenizer"], "data.text.tokenizer")
+    """The tokenizer of ``data.text.tokenizer``/``data.dataset.tokenizer`` or ``teacher.pretrained``
+    (None when neither is set)."""
+    for section in ("text", "dataset"):
+        table = cfg["data"].get(section) or {}
+        if table.get("tokenizer"):
+            key = f"data.{section}.tokenizer"
+            return _hf(load_tokenizer, key, table["tokenizer"], key)
     if cfg["teacher"].get("pretrained"):
         return _hf(load_tokenizer, "teacher.pretrained", cfg["teacher"]["pretrained"], "teacher.pretrained")
     return None
 
 
 def build_data(cfg: dict, tokenizer: Any = None) -> tuple[Iterable, Optional[Iterable]]:
-    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]`` tokenized (no val)."""
+    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]``/``[data.dataset]``
+    tokenized (no val)."""
+    for section in ("text", "dataset"):
+        table = cfg["data"].get(section)
+        if table is not None and tokenizer is None:
+            raise ConfigError(f"data.{section}: the text is tokenized with the teacher's tokenizer: set "
+                              f"teacher.pretrained (a Hugging Face directory) or data.{section}.tokenizer")
     text = cfg["data"].get("text")
     if text is not None:
-        if tokenizer is None:
-            raise ConfigError("data.text: the text is tokenized with the teacher's tokenizer: set teacher.pretrained "
-                              "(a Hugging Face directory) or data.text.tokenizer")
         train = _hf(text_loader, "data.text.train", text["train"], tokenizer, max_length=text["max_length"],
                     batch_size=text["batch_size"], field=text["field"], shuffle=text["shuffle"], seed=cfg["seed"])
+        return train, None
+    dataset = cfg["data"].get("dataset")
+    if dataset is not None:
+        texts = _hf(dataset_texts, "data.dataset", dataset["path"], dataset["data_files"], dataset["split"],
+                    dataset["text_field"])
+        train = _hf(texts_loader, "data.dataset", texts, tokenizer, max_length=dataset["max_length"],
+                    batch_size=dataset["batch_size"], shuffle=dataset["shuffle"], seed=cfg["seed"])
         return train, None
     builder = cfg["data"]["builder"]
     result = call_builder(cfg["data"], "data")

@@ -21,7 +21,7 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     device = "cpu"           string, a torch device ("cpu", "cuda", "cuda:1").
     threads                  int >= 1: torch.set_num_threads for the run (default: leave it as is).
 
-    [data] *                 one of builder or [data.text]:
+    [data] *                 one of builder, [data.text] or [data.dataset]:
     builder                  "module:callable"; callable(**options) returns {"train": loader, "val":
                              loader or None} or a (train, val) pair. Built-in:
                              "distillx.config.data:digits".
@@ -34,6 +34,15 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     text.batch_size = 16     int >= 1.
     text.shuffle = true      bool (seeded with seed, so --resume sees the same order).
     text.tokenizer           string: a tokenizer directory instead of teacher.pretrained's.
+    [data.dataset]           a local `datasets` source (the datasets extra), never the Hub, tokenized
+                             as [data.text] is:
+    dataset.path *           "json", "parquet", "csv", "text" or "arrow" (datasets.load_dataset with
+                             data_files), or a directory written by save_to_disk (load_from_disk).
+    dataset.data_files       a local file, an array of them, or a table of split -> file(s); only
+                             with a file builder path.
+    dataset.split = "train"  string: the split to train on.
+    dataset.text_field = "text"  string: the column holding the text.
+    dataset.max_length, dataset.batch_size, dataset.shuffle, dataset.tokenizer   as in [data.text].
 
     [teacher] *              one of builder or pretrained:
     builder                  "module:callable"; callable(**options) returns the teacher nn.Module.
@@ -183,6 +192,19 @@ class Betas(Spec):
         return [float(v) for v in value]
 
 
+class DataFiles(Spec):
+    expected = "a path, an array of paths or a table of split -> path(s)"
+
+    def resolve(self, value, path, errors):
+        def paths(v):
+            return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and bool(v) and
+                                                        all(isinstance(x, str) and x for x in v))
+        if paths(value) or (isinstance(value, dict) and value and all(paths(v) for v in value.values())):
+            return value
+        self.fail(value, path, errors)
+        return None
+
+
 def _optimizer(default_lr: float = 1e-3) -> Table:
     return Table({
         "name": Key(Str(OPTIMIZERS), default="adamw", doc="adamw, adam or sgd"),
@@ -262,8 +284,19 @@ SCHEMA = Table({
             "shuffle": Key(Bool(), default=True),
             "tokenizer": Key(Str(), nullable=True),
         }, expected="a table (train, field, max_length, batch_size, shuffle, tokenizer)"), nullable=True),
-    }, post=_one_source(("builder", "text"))), required=True,
-        doc='a table: [data] with builder = "module:callable" or a [data.text] table'),
+        "dataset": Key(Table({
+            "path": Key(Str(), required=True, doc='"json", "parquet", "csv", "text", "arrow" or a save_to_disk directory'),
+            "data_files": Key(DataFiles(), nullable=True),
+            "split": Key(Str(), default="train"),
+            "text_field": Key(Str(), default="text"),
+            "max_length": Key(Int(1), default=128),
+            "batch_size": Key(Int(1), default=16),
+            "shuffle": Key(Bool(), default=True),
+            "tokenizer": Key(Str(), nullable=True),
+        }, expected="a table (path, data_files, split, text_field, max_length, batch_size, shuffle, tokenizer)"),
+            nullable=True),
+    }, post=_one_source(("builder", "text", "dataset"))), required=True,
+        doc='a table: [data] with builder = "module:callable", a [data.text] or a [data.dataset] table'),
     "teacher": Key(_model(False), required=True,
                    doc='a table: [teacher] with builder = "module:callable" or pretrained = "DIR"'),
     "student": Key(_model(True), required=True,

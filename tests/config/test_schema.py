@@ -194,7 +194,7 @@ def test_missing_required_keys_are_named():
     for key in ("output_dir", "teacher", "student.epochs", "methods.0.name"):
         assert any(m.startswith(f"missing required key {key!r}") for m in msgs), (key, msgs)
     # a model or the data comes from exactly one source
-    assert "data: give exactly one of builder, text (got none)" in msgs
+    assert "data: give exactly one of builder, text, dataset (got none)" in msgs
     assert "student: give exactly one of builder, pretrained, config (got none)" in msgs
     both = minimal()
     both["teacher"]["pretrained"] = "models/t"
