@@ -131,3 +131,28 @@ def test_bad_arguments_name_themselves(tmp_path, kw, error, words):
     with pytest.raises(error) as info:
         DistillationTrainer(**args)
     assert words in str(info.value), str(info.value)
+
+
+def test_the_readme_recipe_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from .models import sentences, tokenizer
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Inside the Hugging Face Trainer", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    llama(4, 32, 4, 2, vocab=48).save_pretrained("models/teacher-lm")
+    tokenizer().save_pretrained("models/teacher-lm")
+    Path("corpus.txt").write_text("\n".join(sentences(40)) + "\n")
+    scope = {"__name__": "__readme__"}
+    exec(compile(block, "README.md", "exec"), scope)
+    logs = [r for r in scope["trainer"].state.log_history if "loss" in r]
+    assert len(logs) == 4 and {"loss/task", "loss/lm_kd", "loss/sld"} <= set(logs[0])
+    # equal widths: sld needs no adapter, so the checkpoint holds no methods' state
+    assert (tmp_path / "runs/trainer/checkpoint-10/model.safetensors").is_file()
+    assert not (tmp_path / "runs/trainer/checkpoint-10/distillx_methods.pt").exists()
+    assert scope["trainer"].distiller.transfer_report is not None
+    assert len(transformers.AutoModelForCausalLM.from_pretrained("student-trainer").model.layers) == 2
