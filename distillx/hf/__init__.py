@@ -9,7 +9,6 @@
   save with ``save_pretrained``;
 - :mod:`~distillx.hf.text`: ``.txt``/``.jsonl`` text files to mapping batches with a tokenizer;
 - :mod:`~distillx.hf.datasets_local`: local ``datasets`` sources (never the Hub);
-- :mod:`~distillx.hf.peft`: PEFT (LoRA) students: the base model's layers, adapters saved or merged;
 - ``DistillationTrainer`` (:mod:`distillx.hf.trainer`, the apps layer: it builds a Distiller),
   re-exported here on first access, so importing this package imports neither it nor transformers.
 """
