@@ -48,7 +48,8 @@ from . import _checks
 from .compose import Composed
 from .features import FeatureSpec, Trunk
 from .engine.arguments import (REWRITE_SEED_OFFSET, TASK, apply_transfer, balancer, build_augmentations,
-                               cache_options, check_amp, check_grad_clip, check_methods, check_rewriting, check_models, check_strategy, check_weight, method_name,
+                               build_loggers, cache_options, check_amp, check_grad_clip, check_methods,
+                               check_models, check_rewriting, check_strategy, check_weight, method_name,
                                metric_keys, student_input_spec)
 from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, task_cross_entropy, to_device,
                              unpack_batch)
@@ -130,6 +131,13 @@ class Distiller(Phases):
             stays a preference on top. ``balance_primary``: the primary term (``"task"`` or a
             method's key; default the first method): put the term you trust most first. The factors
             are logged per step (``weight/<term>``) and saved in checkpoints.
+        loggers: metrics loggers that receive every step record (each term, the total, ``lr``) and
+            epoch record (validation included) of both phases, as ``d.metrics`` does: registered
+            names (``"tensorboard"``: scalars under ``<checkpoint_dir>/tensorboard``, the
+            ``tensorboard`` extra), ``{"name": "tensorboard", "log_dir": ...}`` mappings with options,
+            or objects with ``log_step``/``log_epoch`` (:class:`distillx.loggers.Logger`). Plugins
+            register more (``distillx_register_loggers``). Only rank 0 builds and calls them; a logger
+            that raises is dropped with a warning and training goes on; :meth:`close` closes them.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, methods: Optional[Sequence[Method]] = (),
@@ -146,7 +154,7 @@ class Distiller(Phases):
                  progress: Optional[bool] = None, seed: Optional[int] = None, label_key: str = LABELS,
                  student_input: Union[None, str, FeatureSpec] = None, strategy: str = "ddp",
                  shard_teacher: bool = False, balance: Optional[str] = None, balance_primary: Optional[str] = None,
-                 balance_every: Optional[int] = None):
+                 balance_every: Optional[int] = None, loggers: Any = None):
         check_models(teacher, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
@@ -176,6 +184,7 @@ class Distiller(Phases):
         self._phase_specs = {"student": (optimizer, scheduler, warmup),
                              "teacher": (teacher_optimizer, teacher_scheduler, teacher_warmup)}
         self.ctx = init_from_env(self.device)
+        self.loggers = build_loggers(loggers, checkpoint_dir, self.ctx.is_main)
         loss_balancer = balancer(balance, balance_primary, balance_every, self.task_weight, self.methods, self._keys,
                                  self.weight_schedules, self.strategy, self.ctx)
         # Not drawn from the global generator: constructing a Distiller must not shift the user's
@@ -361,8 +370,11 @@ class Distiller(Phases):
         return path
 
     def close(self) -> None:
-        """Remove the feature hooks from both models and drop captured features (idempotent)."""
+        """Remove the feature hooks from both models and drop captured features; close the metrics
+        loggers (a later :meth:`fit` opens them again). Idempotent."""
         self._plan.close()
+        if getattr(self, "loggers", None) is not None:  # close() also runs when __init__ failed early
+            self.loggers.close()
 
     def __enter__(self) -> "Distiller":
         return self

@@ -26,13 +26,17 @@ LAYERS = [
     ("functional", ["distillx.functional"]),
     ("features", ["distillx.features"]),
     ("components", ["distillx.methods", "distillx.transfer", "distillx.augment", "distillx.kernels",
-                    "distillx.compose", "distillx.hf"]),
+                    "distillx.compose", "distillx.hf", "distillx.loggers"]),
     ("plugin", ["distillx.plugin"]),
     ("engine", ["distillx.engine", "distillx.teacher_cache", "distillx.reporting"]),
     ("distiller", ["distillx.distiller"]),
     ("apps", ["distillx.config", "distillx.cli", "distillx.demo", "distillx.benchmarks", "distillx.experiments",
-              "distillx.testing", "distillx"]),
+              "distillx.testing", "distillx", "distillx.hf.trainer"]),
 ]
+# The one upward reference allowed: a package re-exporting, by name and on first attribute access
+# (importlib.import_module in a module __getattr__), a module of a higher layer that lives inside it.
+# Nothing at import time points upward, so no cycle can form. (importer, target)
+LAZY_REEXPORTS = {("distillx.hf", "distillx.hf.trainer")}
 RANK = {prefix: i for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
 
 
@@ -87,6 +91,14 @@ def violations(source: str, module: str, is_package: bool = False) -> list[str]:
             elif layer_of(target) > own:
                 found.append(f"{module}:{node.lineno} imports {target} ({LAYERS[layer_of(target)][0]}) from "
                              f"layer {LAYERS[own][0]}")
+    # importlib.import_module("distillx...") is an import too: upward only as a declared lazy re-export
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                and node.args[0].value.startswith("distillx") and layer_of(node.args[0].value) > own
+                and (module, node.args[0].value) not in LAZY_REEXPORTS):
+            found.append(f"{module}:{node.lineno} imports {node.args[0].value} with import_module (not a declared "
+                         "lazy re-export)")
     return found
 
 
@@ -105,6 +117,8 @@ def test_every_module_imports_downward_only():
     ("distillx.ops.kernel_gram", "from ..plugin import get_registries\n", "imports distillx.plugin (plugin) from layer ops"),
     ("distillx.methods.kfd", "import distillx.engine.step\n", "imports distillx.engine.step (engine) from layer components"),
     ("distillx.features.spec", "def f():\n    from ..methods import Method\n", "imports distillx.methods inside a function"),
+    ("distillx.methods", "import importlib\ndef __getattr__(n):\n    return importlib.import_module('distillx.distiller')\n",
+     "imports distillx.distiller with import_module (not a declared lazy re-export)"),
 ])
 def test_the_check_fails_on_an_upward_import(module, source, expected):
     found = violations(source, module)

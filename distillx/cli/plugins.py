@@ -1,4 +1,4 @@
-"""``distillx plugins [--json]``: every registered method, weight transfer, kernel and augmentation
+"""``distillx plugins [--json]``: every registered method, weight transfer, kernel, augmentation and logger
 with the plugin that provides it, and the plugins that failed to load.
 
 Exit status 1 when some plugin failed to load, so CI can check that plugins install cleanly.
@@ -13,13 +13,14 @@ from ..plugin import get_plugin_manager, provenance
 from ..plugin.manager import DISABLE_ENV
 from ..plugin.registry import Registries
 
-TITLES = {"methods": "methods", "transfers": "weight transfers", "kernels": "kernels", "augmentations": "augmentations"}
+TITLES = {"methods": "methods", "transfers": "weight transfers", "kernels": "kernels", "augmentations": "augmentations",
+          "loggers": "loggers"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="distillx plugins",
-        description="List every registered method, weight transfer, kernel and augmentation with the plugin "
+        description="List every registered method, weight transfer, kernel, augmentation and logger with the plugin "
                     f"that provides it, and plugins that failed to load. {DISABLE_ENV}=1 skips entry points.")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)

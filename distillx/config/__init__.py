@@ -73,6 +73,9 @@ A config with every key (``*`` required; the rest show their defaults or are off
     balance_primary = "kd"              # the primary term (default: the first method)
     balance_every = 10                  # steps between measurements (default 10 x (terms - 1))
 
+    [logging]                           # where the metrics go besides metrics.json (rank 0 only)
+    loggers = ["tensorboard"]           # names or {name = ..., options}: output_dir/tensorboard event files
+
 Optimizer names: ``adamw``/``adam`` (``lr``, ``weight_decay``, ``betas``) and ``sgd`` (``lr``,
 ``weight_decay``, ``momentum``, ``nesterov``); ``weight_decay`` defaults to PyTorch's (0.01 for
 adamw, else 0). Scheduler names: ``cosine``, ``linear``, ``constant``, ``none``; ``warmup`` is a
@@ -96,8 +99,11 @@ the teacher's tokenizer (``max_length``, ``batch_size``, ``shuffle``, ``tokenize
 batches whose ``labels`` hold only the completion and with the prompt alone, left-padded, for
 generation (``max_length``, ``truncate_prompt``, ``add_eos``, ``prompt_field``,
 ``completion_field``, ``messages_field``, ``batch_size``, ``shuffle``, ``tokenizer``;
-:mod:`distillx.hf.chat` has the rules). Such a student is written with ``save_pretrained`` into
-``output_dir/student/``, with the tokenizer::
+:mod:`distillx.hf.chat` has the rules).
+``[data.dataset]`` takes a local ``datasets`` source instead (the ``datasets`` extra, never the Hub):
+``path = "json"`` (or ``"parquet"``, ``"csv"``, ``"text"``, ``"arrow"``) with ``data_files``, or a
+``save_to_disk`` directory, and ``split``, ``text_field``, tokenized the same way. Such a
+student is written with ``save_pretrained`` into ``output_dir/student/``, with the tokenizer::
 
     output_dir = "runs/mini"
     [data.text]

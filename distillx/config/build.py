@@ -21,8 +21,9 @@ from ..distiller import Distiller
 from ..engine.checkpoint import CheckpointError, check_state_dict
 from ..engine.schedules import linear
 from ..hf.pretrained import load_pretrained, load_tokenizer, student_from_config
-from ..hf.text import chat_loader, text_loader
-from ..plugin import method, resolve_augmentation, transfer
+from ..hf.datasets_local import dataset_texts
+from ..hf.text import chat_loader, text_loader, texts_loader
+from ..plugin import get_registries, method, resolve_augmentation, transfer
 from .schema import ConfigError, describe
 
 
@@ -97,24 +98,26 @@ def _hf(call: Callable, key: str, *args, **kwargs) -> Any:
 
 
 def load_tokenizer_for(cfg: dict) -> Any:
-    """The tokenizer of ``data.text.tokenizer``/``data.chat.tokenizer`` or ``teacher.pretrained`` (None
-    when neither is set)."""
-    for kind in ("text", "chat"):
-        path = (cfg["data"].get(kind) or {}).get("tokenizer")
-        if path:
-            return _hf(load_tokenizer, f"data.{kind}.tokenizer", path, f"data.{kind}.tokenizer")
+    """The tokenizer of ``data.text.tokenizer``/``data.chat.tokenizer``/``data.dataset.tokenizer`` or
+    ``teacher.pretrained`` (None when none is set)."""
+    for section in ("text", "chat", "dataset"):
+        table = cfg["data"].get(section) or {}
+        if table.get("tokenizer"):
+            key = f"data.{section}.tokenizer"
+            return _hf(load_tokenizer, key, table["tokenizer"], key)
     if cfg["teacher"].get("pretrained"):
         return _hf(load_tokenizer, "teacher.pretrained", cfg["teacher"]["pretrained"], "teacher.pretrained")
     return None
 
 
 def build_data(cfg: dict, tokenizer: Any = None) -> tuple[Iterable, Optional[Iterable]]:
-    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]``/``[data.chat]``
-    tokenized (no val)."""
-    for kind in ("text", "chat"):
-        if cfg["data"].get(kind) is not None and tokenizer is None:
-            raise ConfigError(f"data.{kind}: the {kind} is tokenized with the teacher's tokenizer: set "
-                              f"teacher.pretrained (a Hugging Face directory) or data.{kind}.tokenizer")
+    """``(train, val)`` from ``[data]``: a builder's loaders, or ``[data.text]``/``[data.chat]``/
+    ``[data.dataset]`` tokenized (no val)."""
+    for section in ("text", "chat", "dataset"):
+        table = cfg["data"].get(section)
+        if table is not None and tokenizer is None:
+            raise ConfigError(f"data.{section}: the text is tokenized with the teacher's tokenizer: set "
+                              f"teacher.pretrained (a Hugging Face directory) or data.{section}.tokenizer")
     text, chat = cfg["data"].get("text"), cfg["data"].get("chat")
     if text is not None:
         train = _hf(text_loader, "data.text.train", text["train"], tokenizer, max_length=text["max_length"],
@@ -124,6 +127,13 @@ def build_data(cfg: dict, tokenizer: Any = None) -> tuple[Iterable, Optional[Ite
         options = {k: chat[k] for k in ("max_length", "batch_size", "shuffle", "truncate_prompt", "add_eos",
                                         "prompt_field", "completion_field", "messages_field")}
         return _hf(chat_loader, "data.chat.train", chat["train"], tokenizer, seed=cfg["seed"], **options), None
+    dataset = cfg["data"].get("dataset")
+    if dataset is not None:
+        texts = _hf(dataset_texts, "data.dataset", dataset["path"], dataset["data_files"], dataset["split"],
+                    dataset["text_field"])
+        train = _hf(texts_loader, "data.dataset", texts, tokenizer, max_length=dataset["max_length"],
+                    batch_size=dataset["batch_size"], shuffle=dataset["shuffle"], seed=cfg["seed"])
+        return train, None
     builder = cfg["data"]["builder"]
     result = call_builder(cfg["data"], "data")
     if isinstance(result, Mapping):
@@ -265,6 +275,17 @@ def build_augmentations(cfg: dict) -> list:
     return out
 
 
+def build_loggers(cfg: dict) -> list:
+    """``[logging] loggers`` as the Distiller's ``loggers=`` specs, each name checked against the
+    registry here so that an unknown one names its config key."""
+    registry = get_registries().loggers
+    for i, entry in enumerate(cfg["logging"]["loggers"]):
+        if entry["name"] not in registry:
+            raise ConfigError(f"logging.loggers.{i}: unknown logger {entry['name']!r}; registered loggers: "
+                              f"{', '.join(map(repr, registry.names())) or 'none'}")
+    return [dict(entry) for entry in cfg["logging"]["loggers"]]
+
+
 def build_weight_schedules(cfg: dict) -> dict:
     return {term: linear(s["start"], s["end"], s["epochs"]) for term, s in cfg["weight_schedules"].items()}
 
@@ -306,7 +327,9 @@ def build(cfg: dict, progress: Optional[bool] = None) -> Run:
             strategy=tr["strategy"], shard_teacher=tr["shard_teacher"], balance=tr["balance"],
             balance_primary=tr["balance_primary"], balance_every=tr["balance_every"],
             student_input=s["input"][len("teacher:"):] if s["input"] else None,
-            checkpoint_dir=cfg["output_dir"], progress=progress, seed=cfg["seed"])
+            checkpoint_dir=cfg["output_dir"], progress=progress, seed=cfg["seed"], loggers=build_loggers(cfg))
+    except ImportError as exc:  # an optional package a logger needs (tensorboard)
+        raise ConfigError(f"logging.loggers: {exc}") from exc
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"cannot set up the distillation: {_message(exc)}") from exc
     return Run(train, val, teacher, student, distiller, tokenizer)

@@ -29,7 +29,7 @@ from ..engine.loop import TrainingInterrupted
 from ..engine.step import NonFiniteLossError
 from ..hf.pretrained import is_pretrained
 from .build import _message, build
-from .outputs import MANIFEST, OUTPUTS, STUDENT_DIR, Outputs, inputs_of
+from .outputs import LOGS_DIR, MANIFEST, OUTPUTS, STUDENT_DIR, Outputs, inputs_of
 from .schema import ConfigError
 
 PROG = "distillx run"
@@ -194,9 +194,14 @@ def _run(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Option
                     note(f"the checkpoint has finished all {cfg['student']['epochs']} student epochs: nothing left "
                           "to train (raise student.epochs to train on); writing the outputs again")
                 start = time.perf_counter()
+                logs_before = outputs.snapshot(LOGS_DIR) if outputs is not None else {}
                 try:
-                    d.fit(run.train, cfg["student"]["epochs"], run.val, teacher_epochs=cfg["teacher"]["epochs"],
-                          resume=True if resume else None)
+                    try:
+                        d.fit(run.train, cfg["student"]["epochs"], run.val, teacher_epochs=cfg["teacher"]["epochs"],
+                              resume=True if resume else None)
+                    finally:  # event files are named when first written: list them after, stopped or not
+                        if outputs is not None:
+                            outputs.record_written(LOGS_DIR, logs_before)
                 except NonFiniteLossError as exc:
                     record("metrics.json")
                     d.save_metrics(path["metrics.json"])
@@ -213,6 +218,8 @@ def _run(cfg: dict, source: str, resume: bool, overwrite: bool, progress: Option
                     raise ConfigError(_message(exc)) from exc
                 seconds = time.perf_counter() - start
                 written = ["checkpoint.pt", "config.json"]
+                if outputs is not None and outputs.snapshot(LOGS_DIR):
+                    written.append(LOGS_DIR + "/")
                 if is_pretrained(run.student):  # AutoModel.from_pretrained(output_dir/student) loads it
                     before = outputs.snapshot(STUDENT_DIR) if outputs is not None else {}
                     d.save_student(os.path.join(out, STUDENT_DIR), run.tokenizer)

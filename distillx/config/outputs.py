@@ -3,7 +3,8 @@
 A run records every output *before* writing it (a file named there may be missing, never the
 other way round), so ``--overwrite`` knows exactly which files are distillx's: it deletes those
 and nothing else. What it will delete is limited twice over: only names of the run's own outputs
-(``OUTPUTS``) or files inside the Hugging Face student folder ``student/``, resolved inside
+(``OUTPUTS``) or files inside the Hugging Face student folder ``student/`` or the TensorBoard
+folder ``tensorboard/`` (event files are listed after the training that wrote them), resolved inside
 ``output_dir``; and never a file the new run reads (a path in its config, e.g.
 ``teacher.checkpoint = "<output_dir>/teacher.pt"``), which stays until the new run replaces it.
 A folder without a manifest (a run of an older distillx, or files of the user's own) has nothing
@@ -21,18 +22,20 @@ MANIFEST = "distillx-outputs.json"
 FORMAT = "distillx.run-outputs"
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.json", "metrics.png", "student.pt", "teacher.pt", "composed.pt")
 STUDENT_DIR = "student"  # a Hugging Face student's save_pretrained directory
+LOGS_DIR = "tensorboard"  # the "tensorboard" logger's event files (distillx.loggers.tensorboard.SUBDIR)
+FOLDERS = (STUDENT_DIR, LOGS_DIR)  # folders whose files are listed once written (their names are not known before)
 
 
 def _safe(out: str, name: Any) -> bool:
     """Whether ``name`` from a manifest may name a distillx output: an output name, or a relative
-    path inside ``student/`` that stays there once resolved."""
+    path inside ``student/`` or ``tensorboard/`` that stays there once resolved."""
     if not isinstance(name, str) or not name or os.path.isabs(name):
         return False
     if name in OUTPUTS:
         return True
-    root = os.path.realpath(os.path.join(out, STUDENT_DIR))
     target = os.path.realpath(os.path.join(out, name))
-    return name.startswith(STUDENT_DIR + "/") and target.startswith(root + os.sep)
+    return any(name.startswith(folder + "/") and target.startswith(os.path.realpath(os.path.join(out, folder)) + os.sep)
+               for folder in FOLDERS)
 
 
 def listed(out: str) -> list[str]:

@@ -21,7 +21,7 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     device = "cpu"           string, a torch device ("cpu", "cuda", "cuda:1").
     threads                  int >= 1: torch.set_num_threads for the run (default: leave it as is).
 
-    [data] *                 one of builder, [data.text] or [data.chat]:
+    [data] *                 one of builder, [data.text], [data.chat] or [data.dataset]:
     builder                  "module:callable"; callable(**options) returns {"train": loader, "val":
                              loader or None} or a (train, val) pair. Built-in:
                              "distillx.config.data:digits".
@@ -50,6 +50,15 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     chat.batch_size = 8      int >= 1.
     chat.shuffle = true      bool (seeded with seed, so --resume sees the same order).
     chat.tokenizer           string: a tokenizer directory instead of teacher.pretrained's.
+    [data.dataset]           a local `datasets` source (the datasets extra), never the Hub, tokenized
+                             as [data.text] is:
+    dataset.path *           "json", "parquet", "csv", "text" or "arrow" (datasets.load_dataset with
+                             data_files), or a directory written by save_to_disk (load_from_disk).
+    dataset.data_files       a local file, an array of them, or a table of split -> file(s); only
+                             with a file builder path.
+    dataset.split = "train"  string: the split to train on.
+    dataset.text_field = "text"  string: the column holding the text.
+    dataset.max_length, dataset.batch_size, dataset.shuffle, dataset.tokenizer   as in [data.text].
 
     [teacher] *              one of builder or pretrained:
     builder                  "module:callable"; callable(**options) returns the teacher nn.Module.
@@ -139,6 +148,12 @@ Key reference (``*`` = required; paths are dotted, list items by index: ``method
     balance_every            int >= 1: steps between two measurements; default 10 x (terms - 1),
                              so at most one extra backward pass per 10 steps.
 
+    [logging]                optional: where the step and epoch metrics go besides metrics.json (rank 0)
+    loggers = []             array of registered logger names or tables {name = ..., <options>}:
+                             "tensorboard" writes TensorBoard scalars into output_dir/tensorboard
+                             (the tensorboard extra; option log_dir = "DIR" elsewhere); plugins
+                             register more (distillx plugins lists them).
+
 In JSON, ``null`` is accepted for the keys whose default is "off"/unset (threads, checkpoint,
 transfer, amp, grad_clip, cache_top_k, progress, balance, balance_primary, balance_every).
 """
@@ -191,6 +206,19 @@ class Betas(Spec):
             self.fail(value, path, errors)
             return None
         return [float(v) for v in value]
+
+
+class DataFiles(Spec):
+    expected = "a path, an array of paths or a table of split -> path(s)"
+
+    def resolve(self, value, path, errors):
+        def paths(v):
+            return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and bool(v) and
+                                                        all(isinstance(x, str) and x for x in v))
+        if paths(value) or (isinstance(value, dict) and value and all(paths(v) for v in value.values())):
+            return value
+        self.fail(value, path, errors)
+        return None
 
 
 def _optimizer(default_lr: float = 1e-3) -> Table:
@@ -285,8 +313,19 @@ SCHEMA = Table({
             "tokenizer": Key(Str(), nullable=True),
         }, expected="a table (train, prompt_field, completion_field, messages_field, max_length, truncate_prompt, "
                     "add_eos, batch_size, shuffle, tokenizer)"), nullable=True),
-    }, post=_one_source(("builder", "text", "chat"))), required=True,
-        doc='a table: [data] with builder = "module:callable", a [data.text] or a [data.chat] table'),
+        "dataset": Key(Table({
+            "path": Key(Str(), required=True, doc='"json", "parquet", "csv", "text", "arrow" or a save_to_disk directory'),
+            "data_files": Key(DataFiles(), nullable=True),
+            "split": Key(Str(), default="train"),
+            "text_field": Key(Str(), default="text"),
+            "max_length": Key(Int(1), default=128),
+            "batch_size": Key(Int(1), default=16),
+            "shuffle": Key(Bool(), default=True),
+            "tokenizer": Key(Str(), nullable=True),
+        }, expected="a table (path, data_files, split, text_field, max_length, batch_size, shuffle, tokenizer)"),
+            nullable=True),
+    }, post=_one_source(("builder", "text", "chat", "dataset"))), required=True,
+        doc='a table: [data] with builder = "module:callable", a [data.text], [data.chat] or [data.dataset] table'),
     "teacher": Key(_model(False), required=True,
                    doc='a table: [teacher] with builder = "module:callable" or pretrained = "DIR"'),
     "student": Key(_model(True), required=True,
@@ -317,6 +356,10 @@ SCHEMA = Table({
         "balance_primary": Key(Str(), nullable=True),
         "balance_every": Key(Int(1), nullable=True),
     }), default=lambda t: _default_of(SCHEMA.keys["training"].spec)),
+    "logging": Key(Table({
+        "loggers": Key(ListOf(OneOf(_named("logger", "tensorboard"), "a logger name or a table with name and options"),
+                              "an array of loggers (names, or tables with name and options)"), default=[]),
+    }, expected="a table (loggers)"), default=lambda t: _default_of(SCHEMA.keys["logging"].spec)),
 })
 """The whole schema (see the module docstring for every key)."""
 

@@ -1,9 +1,9 @@
 """The Distiller's arguments checked and turned into objects, with errors that name the argument:
 the models, methods and their weights (and their metric keys), AMP, gradient clipping, the teacher
-cache's options, augmentations, the weight transfer."""
+cache's options, augmentations, the weight transfer, the metrics loggers."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional
 
 import torch
@@ -14,7 +14,8 @@ from ..augment import any_changes_inputs
 from ..features import PENULTIMATE, FeaturePathError, FeatureSpec, resolve_module
 from .distributed import STRATEGIES
 from ..methods import Method
-from ..plugin import resolve_augmentation, transfer as resolve_transfer
+from ..loggers import Loggers, check_logger
+from ..plugin import get_registries, logger as resolve_logger, resolve_augmentation, transfer as resolve_transfer
 from ..transfer import Transfer, TransferReport
 from .balance import PREFIX as WEIGHT_PREFIX, Balancer, check_balance
 from .distributed import DistContext
@@ -124,6 +125,39 @@ def build_augmentations(augmentations) -> list:
     return out
 
 
+def build_loggers(loggers, run_dir: Optional[str], is_main: bool) -> Loggers:
+    """The metrics loggers of ``loggers=``: a registered name (``"tensorboard"``), a mapping
+    ``{"name": ..., **options}``, or a logger object (``log_step``/``log_epoch``), alone or in a
+    list. Every process checks the names; only the main process (rank 0) builds them, so a plugin's
+    logger never starts on the other ranks. ``run_dir`` (the checkpoint directory) is each factory's
+    default place to write."""
+    if loggers is None:
+        return Loggers()
+    if isinstance(loggers, (str, Mapping)) or not isinstance(loggers, Iterable):
+        loggers = [loggers]
+    specs = []
+    for i, spec in enumerate(loggers):
+        what = f"loggers[{i}]"
+        if isinstance(spec, str):
+            name, options = spec, {}
+        elif isinstance(spec, Mapping):
+            options = dict(spec)
+            name = options.pop("name", None)
+            if not isinstance(name, str):
+                raise ValueError(f"{what}: a logger given as a mapping needs a 'name' string (a registered logger "
+                                 f"such as 'tensorboard'), got {spec!r}")
+        else:
+            specs.append((getattr(spec, "name", None) or type(spec).__name__, None, check_logger(spec, what)))
+            continue
+        get_registries().loggers.get(name)  # unknown names fail on every rank, listing the known ones
+        specs.append((name, options, None))
+    if not is_main:
+        return Loggers()
+    built = [obj if obj is not None else resolve_logger(name, run_dir=run_dir, **options)
+             for name, options, obj in specs]
+    return Loggers(built, [name for name, _, _ in specs])
+
+
 def apply_transfer(transfer, teacher: nn.Module, student: nn.Module):
     """Run ``transfer`` (a name, a Transfer or a callable) on the models; return its report or None."""
     if transfer is None:
@@ -173,8 +207,10 @@ def metric_keys(methods: Sequence[Method]) -> list[str]:
         base = method_name(m)
         counts[base] = counts.get(base, 0) + 1
         keys.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
-    if TASK in keys or "loss" in keys:
-        raise ValueError(f"a method may not be named {TASK!r} or 'loss' (reserved metrics keys)")
+    if TASK in keys or "loss" in keys or "lr" in keys:
+        raise ValueError(f"a method may not be named {TASK!r}, 'loss' or 'lr' (reserved metrics keys)")
+    if any(k.startswith("lr/") for k in keys):
+        raise ValueError("a method's name may not start with 'lr/' (the metrics keys of learning rates)")
     if any(k.startswith(WEIGHT_PREFIX) for k in keys):
         raise ValueError(f"a method's name may not start with {WEIGHT_PREFIX!r} (the metrics keys of balance factors)")
     return keys

@@ -5,7 +5,10 @@ One step: ``(inputs, targets[, indices])`` to the device → augmentations (with
 float16) → optional gradient clipping → optimizer step → LR scheduler step. Per epoch: the
 per-sample means of every loss component (summed over ranks), validation, the ``on_epoch_end``
 callback (bookkeeping the checkpoint holds), a checkpoint, then the ``on_epoch_saved`` callback (the
-plugin hooks: one that raises stops the run with the epoch saved). SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
+plugin hooks: one that raises stops the run with the epoch saved). Step records hold each term, the
+total and ``lr`` (the learning rate the step used; ``lr/<i>`` for further parameter groups); they and
+the epoch records go to the metrics log and, on rank 0, to the metrics loggers
+(:class:`~distillx.loggers.Loggers`, flushed when the phase ends or stops). SIGINT/SIGTERM finish the current step, write a checkpoint of that exact
 position and raise :class:`TrainingInterrupted`; resuming from it continues bit for bit (see
 :mod:`distillx.engine.checkpoint`). :class:`~distillx.engine.signals.SignalGuard` says when a
 further signal stops at once instead.
@@ -105,8 +108,9 @@ class Runner:
     def __init__(self, phase: Phase, ctx: DistContext = DistContext(), save: Optional[Callable] = None,
                  metrics=None, progress: Optional[bool] = False,
                  on_epoch_end: Optional[Callable[[int, dict], None]] = None, extra_generators: Iterable = (),
-                 on_epoch_saved: Optional[Callable[[int, dict], None]] = None):
+                 on_epoch_saved: Optional[Callable[[int, dict], None]] = None, loggers=None):
         self.phase, self.ctx, self.save, self.metrics = phase, ctx, save, metrics
+        self.loggers = loggers if (loggers and ctx.is_main) else None  # only rank 0 logs
         self.progress = progress if ctx.is_main else False
         self.on_epoch_end, self.on_epoch_saved = on_epoch_end, on_epoch_saved
         self.generators = list(extra_generators)
@@ -114,8 +118,10 @@ class Runner:
         self.last_path: Optional[str] = None
 
     # -- one step ------------------------------------------------------------------------------
-    def _step(self, batch, epoch: int, step: int) -> tuple[dict, int]:
+    def _step(self, batch, epoch: int, step: int) -> tuple[dict, int, dict]:
         p = self.phase
+        # The rates this step uses (the scheduler moves them after the optimizer step).
+        lrs = {("lr" if i == 0 else f"lr/{i}"): float(g["lr"]) for i, g in enumerate(p.optimizer.param_groups)}
         p.epoch_fraction = epoch + step / self.steps_per_epoch if self.steps_per_epoch else float(epoch)
         indices, inputs, targets = _unpack(batch, p)
         if p.augment is not None:
@@ -143,15 +149,24 @@ class Runner:
             p.optimizer.step()
         if p.scheduler is not None:
             p.scheduler.step()
-        return losses, batch_size(inputs, targets)
+        return losses, batch_size(inputs, targets), lrs
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, position: Optional[dict] = None, source: Optional[str] = None) -> list[dict]:
         """Run from ``position`` (a checkpoint's, read from ``source``; None: the start) to the last
         epoch; return the metrics of the epochs run."""
+        history: list[dict] = []
+        try:
+            self._run(position, source, history)
+        finally:
+            if self.loggers is not None:  # an interrupted or failed phase keeps the curves it had
+                self.loggers.flush()
+        return history
+
+    def _run(self, position: Optional[dict], source: Optional[str], history: list) -> None:
         p = self.phase
         start_epoch, start_step = (position["epoch"], position["step"]) if position else (0, 0)
-        history: list[dict] = []
+        done = 0  # steps run here: the logger's step axis when the loader has no length
         with SignalGuard() as guard:
             if position is not None:
                 # Mid-epoch: the loader's shuffle is drawn from the generators' epoch-start state.
@@ -182,7 +197,7 @@ class Runner:
                 bar = self._bar(epoch)
                 for batch in batches:
                     try:
-                        losses, size = self._step(batch, epoch, step)
+                        losses, size, lrs = self._step(batch, epoch, step)
                     except FloatingPointError as exc:  # NonFiniteLossError: nothing was stepped
                         if bar is not None:
                             bar.close()
@@ -194,10 +209,15 @@ class Runner:
                         sums[name] = sums[name] + v if name in sums else v
                     n += size
                     step += 1
-                    if self.metrics is not None or bar is not None:
+                    done += 1
+                    if self.metrics is not None or bar is not None or self.loggers is not None:
                         floats = dict(zip(losses, values.tolist()))
                         if self.metrics is not None and self.ctx.is_main:
-                            self.metrics.log_step(p.name, epoch, step, **floats)
+                            self.metrics.log_step(p.name, epoch, step, **floats, **lrs)
+                        if self.loggers is not None:
+                            at = (epoch * self.steps_per_epoch + step if self.steps_per_epoch
+                                  else start_step + done)
+                            self.loggers.log_step(p.name, at, {**floats, **lrs})
                         if bar is not None:
                             bar.update(size * self.ctx.world_size, **floats)
                     # Every rank stops at the same step (a signal may reach them at different ones).
@@ -210,6 +230,8 @@ class Runner:
                 history.append(metrics)
                 if self.metrics is not None and self.ctx.is_main:
                     self.metrics.log_epoch(p.name, epoch, **{k: v for k, v in metrics.items() if k != "epoch"})
+                if self.loggers is not None:
+                    self.loggers.log_epoch(p.name, epoch, {k: v for k, v in metrics.items() if k != "epoch"})
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, metrics)
                 self._save(lambda: {"epoch": epoch + 1, "step": 0, "epoch_rng": None, "step_rng": self._rng(),
@@ -217,7 +239,6 @@ class Runner:
                 # After the checkpoint: a hook that raises stops the run, but the epoch it ends is saved.
                 if self.on_epoch_saved is not None:
                     self.on_epoch_saved(epoch, metrics)
-        return history
 
     def _skip(self, batches, epoch: int, steps: int, source: Optional[str]) -> None:
         """Draw the ``steps`` batches a mid-epoch checkpoint had already trained on; a

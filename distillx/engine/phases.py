@@ -183,7 +183,8 @@ class Phases:
         generators = ckpt.loader_generators(loader, val_loader) + [self.aug_generator]
         if name == "student" and self._step.generator is not None:
             generators.append(self._step.generator)
-        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators, on_epoch_saved).run(
+        Runner(phase, self.ctx, save, self.metrics, self.progress, on_epoch_end, generators, on_epoch_saved,
+               loggers=self.loggers).run(
             position, state["path"] if state is not None else None)
 
     # -- pieces ----------------------------------------------------------------------------------

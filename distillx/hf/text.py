@@ -75,10 +75,18 @@ def text_loader(path: str, tokenizer: Any, *, max_length: int = 128, batch_size:
     """A DataLoader of mapping batches over the examples of ``path`` (shuffled by a generator seeded
     with ``seed``, so a resumed run sees the same order)."""
     _checks.integer("batch_size", batch_size, ge=1)
-    dataset = TokenizedTexts(read_texts(path, field), tokenizer, max_length)
+    return texts_loader(read_texts(path, field), tokenizer, max_length=max_length, batch_size=batch_size,
+                        shuffle=shuffle, seed=seed)
+
+
+def texts_loader(texts: list[str], tokenizer: Any, *, max_length: int = 128, batch_size: int = 16,
+                 shuffle: bool = True, seed: int = 0) -> DataLoader:
+    """:func:`text_loader` over examples already read (a ``datasets`` column, a list)."""
+    _checks.integer("batch_size", batch_size, ge=1)
+    dataset = TokenizedTexts(texts, tokenizer, max_length)
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=PadCollate(tokenizer))
 
 
-__all__ = ["read_texts", "TokenizedTexts", "PadCollate", "text_loader", "chat_loader"]
+__all__ = ["read_texts", "TokenizedTexts", "PadCollate", "text_loader", "texts_loader", "chat_loader"]

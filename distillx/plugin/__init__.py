@@ -2,7 +2,7 @@
 
 Importing this package loads no plugin. The manager, and with it every registry, is built on the
 first call to :func:`get_plugin_manager`, :func:`get_registries` or a resolver (:func:`method`,
-:func:`transfer`, :func:`augmentation`, :func:`kernel`; :mod:`distillx.plugin.resolve`).
+:func:`transfer`, :func:`augmentation`, :func:`kernel`, :func:`logger`; :mod:`distillx.plugin.resolve`).
 
 Writing a plugin: see :mod:`distillx.plugin.hookspecs`. Using one::
 
@@ -24,10 +24,10 @@ from .manager import (
     reset_plugins,
 )
 from .registry import DuplicateNameError, Entry, Registries, Registry, UnknownNameError
-from .resolve import augmentation, kernel, method, resolve_augmentation, transfer
+from .resolve import augmentation, kernel, logger, method, resolve_augmentation, transfer
 
 __all__ = [
-    "hookimpl", "hookspec", "method", "transfer", "augmentation", "resolve_augmentation", "kernel",
+    "hookimpl", "hookspec", "method", "transfer", "augmentation", "resolve_augmentation", "kernel", "logger",
     "get_plugin_manager", "get_registries", "reset_plugins", "provenance",
     "Registry", "Registries", "Entry", "DuplicateNameError", "UnknownNameError",
     "DistillxPluginManager", "PluginInfo", "FailedPlugin", "PluginLoadWarning",

@@ -1,11 +1,13 @@
 """The built-in plugins: distillx's own methods, weight transfers, kernels and augmentations reach
 the registries through the same hooks as any third-party plugin, registered first, under the names
-``distillx.methods``, ``distillx.transfer``, ``distillx.kernels`` and ``distillx.augment``.
+``distillx.methods``, ``distillx.transfer``, ``distillx.kernels``, ``distillx.augment`` and
+``distillx.loggers``.
 """
 from __future__ import annotations
 
 from ..augment import BUILTIN_AUGMENTATIONS
 from ..kernels import BUILTIN_KERNELS
+from ..loggers import BUILTIN_LOGGERS
 from ..methods import BUILTIN_METHODS
 from ..transfer import BUILTIN_TRANSFERS
 from .hookspecs import hookimpl
@@ -49,10 +51,18 @@ class _Augmentations(BuiltinPlugin):
             registry.add(name, cls)
 
 
+class _Loggers(BuiltinPlugin):
+    @hookimpl
+    def distillx_register_loggers(self, registry):
+        for name, factory in BUILTIN_LOGGERS.items():
+            registry.add(name, factory)
+
+
 #: The built-in plugins in registration order.
 BUILTIN_PLUGINS = (_Methods("distillx.methods", "distillx.methods"),
                    _Transfers("distillx.transfer", "distillx.transfer"),
                    _Kernels("distillx.kernels", "distillx.kernels"),
-                   _Augmentations("distillx.augment", "distillx.augment"))
+                   _Augmentations("distillx.augment", "distillx.augment"),
+                   _Loggers("distillx.loggers", "distillx.loggers"))
 
 __all__ = ["BUILTIN_PLUGINS", "BuiltinPlugin"]

@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # -- registration hooks ----------------------------------------------------------------------
-# All four are historic and work the same way: each runs once per plugin, when that plugin is
+# All five are historic and work the same way: each runs once per plugin, when that plugin is
 # registered (before or after the manager was built), with the provider of every entry set to that
 # plugin's name. If it raises, everything the plugin added is withdrawn and the plugin is
 # reported as failed; the other plugins are unaffected.
@@ -75,6 +75,21 @@ def distillx_register_augmentations(registry):
 
     An augmentation is an :class:`distillx.augment.Augmentation` subclass, or any factory
     ``(**options) -> callable(inputs, targets, generator) -> (inputs, targets)``.
+
+    Historic: plugins registered after the plugin manager was built still get this call.
+    """
+
+
+@hookspec(historic=True)
+def distillx_register_loggers(registry):
+    """Add metrics loggers (W&B, MLflow, ...) to ``registry``, used by name in
+    ``Distiller(loggers=[...])`` and ``[logging]`` of run configs.
+
+    An entry is a factory ``(run_dir=None, **options) -> logger``: ``run_dir`` is the Distiller's
+    ``checkpoint_dir`` (None without one), the options are the user's. A logger has
+    ``log_step(phase, step, values)`` and ``log_epoch(phase, epoch, values)`` (optionally ``flush()``
+    and ``close()``; see :class:`distillx.loggers.Logger`); it is built and called on rank 0 only. A
+    logger that raises while logging is dropped with a warning naming it; training goes on.
 
     Historic: plugins registered after the plugin manager was built still get this call.
     """

@@ -45,6 +45,7 @@ _REGISTRATION_HOOKS = {
     "distillx_register_weight_transfers": "transfers",
     "distillx_register_kernels": "kernels",
     "distillx_register_augmentations": "augmentations",
+    "distillx_register_loggers": "loggers",
 }
 _TRUE = {"1", "true", "yes", "all"}
 _FALSE = {"", "0", "false", "no"}
@@ -265,7 +266,7 @@ def get_plugin_manager() -> DistillxPluginManager:
 
 
 def get_registries() -> Registries:
-    """The registries (``methods``, ``transfers``, ``kernels``, ``augmentations``), built on first use."""
+    """The registries (``methods``, ``transfers``, ``kernels``, ``augmentations``, ``loggers``), built on first use."""
     return get_plugin_manager().registries
 
 

@@ -1,7 +1,7 @@
 """Name -> object registries that remember which plugin provided each entry.
 
 One :class:`Registry` exists per kind of extension (methods, weight transfers, kernels,
-augmentations). Plugins fill them from their ``distillx_register_*`` hooks. A registry never
+augmentations, loggers). Plugins fill them from their ``distillx_register_*`` hooks. A registry never
 silently replaces an entry: adding a taken name is an error naming both providers, unless the
 newcomer passes ``override=True``.
 
@@ -154,22 +154,23 @@ class Registry:
 
 
 class Registries:
-    """The four registries plugins fill: ``methods``, ``transfers``, ``kernels``, ``augmentations``."""
+    """The registries plugins fill: ``methods``, ``transfers``, ``kernels``, ``augmentations``, ``loggers``."""
 
-    KINDS = ("methods", "transfers", "kernels", "augmentations")
+    KINDS = ("methods", "transfers", "kernels", "augmentations", "loggers")
 
     def __init__(self, method_check: Callable[[str, Any], None] | None = None):
         self.methods = Registry("method", method_check)
         self.transfers = Registry("weight transfer", _check_callable)
         self.kernels = Registry("kernel", _check_callable)
         self.augmentations = Registry("augmentation", _check_callable)
+        self.loggers = Registry("logger", _check_callable)
 
     def __iter__(self) -> Iterator[tuple[str, Registry]]:
         return iter((kind, getattr(self, kind)) for kind in self.KINDS)
 
     @contextlib.contextmanager
     def providing(self, provider: str) -> Iterator[None]:
-        """:meth:`Registry.providing` on all four registries at once (all undone together on failure)."""
+        """:meth:`Registry.providing` on every registry at once (all undone together on failure)."""
         with contextlib.ExitStack() as stack:
             for _, registry in self:
                 stack.enter_context(registry.providing(provider))

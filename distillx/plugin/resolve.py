@@ -6,6 +6,7 @@ the ops, methods, transfers or augmentations themselves.
     dx.transfer("select", teacher, student)     # run a weight transfer strategy by name
     dx.plugin.augmentation("mixup", alpha=0.2)  # build an augmentation by name
     dx.plugin.kernel("laplacian")               # a kernel: a built-in name, or a plugin's callable
+    dx.plugin.logger("tensorboard", run_dir="runs/a")   # a metrics logger
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..augment import Augmentation
 from ..kernels import BuiltinKernel
+from ..loggers import check_logger
 from ..ops.kernel_table import NamedKernel
 from ..transfer import EnsembleMember, Transfer, TransferReport, run_strategy
 from .manager import get_registries
@@ -91,6 +93,21 @@ def resolve_augmentation(spec: Any):
                     f"(inputs, targets, generator) -> (inputs, targets); got {type(spec).__name__}")
 
 
+def logger(name: str, run_dir: Optional[str] = None, **options: Any):
+    """Build the registered metrics logger ``name``: ``factory(run_dir=run_dir, **options)``.
+
+    An unknown ``name`` raises :class:`~distillx.plugin.UnknownNameError` listing the registered
+    loggers; what the factory raises (a bad option, a missing package) propagates with the logger's
+    name; a result without ``log_step``/``log_epoch`` is a ``TypeError`` naming the plugin.
+    """
+    entry = get_registries().loggers.entry(name)
+    try:
+        built = entry.obj(run_dir=run_dir, **options)
+    except TypeError as exc:  # an unknown option: name the logger
+        raise TypeError(f"logger {name!r} (plugin {entry.provider!r}): {exc}") from None
+    return check_logger(built, f"logger {name!r} (plugin {entry.provider!r})'s result")
+
+
 def transfer(name: str, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None, *,
              n: Optional[int] = None, allow_empty: bool = False, **options: Any
              ) -> Union[TransferReport, list[EnsembleMember], Transfer]:
@@ -118,4 +135,4 @@ def transfer(name: str, teacher: Optional[nn.Module] = None, student: Optional[n
     return run_strategy(name, strategy, teacher, student, n=n, allow_empty=allow_empty, **options)
 
 
-__all__ = ["kernel", "method", "augmentation", "resolve_augmentation", "transfer"]
+__all__ = ["kernel", "method", "augmentation", "resolve_augmentation", "transfer", "logger"]

@@ -25,7 +25,9 @@ def test_json(capsys):
     kd = next(m for m in report["methods"] if m["name"] == "kd")
     assert kd["provider"] == "distillx.methods" and kd["source"] == "builtin"
     assert kd["object"] == "distillx.methods.kd.KD" and kd["overrides"] is None
-    assert set(report) == {"plugins", "methods", "transfers", "kernels", "augmentations", "failed", "disabled"}
+    assert set(report) == {"plugins", "methods", "transfers", "kernels", "augmentations", "loggers", "failed",
+                           "disabled"}
+    assert [(e["name"], e["provider"]) for e in report["loggers"]] == [("tensorboard", "distillx.loggers")]
     assert report["failed"] == []
 
 

@@ -194,7 +194,7 @@ def test_missing_required_keys_are_named():
     for key in ("output_dir", "teacher", "student.epochs", "methods.0.name"):
         assert any(m.startswith(f"missing required key {key!r}") for m in msgs), (key, msgs)
     # a model or the data comes from exactly one source
-    assert "data: give exactly one of builder, text, chat (got none)" in msgs
+    assert "data: give exactly one of builder, text, chat, dataset (got none)" in msgs
     assert "student: give exactly one of builder, pretrained, config (got none)" in msgs
     both = minimal()
     both["teacher"]["pretrained"] = "models/t"
@@ -241,7 +241,7 @@ def test_every_key_is_documented():
                 continue
             assert re.search(rf"\b{name}\b", doc), f"{path} is not documented"
     for section in ("[data]", "[teacher]", "[student]", "[[methods]]", "[transfer]", "[[augmentations]]",
-                    "[weight_schedules]", "[training]"):
+                    "[weight_schedules]", "[training]", "[logging]"):
         assert section in schema.__doc__ and section in dxc.__doc__
 
 

@@ -2,6 +2,7 @@
 a global batch of 64 (within float tolerance); only rank 0 writes the checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,10 @@ def test_two_ranks_match_one_process(tmp_path):
     for ha, hb in zip(a["history"], b["history"]):
         assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5)
     assert sorted(os.listdir(tmp_path / "ddp.pt.ckpt")) == ["checkpoint.pt"]
+    # only rank 0 built the plugin's logger, and it saw every step of the 2 epochs (8 of 64 samples each)
+    assert sorted(p for p in os.listdir(tmp_path) if ".logger." in p) == ["ddp.pt.logger.rank0",
+                                                                         "single.pt.logger.rank0"]
+    assert json.loads((tmp_path / "ddp.pt.logger.rank0").read_text()) == list(range(1, 17))
 
 
 @GLOO

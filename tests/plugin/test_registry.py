@@ -122,11 +122,12 @@ def test_nested_success_is_undone_when_the_outer_block_fails():
 
 def test_registries_rollback_spans_all_kinds():
     regs = Registries()
-    assert [kind for kind, _ in regs] == ["methods", "transfers", "kernels", "augmentations"]
+    assert [kind for kind, _ in regs] == ["methods", "transfers", "kernels", "augmentations", "loggers"]
     with pytest.raises(RuntimeError), regs.providing("p"):
         regs.kernels.add("rbf", f)
         regs.augmentations.add("flip", g)
+        regs.loggers.add("wandb", f)
         raise RuntimeError
-    assert len(regs.kernels) == 0 and len(regs.augmentations) == 0
+    assert len(regs.kernels) == 0 and len(regs.augmentations) == 0 and len(regs.loggers) == 0
     with pytest.raises(TypeError, match="must be callable"):
         regs.transfers.add("copy", "not a function")
