@@ -249,7 +249,7 @@ def test_data_chat_config(tmp_path):
             validate(config(**chat))
     both = config()
     both["data"]["text"] = {"train": "x.txt"}
-    with pytest.raises(ConfigError, match=r"data: give exactly one of builder, text, chat \(got text and chat\)"):
+    with pytest.raises(ConfigError, match=r"data: give exactly one of builder, text, chat, dataset \(got text and chat\)"):
         validate(both)
     path = write(tmp_path / "d.jsonl", [{"prompt": "the", "completion": "cat"}, {"prompt": "a", "completion": "dog"},
                                         {"prompt": "a", "completion": 1}])

@@ -96,7 +96,7 @@ def test_the_schema_checks_the_table(tmp_path):
                        ({"text_field": "x"}, "data.dataset.path")):
         with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
             config(tmp_path, {"dataset": bad})
-    with pytest.raises(ConfigError, match="give exactly one of builder, text, dataset"):
+    with pytest.raises(ConfigError, match="give exactly one of builder, text, chat, dataset"):
         config(tmp_path, {"dataset": {"path": "json"}, "text": {"train": "a.txt"}})
     with pytest.raises(ConfigError, match="data.dataset: the text is tokenized with the teacher's tokenizer"):
         build_data(config(tmp_path, {"dataset": {"path": "json", "data_files": "a"}}), None)
