@@ -257,7 +257,7 @@ def test_data_chat_config(tmp_path):
     with pytest.raises(ConfigError, match=r"data.chat.train: ValueError: .*d.jsonl:1: expected an object with string "
                                           r"'prompt' and 'answer'"):
         build_data(cfg, chat_tokenizer())
-    with pytest.raises(ConfigError, match=r"data.chat: the chat is tokenized with the teacher's tokenizer: set "
+    with pytest.raises(ConfigError, match=r"data.chat: the text is tokenized with the teacher's tokenizer: set "
                                           r"teacher.pretrained \(a Hugging Face directory\) or data.chat.tokenizer"):
         build_data(cfg, None)
     write(tmp_path / "d.jsonl", [{"prompt": "the", "answer": "cat sat on"}, {"prompt": "a", "answer": "dog"}])
