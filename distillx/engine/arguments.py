@@ -101,9 +101,9 @@ def check_rewriting(methods: Sequence[str], cache: Optional[dict], strategy: str
     """Refuse what cannot follow methods that rewrite the batch (``methods``: their names)."""
     names = ", ".join(map(repr, methods))
     if cache is not None:
-        raise ValueError(f"cache_teacher=True stores the teacher's outputs for the loader's batches, but method(s) {names} "
-                         "rewrite each batch before the forward pass (the teacher must score the new one); drop "
-                         "cache_teacher")
+        raise ValueError(f"cache_teacher=True stores the teacher's outputs for the loader's batches, but method(s) "
+                         f"{names} rewrite each batch before the forward pass (the teacher must score the new "
+                         "one); drop cache_teacher")
     if strategy == "fsdp":
         raise ValueError(f"method(s) {names} sample from the student between steps, and each process stops sampling "
                          "at its own step, which FSDP's sharded collectives cannot follow: use strategy='ddp'")

@@ -3,8 +3,8 @@ r"""Sampling a completion from a causal LM for on-policy distillation, from a ge
 :func:`sample` continues each left-padded prompt by up to ``max_new_tokens`` tokens, one position at
 a time, under ``no_grad`` with the model in ``eval()`` (its mode restored after). A model whose
 ``forward`` takes ``use_cache`` and ``past_key_values`` (transformers 4) or ``cache`` (transformers
-5), every transformers causal LM, runs with its KV cache: the prompt once, then one token per step; ``position_ids`` follow the attention mask, so
-left padding does not shift positions. Only the last position's logits are computed when the model
+5), every transformers causal LM, runs with its KV cache: the prompt once, then one token per step;
+``position_ids`` follow the attention mask, so left padding does not shift positions. Only the last position's logits are computed when the model
 takes ``logits_to_keep`` (or the older ``num_logits_to_keep``): a step holds (batch × vocab) logits,
 never (tokens × vocab). Any other model is called on the whole sequence each step.
 

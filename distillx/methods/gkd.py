@@ -2,7 +2,7 @@ r"""On-policy distillation of causal LMs (``gkd``): the student learns on its ow
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -119,8 +119,8 @@ class GKD(OutputLayerKD):
         if not isinstance(inputs, Mapping) or not all(k in inputs for k in PROMPT_KEYS):
             have = sorted(map(str, inputs)) if isinstance(inputs, Mapping) else type(inputs).__name__
             raise ValueError(f"method {self.name!r} samples completions from the prompts, so its batches need "
-                             f"{' and '.join(PROMPT_KEYS)} (the prompt alone, left-padded: distillx.hf.text.chat_loader "
-                             f"or [data.chat] make them); this batch holds {have}")
+                             f"{' and '.join(PROMPT_KEYS)} (the prompt alone, left-padded: "
+                             f"distillx.hf.text.chat_loader or [data.chat] make them); this batch holds {have}")
         on_policy = bool(torch.rand((), generator=context.generator) < self.lmbda)
         self._on_policy, self._sampled, self._last = float(on_policy), 0.0, None
         rest = {k: v for k, v in inputs.items() if k not in PROMPT_KEYS}
@@ -129,10 +129,10 @@ class GKD(OutputLayerKD):
         model = context.student if on_policy else context.teacher
         prompt_ids, prompt_mask = inputs[PROMPT_KEYS[0]], inputs[PROMPT_KEYS[1]]
         pad = self._pad_id(context.student)
+        eos = self.eos_token_id if self.eos_token_id is not None else end_of_sequence(context.student) or None
         tokens, lengths = sample(model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens,
                                  generator=context.generator, temperature=self.temperature, top_p=self.top_p,
-                                 eos_token_id=self.eos_token_id if self.eos_token_id is not None
-                                 else end_of_sequence(context.student) or None, pad_token_id=pad, vocab_size=self.shared_vocab)
+                                 eos_token_id=eos, pad_token_id=pad, vocab_size=self.shared_vocab)
         if on_policy:
             self._sampled = float(lengths.double().mean())
         batch = join(prompt_ids, prompt_mask, tokens, lengths, pad, self.ignore_index)

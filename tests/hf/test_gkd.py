@@ -370,3 +370,24 @@ def test_padded_vocabularies_sample_only_the_shared_rows():
     with dx.Distiller(teacher, student, [dx.method("gkd", lmbda=1.0, max_new_tokens=6)], task_weight=0.0,
                       progress=False) as d:
         assert torch.isfinite(d.losses(batch)["gkd"])
+
+
+def test_other_methods_run_beside_gkd_on_the_sampled_batch():
+    """``sld`` on the last layer's hidden states next to ``gkd``: its features are those of the
+    sampled batch (prompt + sample), not of the dataset's."""
+    teacher, student = pair()
+    batch = chat_batch(3, 5, 2, seed=4)
+    gkd = dx.method("gkd", lmbda=1.0, max_new_tokens=6)
+    sld = dx.method("sld", student="model.layers.-1", teacher="model.layers.-1")
+    seen = []
+    original = sld.loss
+    sld.loss = lambda s, t, b=None: (seen.append((s["pair0"].shape[1], t["pair0"].shape[1], b)), original(s, t, b))[1]
+    with dx.Distiller(teacher, student, [gkd, sld], task_weight=0.0, progress=False) as d:
+        out = d.losses(batch)
+    assert torch.isfinite(out["sld"]) and out["gkd/on_policy"] == 1.0
+    (s_width, t_width, (inputs, labels)), = seen
+    assert "prompt_input_ids" not in inputs  # the rewritten batch: prompt + the student's sample
+    assert s_width == t_width == inputs["input_ids"].shape[1] == labels.shape[1]
+    prompts = batch["prompt_attention_mask"].sum(-1)
+    for row, p in enumerate(prompts.tolist()):
+        assert (labels[row, :p] == -100).all() and labels[row, p] != -100  # each row sampled at least one token

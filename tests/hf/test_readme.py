@@ -57,6 +57,7 @@ def test_the_chat_config_runs_as_written(tmp_path, monkeypatch, capsys):
     Path("chat.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     Path("chat.toml").write_text(config, encoding="utf-8")
     assert main(["chat.toml", "--quiet"]) == 0, capsys.readouterr().err
-    epochs = [r for r in json.loads(Path("runs/chat-run/metrics.json").read_text())["epochs"] if r["phase"] == "student"]
+    log = json.loads(Path("runs/chat-run/metrics.json").read_text())
+    epochs = [r for r in log["epochs"] if r["phase"] == "student"]
     assert len(epochs) == 2 and all("gkd/on_policy" in r for r in epochs)
     assert Path("runs/chat-run/student/config.json").is_file()
