@@ -345,7 +345,7 @@ if importlib.util.find_spec("transformers") is not None:
             reference="distillx.benchmarks.gkd:gkd_full_logits",
             fused="distillx.benchmarks.gkd:gkd_step",
             build=_build_gkd,
-            sizes={"B": 4, "P": 128, "G": 64, "C": _vocab, "Hs": 256, "Ht": 512},
+            sizes={"B": 4, "P": 64, "G": 32, "C": _vocab, "Hs": 256, "Ht": 512},
             quick={"B": 2, "P": 6, "G": 3, "C": 512, "Hs": 32, "Ht": 64},
             params={"temperature": 1.0},
             resolve=_resolve_gkd,
