@@ -180,3 +180,31 @@ def test_what_cannot_work_is_refused_by_name(tmp_path):
         plain.save_student(str(tmp_path / "s"), merge="yes")
     assert not (tmp_path / "s").exists()
     plain.close()
+
+
+def test_the_trainer_trains_saves_and_resumes_a_peft_student(tmp_path):
+    pytest.importorskip("accelerate")
+    from distillx.hf import DistillationTrainer
+
+    def run(resume=None):
+        teacher, student, _ = llama_pair(seed=2)
+        frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6,
+            save_steps=3, report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+        trainer = DistillationTrainer(model=student, teacher=teacher, methods=llama_methods(), task_weight=0.3,
+                                      args=args, train_dataset=TokenDataset(16, labels=True))
+        trainer.train(resume_from_checkpoint=resume)
+        now = dict(student.named_parameters())
+        assert all(torch.equal(now[n], p) for n, p in frozen.items())
+        trainer.distiller.close()
+        return trainer, state(student)
+
+    trainer, full = run()
+    assert not same(full, state(llama_pair(seed=2)[1]))  # the adapters moved
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+    # sld between equal widths holds no parameters: the checkpoint has no distillx_methods.pt, and needs none
+    assert not (tmp_path / "out" / "checkpoint-3" / "distillx_methods.pt").exists()
+    _, resumed = run(str(tmp_path / "out" / "checkpoint-3"))
+    assert same(resumed, full)
