@@ -89,7 +89,8 @@ class Distiller(Phases):
         transfer: initialise the student from the teacher's weights at the start of distillation: a
             strategy name (``"select"``), a :class:`distillx.transfer.Transfer`
             (``dx.transfer("head_fit", calibration=loader)``) or a callable
-            ``(teacher, student) -> TransferReport``; the report is ``d.transfer_report``.
+            ``(teacher, student) -> TransferReport``; the report is ``d.transfer_report``. Refused for
+            a PEFT student (its base is frozen): transfer into the base model before ``get_peft_model``.
         scheduler / warmup: the student phase's LR schedule, per step (``"cosine"``, ``"linear"``,
             ``"constant"``, ``None`` or a factory; :mod:`distillx.engine.schedules`); warm-up in
             steps (int) or as a fraction of all steps (float).

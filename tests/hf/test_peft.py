@@ -208,3 +208,25 @@ def test_the_trainer_trains_saves_and_resumes_a_peft_student(tmp_path):
     assert not (tmp_path / "out" / "checkpoint-3" / "distillx_methods.pt").exists()
     _, resumed = run(str(tmp_path / "out" / "checkpoint-3"))
     assert same(resumed, full)
+
+
+def test_gkd_samples_from_a_peft_student_and_trains_its_adapters(tmp_path):
+    import json
+
+    from distillx.hf.text import chat_loader
+
+    from .models import chat_tokenizer, sentences
+
+    lines = [{"prompt": a, "completion": " " + b} for a, b in zip(sentences(8), sentences(8)[::-1])]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    teacher = llama(2, 32, 4, 2, vocab=len(tok)).eval()
+    student = lora(llama(1, 32, 4, 2, vocab=len(tok)), LLAMA_TARGETS, task_type="CAUSAL_LM")
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    d = distiller(teacher, student, [dx.method("gkd", lmbda=1.0, max_new_tokens=4)])
+    history = d.fit(chat_loader(str(tmp_path / "chat.jsonl"), tok, max_length=32, batch_size=4), epochs=1)
+    assert history[0]["gkd/on_policy"] == 1.0 and history[0]["gkd/mean_sampled_length"] > 0
+    for n, p in student.named_parameters():
+        assert torch.equal(p, before[n]) != p.requires_grad, n  # the adapters moved, nothing else
+    d.close()
