@@ -49,8 +49,8 @@ from .compose import Composed
 from .features import FeatureSpec, Trunk
 from .engine.arguments import (REWRITE_SEED_OFFSET, TASK, apply_transfer, balancer, build_augmentations,
                                build_loggers, cache_options, check_amp, check_grad_clip, check_methods,
-                               check_models, check_rewriting, check_strategy, check_weight, method_name,
-                               metric_keys, student_input_spec)
+                               check_models, check_rewriting, check_strategy, check_transfer_target, check_weight,
+                               method_name, metric_keys, student_input_spec)
 from .engine.batches import (LABELS, call_model, causal_lm_loss, check_loader, task_cross_entropy, to_device,
                              unpack_batch)
 from .engine.distributed import init_from_env
@@ -89,7 +89,8 @@ class Distiller(Phases):
         transfer: initialise the student from the teacher's weights at the start of distillation: a
             strategy name (``"select"``), a :class:`distillx.transfer.Transfer`
             (``dx.transfer("head_fit", calibration=loader)``) or a callable
-            ``(teacher, student) -> TransferReport``; the report is ``d.transfer_report``.
+            ``(teacher, student) -> TransferReport``; the report is ``d.transfer_report``. Refused for
+            a PEFT student (its base is frozen): transfer into the base model before ``get_peft_model``.
         scheduler / warmup: the student phase's LR schedule, per step (``"cosine"``, ``"linear"``,
             ``"constant"``, ``None`` or a factory; :mod:`distillx.engine.schedules`); warm-up in
             steps (int) or as a fraction of all steps (float).
@@ -156,6 +157,7 @@ class Distiller(Phases):
                  shard_teacher: bool = False, balance: Optional[str] = None, balance_primary: Optional[str] = None,
                  balance_every: Optional[int] = None, loggers: Any = None):
         check_models(teacher, student)
+        check_transfer_target(transfer, student)
         self.methods = check_methods(methods)
         self.task_weight = check_weight(task_weight, "task_weight")
         if self.task_weight == 0 and not any(m.weight != 0 for m in self.methods) and not weight_schedules:
@@ -349,12 +351,24 @@ class Distiller(Phases):
         self._plan.attach()
         return self._step(*unpack_batch(batch, self.device, self.label_key))
 
-    def save_student(self, path: str, tokenizer: Any = None) -> str:
+    def save_student(self, path: str, tokenizer: Any = None, merge: bool = False) -> str:
         """Write the student: a transformers ``PreTrainedModel`` with ``save_pretrained(path)`` (and
         ``tokenizer.save_pretrained(path)``), loadable by ``AutoModel.from_pretrained(path)``; any other
-        model's ``state_dict`` to the file ``path``. Only rank 0 writes. Returns ``path``."""
+        model's ``state_dict`` to the file ``path``. A PEFT student writes its adapter
+        (``PeftModel.from_pretrained(base, path)``), or with ``merge=True`` its adapters merged into a
+        copy of the base model (``AutoModel*.from_pretrained(path)``; the student is not changed);
+        ``merge=True`` on another student is a ``ValueError``. Only rank 0 writes. Returns ``path``."""
         if self.ctx.is_main:
-            save_model(self.student, path, tokenizer)
+            # A merge deep-copies the student: without the feature hooks (they would be copied with
+            # the extractors they call), which come back as they were.
+            hooked = [ex for ex in self._plan.extractors.values() if merge and ex is not None and ex.attached]
+            for ex in hooked:
+                ex.close()
+            try:
+                save_model(self.student, path, tokenizer, merge=merge)
+            finally:
+                for ex in hooked:
+                    ex.attach()
         return path
 
     def save_metrics(self, path: str) -> str:

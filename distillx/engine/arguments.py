@@ -12,6 +12,7 @@ from torch import nn
 from .. import _checks
 from ..augment import any_changes_inputs
 from ..features import PENULTIMATE, FeaturePathError, FeatureSpec, resolve_module
+from ..features.paths import is_peft_model, unwrap_chain
 from .distributed import STRATEGIES
 from ..methods import Method
 from ..loggers import Loggers, check_logger
@@ -156,6 +157,19 @@ def build_loggers(loggers, run_dir: Optional[str], is_main: bool) -> Loggers:
     built = [obj if obj is not None else resolve_logger(name, run_dir=run_dir, **options)
              for name, options, obj in specs]
     return Loggers(built, [name for name, _, _ in specs])
+
+
+def check_transfer_target(transfer, student: nn.Module) -> None:
+    """A ``ValueError`` for ``transfer=`` onto a PEFT student: the strategies write the student's
+    weights by name and shape, and a PEFT student's base weights are frozen (what a transfer would
+    initialise never trains) and named through the wrapper; the transfer belongs on the base model,
+    before ``get_peft_model``."""
+    if transfer is not None and any(is_peft_model(m) for m in unwrap_chain(student)):
+        name = transfer if isinstance(transfer, str) else getattr(transfer, "name", type(transfer).__name__)
+        raise ValueError(f"transfer={name!r}: the student is a PEFT model ({type(student).__name__}), whose base "
+                         "weights are frozen; apply the transfer to the base model before wrapping it: "
+                         f"dx.transfer({name!r}, teacher, base), then peft.get_peft_model(base, config), and "
+                         "pass no transfer=")
 
 
 def apply_transfer(transfer, teacher: nn.Module, student: nn.Module):

@@ -10,6 +10,11 @@ from torch import nn
 # Attribute under which a wrapper keeps the wrapped model: DataParallel/DDP ("module"),
 # torch.compile's OptimizedModule ("_orig_mod"), FSDP1 and activation checkpointing wrappers.
 WRAPPER_ATTRS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# PEFT: a PeftModel keeps its tuner under "base_model", the tuner (LoraModel, ...) the user's model
+# under "model". Recognised by the class's package (peft is never imported here): the inner model
+# also gets a ``peft_config`` attribute, so that attribute cannot tell the wrapper apart.
+PEFT_PACKAGE = "peft."
+PEFT_ATTRS = ("base_model", "model")
 
 
 class FeaturePathError(LookupError, ValueError):
@@ -26,7 +31,8 @@ def model_label(name: Optional[str]) -> str:
 def _wrapped(module: nn.Module) -> Optional[nn.Module]:
     """The model inside ``module`` if ``module`` is a wrapper, else None.
 
-    Known wrappers (DataParallel, DistributedDataParallel, OptimizedModule) and any module whose
+    Known wrappers (DataParallel, DistributedDataParallel, OptimizedModule, PEFT's ``PeftModel``
+    and its tuner model, so ``PeftModel -> LoraModel -> the user's model``) and any module whose
     only child sits under one of :data:`WRAPPER_ATTRS` and which owns no parameters of its own
     (a DDP-like wrapper with ``.module``).
     """
@@ -38,7 +44,16 @@ def _wrapped(module: nn.Module) -> Optional[nn.Module]:
         return module._modules.get("module")
     if type(module).__name__ == "OptimizedModule":  # checked by name: importing torch._dynamo is slow
         return module._modules.get("_orig_mod")
+    if is_peft_model(module):
+        return next((module._modules[a] for a in PEFT_ATTRS if module._modules.get(a) is not None), None)
     return None
+
+
+def is_peft_model(model: object) -> bool:
+    """Whether ``model`` is a PEFT wrapper (``PeftModel`` and its subclasses, or a tuner model such
+    as ``LoraModel``), seen by its class's package, so peft is never imported for the check."""
+    return isinstance(model, nn.Module) and type(model).__module__.startswith(PEFT_PACKAGE) \
+        and any(model._modules.get(a) is not None for a in PEFT_ATTRS)
 
 
 def unwrap_chain(model: nn.Module) -> list[nn.Module]:
@@ -50,7 +65,7 @@ def unwrap_chain(model: nn.Module) -> list[nn.Module]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The innermost model under DataParallel/DDP/``torch.compile``/FSDP1 wrappers."""
+    """The innermost model under DataParallel/DDP/``torch.compile``/FSDP1/PEFT wrappers."""
     return unwrap_chain(model)[-1]
 
 
@@ -106,7 +121,8 @@ def resolve_module(model: nn.Module, path: str, *, name: Optional[str] = None) -
 
     The path is tried against the innermost model first, then with its leading wrapper attributes
     (:data:`WRAPPER_ATTRS`) dropped, then against each enclosing wrapper, so ``"layer3"``,
-    ``"module.layer3"`` and ``"module._orig_mod.layer3"`` all work on ``DDP(torch.compile(net))``. ``""`` is the model itself. ``name`` ("student"/"teacher") labels errors.
+    ``"module.layer3"`` and ``"module._orig_mod.layer3"`` all work on ``DDP(torch.compile(net))``, and ``"model.layers.-1"``
+    and ``"base_model.model.model.layers.-1"`` on a ``PeftModel``. ``""`` is the model itself. ``name`` ("student"/"teacher") labels errors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{model_label(name)} must be an nn.Module, got {type(model).__name__}")
@@ -141,4 +157,4 @@ def resolve_module(model: nn.Module, path: str, *, name: Optional[str] = None) -
     raise FeaturePathError(f"{model_label(name)}: no module at path {path!r}: {first_error}{hint}")
 
 
-__all__ = ["FeaturePathError", "resolve_module", "unwrap_model", "unwrap_chain", "WRAPPER_ATTRS"]
+__all__ = ["FeaturePathError", "resolve_module", "unwrap_model", "unwrap_chain", "is_peft_model", "WRAPPER_ATTRS"]

@@ -18,6 +18,10 @@ attention layers: ``encoder.layer``, ``transformer.h``, ``model.layers``; negati
 from the end) or a dotted path (the attention module itself, or a module holding exactly one,
 such as a whole layer). Explicit projection names (``projections=("wq", "wk", "wv")``) replace the
 built-in ones.
+
+Projections wrapped by PEFT adapters (LoRA's ``lora.Linear`` around the ``nn.Linear``, kept as its
+``base_layer``) count as the projections: their outputs, captured by hooks, include the adapter's
+update.
 """
 from __future__ import annotations
 
@@ -77,6 +81,11 @@ class AttentionLayout:
 
 
 def _out_width(module: Optional[nn.Module]) -> Optional[int]:
+    # A PEFT adapter layer (LoRA's lora.Linear, ...) keeps the projection as ``base_layer`` and adds
+    # to its output, whose width is the projection's.
+    base = module._modules.get("base_layer") if isinstance(module, nn.Module) else None
+    if base is not None:
+        module = base
     if isinstance(module, nn.Linear):
         return module.out_features
     weight = getattr(module, "weight", None)

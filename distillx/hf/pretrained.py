@@ -4,12 +4,14 @@
 need it; the rest is duck typing."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Mapping
 
 from torch import nn
 
 from .._atomic import save_atomic
+from ..features.paths import is_peft_model, unwrap_model
 
 HINT = "transformers is needed for Hugging Face models: pip install 'distillx[hf]'"
 
@@ -29,14 +31,32 @@ def is_pretrained(model: Any) -> bool:
 
 
 def is_causal_lm(model: Any) -> bool:
-    """Whether ``model`` is a causal language model (``*ForCausalLM``, ``*LMHeadModel``)."""
+    """Whether ``model`` is a causal language model (``*ForCausalLM``, ``*LMHeadModel``), inside
+    its wrappers (a ``PeftModel`` around one is)."""
+    model = unwrap_model(model) if isinstance(model, nn.Module) else model
     return is_pretrained(model) and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def save_model(model: nn.Module, path: str, tokenizer: Any = None) -> str:
+def save_model(model: nn.Module, path: str, tokenizer: Any = None, merge: bool = False) -> str:
     """A ``PreTrainedModel`` with ``save_pretrained(path)`` (a directory; the tokenizer, when given,
     next to it), so ``AutoModel.from_pretrained(path)`` loads it; any other model's ``state_dict``
-    to the file ``path`` (atomically). Returns ``path``."""
+    to the file ``path`` (atomically). Returns ``path``.
+
+    A PEFT model (``peft.get_peft_model``) writes its adapter with its own ``save_pretrained``
+    (``adapter_config.json`` and the adapter weights: ``PeftModel.from_pretrained(base, path)``
+    loads it); with ``merge=True``, the adapters merged into a copy of the base model
+    (``merge_and_unload``; the model given is never changed) saved as above. ``merge=True`` on a
+    model without adapters is a ``ValueError``: there is nothing to merge."""
+    if not isinstance(merge, bool):
+        raise TypeError(f"merge must be True or False, got {merge!r}")
+    if merge:
+        if not is_peft_model(model):
+            raise ValueError(f"merge=True merges a PEFT student's adapters into its base model, but the student "
+                             f"({type(model).__name__}) is no PEFT model; save it with merge=False")
+        # A copy: merging writes the adapters' update into the base weights, and the model given
+        # may go on training (or be saved again as an adapter).
+        merged = copy.deepcopy(model).merge_and_unload()
+        return save_model(merged, path, tokenizer)
     if is_pretrained(model):
         os.makedirs(path, exist_ok=True)
         model.save_pretrained(path)

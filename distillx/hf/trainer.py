@@ -202,7 +202,10 @@ def _build():
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             path = os.path.join(resume_from_checkpoint, METHODS_FILE)
             if not os.path.isfile(path):
-                if any(m.state_dict() for m in self.distiller.methods) or self.distiller._pending_setup():
+                # Built first: an adapter that turns out to hold nothing (sld between equal widths)
+                # wrote no file and needs none.
+                self._setup_methods()
+                if any(m.state_dict() for m in self.distiller.methods):
                     raise FileNotFoundError(f"checkpoint {resume_from_checkpoint!r} has no {METHODS_FILE}: the "
                                             "methods' adapters cannot be restored (a checkpoint of another run?)")
                 return

@@ -1,5 +1,5 @@
-"""The README's "Distil a Hugging Face model" recipes run as written, on tiny models saved by this
-test into the local directories they name."""
+"""The README's "Distil a Hugging Face model" and "PEFT (LoRA) students" recipes run as written, on
+tiny models saved by this test into the local directories they name."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,9 @@ from .models import bert, chat_tokenizer, llama, sentences, tokenizer, transform
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def recipes(language: str = "python") -> list[str]:
+def recipes(language: str = "python", heading: str = "## Distil a Hugging Face model") -> list[str]:
     text = README.read_text(encoding="utf-8")
-    section = text.split("## Distil a Hugging Face model", 1)[1].split("\n## ", 1)[0]
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
@@ -61,3 +61,26 @@ def test_the_chat_config_runs_as_written(tmp_path, monkeypatch, capsys):
     epochs = [r for r in log["epochs"] if r["phase"] == "student"]
     assert len(epochs) == 2 and all("gkd/on_policy" in r for r in epochs)
     assert Path("runs/chat-run/student/config.json").is_file()
+
+
+def test_the_peft_recipe_runs_as_written(tmp_path, monkeypatch):
+    peft = __import__("pytest").importorskip("peft")
+    (block,) = recipes(heading="## PEFT (LoRA) students")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    for name, model in (("teacher-lm", llama(4, 32, 4, 2, vocab=48)), ("student-lm", llama(2, 16, 4, 2, vocab=48))):
+        model.save_pretrained(f"models/{name}")
+        tokenizer().save_pretrained(f"models/{name}")
+    Path("corpus.txt").write_text("\n".join(sentences(24)) + "\n", encoding="utf-8")
+    monkeypatch.setenv("DISTILLX_QUIET", "1")
+    scope = {"__name__": "__readme__"}
+    exec(compile(block, str(README), "exec"), scope)
+    student, lora = scope["student"], scope["lora"]
+    assert isinstance(lora, peft.PeftModel) and Path("student-lora/tokenizer.json").is_file()
+    merged = transformers.AutoModelForCausalLM.from_pretrained("student-merged")
+    batch = {"input_ids": torch.tensor([[5, 9, 12, 7]])}
+    with torch.no_grad():
+        want = student.eval()(**batch).logits
+        assert torch.allclose(lora.eval()(**batch).logits, want, atol=1e-6, rtol=0)
+        assert torch.allclose(merged(**batch).logits, want, atol=1e-5, rtol=0)
+    assert not torch.equal(want, transformers.AutoModelForCausalLM.from_pretrained("models/student-lm")(**batch).logits)
