@@ -128,7 +128,8 @@ def test_floor_is_the_larger_bound():
 
 def _row(threads, impl, median):
     return {"case": "logit_kd", "sizes": {"N": 1000, "C": 1000}, "params": dict(CASES["logit_kd"].params),
-            "impl": impl, "dtype": "float32", "threads": threads, "median_ms": median, "loss": 1.0, "loss_finite": True, "grads": {}}
+            "impl": impl, "dtype": "float32", "threads": threads, "median_ms": median, "loss": 1.0,
+            "loss_finite": True, "grads": {}}
 
 
 def test_summarise_floor_fraction_and_thread_speedup():
