@@ -4,7 +4,8 @@
 - :mod:`.timing`  forward+backward timing (``time.perf_counter`` on CPU, CUDA events on GPU);
 - :mod:`.memory`  peak extra memory of one forward+backward (resident-set growth on CPU,
                   the caching allocator's peak on CUDA);
-- :mod:`.runner`  measures one case x implementation, in-process or in a fresh subprocess.
+- :mod:`.ceilings` the machine's torch.mm rate and copy bandwidth, and a case's floor against them;
+- :mod:`.runner`  measures one case x implementation (or the ceilings), in-process or in a fresh subprocess.
 
 Nothing here is imported by ``import distillx``.
 """

@@ -14,6 +14,14 @@ complete example. ``op`` names the ``distillx::`` op the fused column must reach
 which backend served it).
 
 Every size key of every case becomes a ``distillx bench --KEY`` flag automatically.
+
+A case's ``cost(sizes, dtype, params)`` is its cost model for the floor of :mod:`.ceilings`:
+``{"flops": F, "bytes": M}`` of one forward+backward, or None where no floor is meaningful. ``F``
+counts GEMM FLOPs only (2·m·n·k per product; N²·D for a symmetric N×N Gram of N×D rows, whose upper
+triangle suffices); elementwise work (exp, log, softmax) is not counted. ``M`` is the minimum
+traffic: every input read once and every gradient written once, ``E`` bytes an element of ``dtype``;
+intermediates (logits, Gram matrices) are not counted. So the floor is a lower bound of any
+implementation of the case, fused or not. The formula is in each cost function's docstring.
 """
 from __future__ import annotations
 
@@ -72,6 +80,8 @@ class Case:
     rtol: Mapping[str, float] = field(default_factory=dict)  # per-dtype override of the check tolerance
     op: Optional[str] = None  # the distillx:: operator behind ``fused``, to report which backend served it
     size_doc: Mapping[str, str] = field(default_factory=dict)  # what each size means (for --help)
+    # (sizes, dtype, params) -> {"flops", "bytes"} of forward+backward, or None: no floor (module docstring)
+    cost: Optional[Callable[[Dict[str, int], torch.dtype, Mapping[str, Any]], Optional[Dict[str, int]]]] = None
 
     def size_keys(self):
         return tuple(self.sizes)
@@ -143,6 +153,12 @@ def _build_logit_kd(sizes, dtype, device, gen):
     })
 
 
+def cost_logit_kd(sizes, dtype, params):
+    """No GEMM; reads student and teacher logits, writes the student's gradient:
+    ``flops = 0``, ``bytes = 3·N·C·E``."""
+    return {"flops": 0, "bytes": 3 * sizes["N"] * sizes["C"] * dtype.itemsize}
+
+
 register_case(Case(
     name="logit_kd",
     description="logit divergence T^2*D(softmax(t/T) || softmax(s/T)) of (N, C) logits, batchmean",
@@ -154,6 +170,7 @@ register_case(Case(
     params={"temperature": 2.0, "divergence": "kl", "beta": 0.5, "reduction": "batchmean"},
     op="logit_divergence",
     size_doc={"N": "rows", "C": "classes (vocabulary)"},
+    cost=cost_logit_kd,
 ))
 
 
@@ -177,6 +194,15 @@ def _build_linear_kd(sizes, dtype, device, gen):
     })
 
 
+def cost_linear_kd(sizes, dtype, params):
+    """Four GEMMs (``distillx::linear_divergence``): student logits h_s W_sᵀ (2·N·C·Hs), teacher
+    logits h_t W_tᵀ (2·N·C·Ht), ∂h_s = G W_s and ∂W_s = Gᵀ h_s (2·N·C·Hs each), G the (N, C) logit
+    gradient: ``flops = 2·N·C·(3·Hs + Ht)``. Reads h_s, W_s, h_t, W_t, writes ∂h_s, ∂W_s:
+    ``bytes = (2·(N + C)·Hs + (N + C)·Ht)·E``."""
+    N, C, Hs, Ht = sizes["N"], sizes["C"], sizes["Hs"], sizes["Ht"]
+    return {"flops": 2 * N * C * (3 * Hs + Ht), "bytes": (2 * (N + C) * Hs + (N + C) * Ht) * dtype.itemsize}
+
+
 register_case(Case(
     name="linear_kd",
     description="fused linear divergence: the logit divergence of hidden_s @ W_s^T vs hidden_t @ W_t^T",
@@ -192,6 +218,7 @@ register_case(Case(
     op="linear_divergence",
     size_doc={"N": "rows", "C": "classes (vocabulary)", "H": "hidden width of student and teacher",
               "Hs": "student hidden width (default: H)", "Ht": "teacher hidden width (default: H)"},
+    cost=cost_linear_kd,
 ))
 
 
@@ -207,6 +234,21 @@ def _build_gram(sizes, dtype, device, gen):
     })
 
 
+GRAM_KERNELS = ("rbf", "polynomial")  # kernels on <x_i, x_j> (and norms) of the raw rows
+
+
+def cost_gram(sizes, dtype, params):
+    """Symmetric Grams S Sᵀ (N²·Ds) and T Tᵀ (N²·Dt), and the gradient ∂s = diag(M1) S − M S of
+    the (N, N) symmetric coefficient matrix M (2·N²·Ds): ``flops = N²·(3·Ds + Dt)``, with or
+    without ``normalize_rows`` (the same products; distillx's two sweeps recompute the Grams, which
+    the floor does not count). Reads s, t, writes ∂s: ``bytes = N·(2·Ds + Dt)·E``. None for kernels
+    other than rbf / polynomial (the linear / cosine forms are O(N·D²), chebyshev widens the rows)."""
+    if params.get("kernel") not in GRAM_KERNELS:
+        return None
+    N, Ds, Dt = sizes["N"], sizes["Ds"], sizes["Dt"]
+    return {"flops": N * N * (3 * Ds + Dt), "bytes": N * (2 * Ds + Dt) * dtype.itemsize}
+
+
 GRAM_RBF = register_case(Case(
     name="gram_rbf",
     description="kernel Gram matching mean_ij (k(s_i,s_j) - k(t_i,t_j))^2, RBF kernel, mean-distance bandwidth",
@@ -218,6 +260,7 @@ GRAM_RBF = register_case(Case(
     params={"kernel": "rbf"},
     op="kernel_gram",
     size_doc={"N": "rows (samples)", "Ds": "student width", "Dt": "teacher width"},
+    cost=cost_gram,
 ))
 
 
@@ -235,6 +278,13 @@ def _build_attention_map(sizes, dtype, device, gen):
     })
 
 
+def cost_attention_map(sizes, dtype, params):
+    """No GEMM (channel reductions of |F|^p); reads f_s and f_t, writes ∂f_s:
+    ``flops = 0``, ``bytes = B·H·W·(2·Cs + Ct)·E``."""
+    B, Cs, Ct, H, W = sizes["B"], sizes["Cs"], sizes["Ct"], sizes["H"], sizes["W"]
+    return {"flops": 0, "bytes": B * H * W * (2 * Cs + Ct) * dtype.itemsize}
+
+
 register_case(Case(
     name="attention_map",
     description="attention transfer mean_{b,k}(a_s - a_t)^2, a = normalize(mean_c |F|^2), feature maps",
@@ -246,6 +296,7 @@ register_case(Case(
     params={"p": 2.0},
     op="attention_map",
     size_doc={"B": "batch", "Cs": "student channels", "Ct": "teacher channels", "H": "height", "W": "width"},
+    cost=cost_attention_map,
 ))
 
 
@@ -258,6 +309,15 @@ def _build_relation(sizes, dtype, device, gen):
     return Inputs(args={"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t})
 
 
+def cost_attention_relation(sizes, dtype, params):
+    """Per batch·head, the relation logits q_s k_sᵀ (2·L²·ds) and q_t k_tᵀ (2·L²·dt), and the
+    gradients ∂q_s = G k_s, ∂k_s = Gᵀ q_s (2·L²·ds each), G the (L, L) logit gradient:
+    ``flops = 2·BA·L²·(3·ds + dt)``. Reads q_s, k_s, q_t, k_t, writes ∂q_s, ∂k_s:
+    ``bytes = BA·L·(4·ds + 2·dt)·E``."""
+    BA, L, ds, dt = sizes["BA"], sizes["L"], sizes["ds"], sizes["dt"]
+    return {"flops": 2 * BA * L * L * (3 * ds + dt), "bytes": BA * L * (4 * ds + 2 * dt) * dtype.itemsize}
+
+
 register_case(Case(
     name="attention_relation",
     description="MiniLM relation KL(softmax(q_t k_t^T/sqrt(dt)) || softmax(q_s k_s^T/sqrt(ds))) per query row",
@@ -268,6 +328,7 @@ register_case(Case(
     quick={"BA": 3, "L": 17, "ds": 4, "dt": 8},
     op="attention_relation",
     size_doc={"BA": "batch x heads", "L": "sequence length", "ds": "student head width", "dt": "teacher head width"},
+    cost=cost_attention_relation,
 ))
 
 
@@ -278,6 +339,17 @@ def _build_mmd(sizes, dtype, device, gen):
         "s": _randn((N, D), dtype, device, gen, 1.0, requires_grad=True),
         "t": _randn((M, D), dtype, device, gen, 0.5).add_(0.2),
     })
+
+
+def cost_mmd(sizes, dtype, params):
+    """Symmetric Grams S Sᵀ (N²·D) and T Tᵀ (M²·D), the cross products S Tᵀ (2·N·M·D), and the
+    gradient from the student pairs (2·N²·D) and the cross pairs (2·N·M·D):
+    ``flops = D·(3·N² + M² + 4·N·M)``. Reads s, t, writes ∂s: ``bytes = (2·N + M)·D·E``.
+    None for kernels other than rbf / polynomial."""
+    if params.get("kernel") not in GRAM_KERNELS:
+        return None
+    N, M, D = sizes["N"], sizes["M"], sizes["D"]
+    return {"flops": D * (3 * N * N + M * M + 4 * N * M), "bytes": (2 * N + M) * D * dtype.itemsize}
 
 
 register_case(Case(
@@ -291,12 +363,16 @@ register_case(Case(
     params={"kernel": "rbf"},
     op="kernel_mmd",
     size_doc={"N": "student rows", "M": "teacher rows", "D": "width"},
+    cost=cost_mmd,
 ))
 
 
 # ---------------------------------------------------------------------------------------------
 # lm_kd: a whole LM distillation step, full logits + kd (eager/compile) vs lm_kd (distillx)
 # ---------------------------------------------------------------------------------------------
+# No cost model (no floor) for lm_kd and the gkd cases: their timed step includes both models' bodies
+# (and, for gkd, sampling), whose work the loss's formula does not cover, so a loss-only floor would
+# be no bound of the step. The loss part's floor is linear_kd's at N = B·L (--cases linear_kd).
 
 def _resolve_lm(sizes):
     return {k: sizes[k] for k in ("B", "L", "C", "Hs", "Ht")}

@@ -8,7 +8,9 @@ the CPU memory settings of one measurement never touch another. A spec is a plai
      "device": "cpu", "params": {...}, "fused_params": {...}, "repeats": 5, "warmup": 1,
      "max_time_s": 30.0, "seed": 0, "threads": None, "isolated": True}
 
-or ``{"calibrate": True, "device": "cpu"}`` to check the CPU memory method (see ``memory.calibrate_cpu``).
+or ``{"calibrate": True, "device": "cpu"}`` to check the CPU memory method (see ``memory.calibrate_cpu``),
+or ``{"ceilings": True, "dtypes": ["float32", ...], "device": "cpu", "threads": 2, "mm_size": 4096,
+"copy_mb": 256}`` to measure the machine's GEMM rate and copy bandwidth (see :mod:`.ceilings`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 from .. import _ext, ops
 from .._version import __version__
-from . import memory, timing
+from . import ceilings, memory, timing
 from .cases import get_case, load_callable
 
 IMPLS = ("eager", "compile", "distillx")
@@ -80,6 +82,8 @@ def run_spec(spec: Dict) -> Dict:
         if spec.get("calibrate"):
             memory.return_freed_memory_to_os()
             return {"calibration": memory.calibrate_cpu()}
+        if spec.get("ceilings"):
+            return {"ceilings": _ceilings(spec)}
         return _run(spec)
     except Exception as exc:  # a failing implementation must not sink the whole benchmark
         tb = traceback.format_exc(limit=6)
@@ -87,6 +91,16 @@ def run_spec(spec: Dict) -> Dict:
         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text:
             return {"error": f"out of memory: {str(exc).splitlines()[0] if str(exc) else exc!r}", "traceback": tb}
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": tb}
+
+
+def _ceilings(spec: Dict) -> Dict:
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    unknown = [d for d in spec["dtypes"] if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"ceilings spec: unknown dtypes {unknown}; known: {', '.join(DTYPES)}")
+    return ceilings.measure({d: DTYPES[d] for d in spec["dtypes"]}, torch.device(spec.get("device", "cpu")),
+                            int(spec["mm_size"]), int(spec["copy_mb"]), int(spec.get("repeats", ceilings.REPEATS)))
 
 
 def _run(spec: Dict) -> Dict:

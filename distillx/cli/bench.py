@@ -15,6 +15,13 @@ checks the loss and gradients against eager. Each case x implementation runs in 
 measurement into the next. It prints a table, and with ``--json PATH`` writes the environment and every
 measurement.
 
+Ceilings and floors: the same run first measures the machine's ``torch.mm`` rate (GFLOP/s, float32 and
+the run's dtype) and ``copy_`` bandwidth (GB/s), in a fresh subprocess at each thread count (see
+:mod:`distillx.benchmarks.ceilings`); every case with a cost model (``Case.cost``: GEMM FLOPs and
+minimum bytes of forward+backward) gets its floor, ``max(FLOPs / rate, bytes / bandwidth)``, and each
+implementation the fraction of it achieved (floor / median). ``--threads 1,2`` runs every measurement
+at each thread count and adds distillx's speed-up over the fewest threads.
+
 Timing: CPU ``time.perf_counter``; CUDA events after ``torch.cuda.synchronize``. Memory: CPU peak
 resident-set growth (glibc told to return freed memory to the OS, kernel peak-RSS counter reset through
 ``/proc/self/clear_refs``; see :mod:`distillx.benchmarks.memory`); CUDA ``max_memory_allocated`` minus
@@ -33,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..benchmarks import ceilings
 from ..benchmarks.cases import CASES, get_case, sizes_label
 from ..benchmarks.report import fmt_mb, fmt_ms, format_table, notes, summarise
 from ..benchmarks.runner import DTYPES, IMPLS, environment, run_isolated, run_spec
@@ -92,6 +100,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> List[int]:
+    """``--threads N`` or ``N,M,...``: positive thread counts, in order, duplicates dropped."""
+    items = [x.strip() for x in text.split(",")]
+    bad = [x for x in items if not x.isdigit() or int(x) < 1]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 1,2), got {text!r}"
+            + (f": {', '.join(repr(b) for b in bad)} is not a positive integer" if bad else ""))
+    return list(dict.fromkeys(int(x) for x in items))
+
+
 def build_parser() -> argparse.ArgumentParser:
     keys = _size_keys()
     cases_help = "; ".join(
@@ -147,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=int, default=None,
                      help="untimed calls before timing (default: 1; compile always gets at least 1)")
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
-    run.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads in each measurement")
+    run.add_argument("--threads", type=_threads, default=None, metavar="N[,M...]",
+                     help="torch.set_num_threads in each measurement; a list (1,2) runs every measurement, "
+                          "ceilings included, at each count (default: torch's default)")
+    run.add_argument("--mm-size", type=_positive_int, default=None, metavar="INT",
+                     help=f"side of the torch.mm ceiling's square matrices (default: {ceilings.MM_SIZE}; "
+                          f"--quick: {ceilings.MM_SIZE_QUICK})")
+    run.add_argument("--copy-mb", type=_positive_int, default=None, metavar="INT",
+                     help=f"MB copied by the bandwidth ceiling (default: {ceilings.COPY_MB}; "
+                          f"--quick: {ceilings.COPY_MB_QUICK})")
     run.add_argument("--no-isolate", dest="isolate", action="store_false",
                      help="measure in this process instead of one fresh subprocess per case x impl "
                           "(faster start; CPU memory numbers become approximate)")
@@ -252,6 +279,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if warmup < 0:
         parser.error("--warmup must be >= 0")
     plan = _plan(ns, parser)
+    thread_counts = ns.threads or [None]
+    mm_size = ns.mm_size or (ceilings.MM_SIZE_QUICK if ns.quick else ceilings.MM_SIZE)
+    copy_mb = ns.copy_mb or (ceilings.COPY_MB_QUICK if ns.quick else ceilings.COPY_MB)
 
     def progress(msg: str) -> None:
         if not ns.quiet:
@@ -265,7 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "config": {"cases": ns.cases, "impls": ns.impls, "dtype": ns.dtype, "device": str(device),
                    "repeats": repeats, "warmup": warmup, "max_time_s": ns.max_time or None, "quick": ns.quick,
                    "seed": ns.seed,
-                   "threads": ns.threads, "isolate": ns.isolate},
+                   "threads": ns.threads, "isolate": ns.isolate,
+                   "mm_size": mm_size, "copy_mb": copy_mb},
         "environment": environment(device),
         "memory_method": {},
         "results": [],
@@ -286,33 +317,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             report["memory_method"]["calibration_error"] = calib.get("error")
 
-    total = len(plan) * len(ns.impls)
+    by_threads = {}
+    for threads in thread_counts:
+        progress(f"ceilings at {threads or 'default'} threads: torch.mm {mm_size}x{mm_size}, copy_ {copy_mb} MB ...")
+        spec = {"ceilings": True, "dtypes": list(dict.fromkeys(["float32", ns.dtype])), "device": str(device),
+                "threads": threads, "mm_size": mm_size, "copy_mb": copy_mb}
+        res = run_isolated(spec, timeout=ns.timeout) if ns.isolate else run_spec(spec)
+        ceiling = res.get("ceilings") or {"error": res.get("error", "no result"), "threads_requested": threads}
+        report["environment"].setdefault("ceilings", []).append(ceiling)
+        if not ceiling.get("error"):
+            by_threads[ceiling["threads"]] = ceiling
+        progress("      " + ceilings.describe(ceiling))
+
+    total = len(plan) * len(ns.impls) * len(thread_counts)
     index = 0
     for item in plan:
-        label = f"{item['case']} {sizes_label(item['sizes'])} {ns.dtype}"
-        for impl in ns.impls:
-            index += 1
-            progress(f"[{index}/{total}] {label} {impl} ...")
-            spec = dict(item, impl=impl, dtype=ns.dtype, device=str(device), repeats=repeats, warmup=warmup,
-                        max_time_s=ns.max_time or None, seed=ns.seed, threads=ns.threads)
-            t0 = time.perf_counter()
-            res = run_isolated(spec, timeout=ns.timeout) if ns.isolate else run_spec(dict(spec, isolated=False))
-            row = dict(item, impl=impl, dtype=ns.dtype, device=str(device), **res)
-            report["results"].append(row)
-            if res.get("error"):
-                progress(f"      error: {res['error']}")
-            else:
-                extra = f", compiled in {res['compile_s']:.1f} s" if res.get("compile_s") is not None else ""
-                progress(f"      median {fmt_ms(res.get('median_ms'))} ms of {len(res['times_ms'])}, peak {fmt_mb(res.get('peak_mb'))} MB"
-                         f"{extra} ({time.perf_counter() - t0:.1f} s)")
-    summarise(report["results"], ns.dtype)
+        for threads in thread_counts:
+            label = f"{item['case']} {sizes_label(item['sizes'])} {ns.dtype}" + (f" {threads}t" if threads else "")
+            for impl in ns.impls:
+                index += 1
+                progress(f"[{index}/{total}] {label} {impl} ...")
+                spec = dict(item, impl=impl, dtype=ns.dtype, device=str(device), repeats=repeats, warmup=warmup,
+                            max_time_s=ns.max_time or None, seed=ns.seed, threads=threads)
+                t0 = time.perf_counter()
+                res = run_isolated(spec, timeout=ns.timeout) if ns.isolate else run_spec(dict(spec, isolated=False))
+                # "threads": the count the measurement ran with (its own report), else the one asked for
+                row = dict(item, impl=impl, dtype=ns.dtype, device=str(device), threads=threads)
+                row.update(res)
+                report["results"].append(row)
+                if res.get("error"):
+                    progress(f"      error: {res['error']}")
+                else:
+                    extra = f", compiled in {res['compile_s']:.1f} s" if res.get("compile_s") is not None else ""
+                    progress(f"      median {fmt_ms(res.get('median_ms'))} ms of {len(res['times_ms'])}, "
+                             f"peak {fmt_mb(res.get('peak_mb'))} MB{extra} ({time.perf_counter() - t0:.1f} s)")
+    summarise(report["results"], ns.dtype, by_threads)
     report["total_s"] = time.perf_counter() - started
 
     env = report["environment"]
+    threads_label = ",".join(map(str, ns.threads)) if ns.threads else str(env["torch_threads"])
     print(f"distillx bench: torch {env['torch']}, {env['device']}"
-          + (f" ({env['gpu']})" if env.get("gpu") else f" ({env['cpu']}, {env['torch_threads']} threads)")
+          + (f" ({env['gpu']})" if env.get("gpu") else f" ({env['cpu']}, {threads_label} threads)")
           + f", up to {repeats} timed repeats (n) after {warmup} warm-up"
           + (f", at most {ns.max_time:g} s of repeats after the first 3" if ns.max_time else ""))
+    for ceiling in env.get("ceilings", []):
+        print(ceilings.describe(ceiling))
     print(format_table(report["results"]))
     print()
     for note in notes(report):
@@ -322,7 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump(report, f, indent=2, default=str)
             f.write("\n")
         print(f"wrote {ns.json}")
-    failed = any(r.get("error") or (r.get("check") or {}).get("status") == "mismatch" for r in report["results"])
+    failed = (any(r.get("error") or (r.get("check") or {}).get("status") == "mismatch" for r in report["results"])
+              or any(c.get("error") for c in env.get("ceilings", [])))
     return 1 if failed else 0
 
 

@@ -51,19 +51,29 @@ def test_quick_eager_and_distillx_every_case(tmp_path, capsys):
         op = CASES[case].op
         want = "compiled" if _ext.available() and (op is None or has_kernel(op, "cpu")) else "reference"
         assert rows[(case, "distillx")]["distillx_backend"] == want, case
+        # a floor wherever the case has a cost model, measured against this run's ceilings
+        for impl in ("eager", "distillx"):
+            row = rows[(case, impl)]
+            if CASES[case].cost is None:
+                assert row["floor"] is None and row["floor_fraction"] is None
+            else:
+                assert row["floor_ms"] > 0 and row["floor_fraction"] > 0, (case, impl)
     assert rows[("linear_kd", "eager")]["sizes"] == {"N": 64, "Hs": 32, "Ht": 32, "C": 512}
 
     env = report["environment"]
     for key in ("torch", "device", "cpu", "torch_threads", "distillx_build_info", "distillx_compiled"):
         assert key in env
     assert report["config"]["impls"] == ["eager", "distillx"] and report["config"]["quick"]
+    (ceiling,) = env["ceilings"]
+    assert ceiling["copy_gbps"] > 0 and all(r["threads"] == ceiling["threads"] for r in report["results"])
     calib = report["memory_method"]["calibration"]
     assert calib["noop_mb"] is not None and calib["measured_alloc_mb"] is not None
 
     # the table: header, one line per case x impl, the notes
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("case "))
-    for col in ("sizes", "dtype", "impl", "median ms", "min ms", "peak MB", "x eager", "x compile", "check"):
+    for col in ("sizes", "dtype", "impl", "median ms", "min ms", "peak MB", "floor ms", "% floor", "x eager",
+                "x compile", "check"):
         assert col in header
     for case in CASES:
         for impl in ("eager", "distillx"):
