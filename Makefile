@@ -27,7 +27,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pip install -q pytest hypothesis "transformers>=4.40" "accelerate>=0.26" "tensorboard>=2.10" \
-		"peft>=0.10" "datasets>=2.14" torch==2.13.0
+		"peft>=0.10" "datasets>=2.14" trl==1.16.0 torch==2.13.0
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps $(PLUGINS)
 	DISTILLX_REQUIRE_COMPILED=1 $(BIN)/python -m pytest -q tests $(addsuffix /tests,$(PLUGINS))
 
