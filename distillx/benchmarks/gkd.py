@@ -23,32 +23,18 @@ from ..distiller import Distiller
 from ..hf.generate import join
 from ..ops.reference import kd_loss_reference
 from ..plugin import method
+from .lm import llama_pair
 
 _DISTILLERS: Dict[tuple, object] = {}
 BETA = 0.5
-
-
-def _llama(hidden: int, vocab: int, heads: int, dtype: torch.dtype, device: torch.device):
-    import transformers  # noqa: PLC0415 - optional dependency, only for this case
-
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
-                                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                                      intermediate_size=2 * hidden, max_position_embeddings=4096,
-                                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def build(sizes, dtype, device, gen) -> tuple[dict, dict]:
     """``(args, kwargs)``: left-padded prompts (every other row a quarter shorter), the two models,
     the number of tokens to sample, and the student's output layer and embeddings as the checked
     gradient leaves."""
-    B, P, C, Hs, Ht = sizes["B"], sizes["P"], sizes["C"], sizes["Hs"], sizes["Ht"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device).item()))
-        teacher = _llama(Ht, C, max(2, Ht // 32), dtype, device)
-        student = _llama(Hs, C, max(2, Hs // 32), dtype, device)
+    B, P, C = sizes["B"], sizes["P"], sizes["C"]
+    teacher, student = llama_pair(sizes, dtype, device, gen, eos_token_id=None)
     ids = torch.randint(3, C, (B, P), generator=gen, device=gen.device).to(device)
     mask = torch.ones(B, P, dtype=torch.long, device=device)
     mask[1::2, :max(1, P // 4)] = 0

@@ -23,25 +23,35 @@ from ..plugin import method
 _DISTILLERS: Dict[tuple, object] = {}
 
 
-def _llama(hidden: int, vocab: int, heads: int, dtype: torch.dtype, device: torch.device):
+def _llama(hidden: int, vocab: int, heads: int, dtype: torch.dtype, device: torch.device, eos_token_id=2):
     import transformers  # noqa: PLC0415 - optional dependency, only for this case
 
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2,
                                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                                       intermediate_size=2 * hidden, max_position_embeddings=4096,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+                                      bos_token_id=1, eos_token_id=eos_token_id, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = eos_token_id
+    return model
+
+
+def llama_pair(sizes, dtype, device, gen, eos_token_id=2):
+    """``(teacher, student)``: 2-layer LLaMA-style models of widths ``Ht`` and ``Hs`` over ``C``
+    tokens, random weights from a seed drawn from ``gen`` (the global generator is left as it was)."""
+    C, Hs, Ht = sizes["C"], sizes["Hs"], sizes["Ht"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device).item()))
+        teacher = _llama(Ht, C, max(2, Ht // 32), dtype, device, eos_token_id)
+        student = _llama(Hs, C, max(2, Hs // 32), dtype, device, eos_token_id)
+    return teacher, student
 
 
 def build(sizes, dtype, device, gen) -> tuple[dict, dict]:
     """``(args, kwargs)`` of the case: token ids and mask (the last eighth of every other row is
     padding), the two models, and the student's output layer and embeddings as the checked
     gradient leaves."""
-    B, L, C, Hs, Ht = sizes["B"], sizes["L"], sizes["C"], sizes["Hs"], sizes["Ht"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device).item()))
-        teacher = _llama(Ht, C, max(2, Ht // 32), dtype, device)
-        student = _llama(Hs, C, max(2, Hs // 32), dtype, device)
+    B, L, C = sizes["B"], sizes["L"], sizes["C"]
+    teacher, student = llama_pair(sizes, dtype, device, gen)
     ids = torch.randint(3, C, (B, L), generator=gen, device=gen.device).to(device)
     mask = torch.ones(B, L, dtype=torch.long, device=device)
     mask[1::2, L - max(1, L // 8):] = 0
@@ -78,4 +88,4 @@ def lm_kd_step(input_ids, attention_mask, *, student, teacher, student_head=None
     return d.losses({"input_ids": input_ids, "attention_mask": attention_mask})["loss"]
 
 
-__all__ = ["build", "kd_full_logits", "lm_kd_step", "next_token_mask"]
+__all__ = ["build", "kd_full_logits", "llama_pair", "lm_kd_step", "next_token_mask"]
