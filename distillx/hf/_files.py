@@ -19,13 +19,18 @@ def decode(path: str, data: bytes) -> str:
                          "as UTF-8") from None
 
 
-def check_file(path: str, what: str, expected: str) -> None:
-    """``FileNotFoundError`` / ``IsADirectoryError`` naming ``what`` (``"text file"``), ``path`` and,
-    for a directory, the ``expected`` kind of file."""
+def check_file(path: str, what: str, expected: str, extensions: tuple[str, ...]) -> str:
+    """The lower-case extension of ``path``, one of ``extensions``; else ``FileNotFoundError`` /
+    ``IsADirectoryError`` / ``ValueError`` naming ``what`` (``"text file"``), ``path`` and the
+    ``expected`` kind of file."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} {path!r} is a directory; expected {expected}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in extensions:
+        raise ValueError(f"{what} {path!r}: expected {expected}, got {ext or 'no extension'!r}")
+    return ext
 
 
 def numbered_lines(path: str) -> Iterator[tuple[int, str]]:

@@ -47,7 +47,6 @@ resumed run sees the same order (:mod:`distillx.engine.rng`).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import torch
@@ -91,10 +90,7 @@ def read_chat(path: str, prompt_field: str = "prompt", completion_field: str = "
               messages_field: str = "messages") -> list[ChatRecord]:
     """The examples of a UTF-8 ``.jsonl`` chat file (see the module docstring); errors name the file
     and, for its content, the line."""
-    check_file(path, "chat file", _EXPECTED)
-    if os.path.splitext(path)[1].lower() != ".jsonl":
-        raise ValueError(f"chat file {path!r}: expected {_EXPECTED}, got "
-                         f"{os.path.splitext(path)[1] or 'no extension'!r}")
+    check_file(path, "chat file", _EXPECTED, (".jsonl",))
     records = []
     for number, line in numbered_lines(path):
         if not line.strip():

@@ -43,11 +43,6 @@ def end_of_sequence(model: nn.Module, given: TokenIds = None) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def _accepts(model: nn.Module) -> set[str]:
-    params = inspect.signature(model.forward).parameters
-    return set(params)
-
-
 def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row of ``logits`` (B, V) (see the module docstring)."""
     if temperature == 0:
@@ -85,7 +80,7 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         raise ValueError("every prompt needs at least one token to continue from (prompt_attention_mask has a row "
                          "of zeros)")
     eos = torch.tensor(end_of_sequence(model, eos_token_id), dtype=torch.long, device=prompt_ids.device)
-    accepts = _accepts(model)
+    accepts = set(inspect.signature(model.forward).parameters)
     # transformers 5 names the KV cache argument (and output) "cache"; 4.x "past_key_values"
     cache_key = next((k for k in CACHE_KEYS if k in accepts), None) if "use_cache" in accepts else None
     keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in accepts), {})
@@ -120,7 +115,8 @@ def sample(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             if bool(done.all()):
                 break
             step_ids = nxt[:, None]
-            ids = torch.cat([ids, step_ids], dim=1)
+            if cache_key is None:  # only a model without a cache is fed the whole sequence
+                ids = torch.cat([ids, step_ids], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     finally:
         model.train(training)

@@ -6,7 +6,6 @@ Prompt/completion data for causal LMs is :func:`chat_loader` (:mod:`distillx.hf.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import torch
@@ -20,11 +19,7 @@ from .chat import chat_loader
 def read_texts(path: str, field: str = "text") -> list[str]:
     """The examples of a UTF-8 ``.txt`` or ``.jsonl`` file; errors name the file (a missing one, a
     directory, another kind) and, for its content, the line."""
-    check_file(path, "text file", "a .txt (one example per line) or .jsonl file (one JSON object per line)")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".txt", ".jsonl"):
-        raise ValueError(f"text file {path!r}: expected a .txt (one example per line) or .jsonl file, "
-                         f"got {ext or 'no extension'!r}")
+    ext = check_file(path, "text file", "a .txt (one example per line) or .jsonl file", (".txt", ".jsonl"))
     texts = []
     for number, line in numbered_lines(path):
         if not line.strip():

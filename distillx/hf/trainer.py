@@ -27,7 +27,6 @@ from torch import nn
 
 from ..distiller import Distiller
 from ..engine.batches import LABELS
-from ..methods import Method
 
 __all__ = ["DistillationTrainer", "METHODS_FILE"]
 
