@@ -15,8 +15,8 @@ Needs pytest (the ``test`` extra).
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import math
+import os
 
 import pytest
 import torch
@@ -175,9 +175,25 @@ def child_env(**extra: str) -> dict:
     one thread per process, quiet, the directory holding this ``distillx`` first on the path, and no
     inherited rendezvous variables (a test run under torchrun must not leak its own rank to a child)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLX_QUIET="1")
+    # PYTHONFAULTHANDLER: a child killed by SIGABRT or SIGSEGV prints every thread's Python stack.
+    env = dict(os.environ, OMP_NUM_THREADS="1", DISTILLX_QUIET="1", PYTHONFAULTHANDLER="1")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra)
     return env
+
+
+def leave_process_group() -> None:
+    """End a torchrun child script: collect garbage, wait for every rank, then destroy the groups.
+
+    Objects still alive (an FSDP module's device mesh, a DDP reducer) hold the process group; freed
+    later, at interpreter exit, gloo's worker threads can abort the process. Collecting them first and
+    leaving together (no rank tears its connections down while another still works) avoids that.
+    Call it after dropping the script's references to models and Distillers."""
+    import gc
+
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

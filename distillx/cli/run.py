@@ -41,6 +41,7 @@ in a collective longer than DISTILLX_COLLECTIVE_TIMEOUT seconds (default 600) fa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import sys
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group cleanly
+            gc.collect()  # the run's modules (FSDP meshes, DDP reducers) hold the group: free them first
             dist.destroy_process_group()
 
 

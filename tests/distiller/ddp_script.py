@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import distillx as dx
 from distillx.data import digits_split
+from distillx.testing import leave_process_group
 
 
 class PerRankLogger:
@@ -62,9 +63,8 @@ def main(out: str, world: int, balance=None) -> None:
         factors = [{k: v for k, v in r.items() if k.startswith("weight/")} for r in d.metrics.steps("student")]
         torch.save({"student": student.state_dict(), "adapters": [m.state_dict() for m in d.methods],
                     "history": history, "world": d.ctx.world_size, "factors": factors}, out)
-    if torch.distributed.is_initialized():  # gloo's threads may abort the exit of a group left open
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    leave_process_group()  # after main(): its models and Distiller are freed first

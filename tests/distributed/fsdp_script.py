@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import distillx as dx
 from distillx.engine import TrainingInterrupted
-from distillx.testing import TinyTransformer
+from distillx.testing import TinyTransformer, leave_process_group
 
 
 class InterruptAt:
@@ -47,14 +47,16 @@ def main(strategy: str, out: str, interrupt_at: int, resume: bool) -> None:
     except TrainingInterrupted:
         pass
     steps = [m["loss"] for m in d.metrics.steps("student")]
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
         if strategy == "fsdp" and world > 1 else {k: v.detach().clone() for k, v in student.state_dict().items()}
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"student": full, "history": d.history, "steps": steps}, out)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume")
+    leave_process_group()  # after main(): its models and Distiller are freed first

@@ -6,11 +6,19 @@ import sys
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 import distillx as dx
 from distillx.engine.distributed import init_from_env
 from distillx.engine.sharding import set_epoch, shard_loader
+from distillx.testing import leave_process_group
 
 N, EPOCHS = 45, 3
 
@@ -93,8 +101,8 @@ def main(out: str, forms: list) -> None:
     torch.set_num_threads(1)
     ctx = init_from_env(torch.device("cpu"))
     torch.save({form: run(form, ctx) for form in forms}, f"{out}.{ctx.rank}")
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    leave_process_group()  # after main(): its models and Distiller are freed first

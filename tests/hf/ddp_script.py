@@ -9,8 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import distillx as dx  # noqa: E402
 from models import TokenDataset, bert  # noqa: E402
+
+import distillx as dx  # noqa: E402
+from distillx.testing import leave_process_group  # noqa: E402
 
 
 def main(out: str, world: int) -> None:
@@ -25,9 +27,8 @@ def main(out: str, world: int) -> None:
     history = d.fit(loader, 2)
     if d.ctx.is_main:
         torch.save({"student": student.state_dict(), "history": history, "world": d.ctx.world_size}, out)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    leave_process_group()  # after main(): its models and Distiller are freed first

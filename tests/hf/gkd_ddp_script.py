@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import distillx as dx
+from distillx.testing import leave_process_group
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf.chat_batches import ChatDataset  # noqa: E402
@@ -28,9 +29,8 @@ def main(out: str) -> None:
     torch.save({"student": student.state_dict(), "generator": d._step.generator.get_state(), "history": history,
                 "on_policy": [s["gkd/on_policy"] for s in d.metrics.steps("student")] if d.ctx.is_main else None,
                 "world": d.ctx.world_size}, f"{out}.rank{d.ctx.rank}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process_group()  # after main(): its models and Distiller are freed first
