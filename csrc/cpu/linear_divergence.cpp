@@ -16,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_di
     int64_t chunk_size, bool compute_grad) {
   return linear_divergence_host(
       student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight,
-      temperature, divergence, beta, chunk_size, compute_grad, ChunkPolicy{int64_t{64} << 20, true},
+      temperature, divergence, beta, chunk_size, compute_grad, ChunkPolicy{int64_t{64} << 20, true, true},
       [&](const at::Tensor& ls, const at::Tensor& lt, const at::Tensor& w, const at::Tensor& loss, const at::Tensor& g) {
         cpu::divergence_rows(ls, lt, w, loss, g, temperature, divergence, beta);
       });

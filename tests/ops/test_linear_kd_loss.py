@@ -186,6 +186,30 @@ def test_student_weight_of_other_dtype(rng):
     assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float64]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
+def test_half_inputs_over_several_weight_blocks(rng, dtype):
+    """On the CPU, half-precision GEMMs run in float32 with the weights converted in blocks of rows
+    (~8 MB of float32 each: 64 rows at width 32768), so C = 150 spans three blocks; a teacher in
+    float32 beside a half student, and the other way round, both with biases."""
+    H = 1 << 15
+    for teacher_dtype in (dtype, torch.float32):
+        inputs = make_inputs(rng, (5,), H, H, 150, True, True, dtype, teacher_dtype, scale=1.0)
+        divergence = rng.choice(["kl", "jsd"])
+        check_against_reference(rng, inputs, dtype, divergence=divergence, chunk_size=2, temperature=2.0,
+                                tag_extra=dict(teacher_dtype=teacher_dtype))
+        if teacher_dtype == torch.float32:
+            # Sharper than the reference's tolerance (made for O(1) gradients; these are ~1/sqrt(H)):
+            # the float32 op on the same values, up to rounding the results to the half dtype.
+            loss, grads = run_linear(*inputs, divergence=divergence, chunk_size=2, temperature=2.0)
+            up = [x.float() if x is not None else None for x in inputs[:3]] + list(inputs[3:])
+            want_loss, want_grads = run_linear(*up, divergence=divergence, chunk_size=2, temperature=2.0)
+            for got, want in zip((loss, *grads), (want_loss, *want_grads)):
+                torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()),
+                                           msg=rng.tag(dtype=dtype))
+    hs, ws, bs, ht, wt, bt = make_inputs(rng, (5,), 64, H, 150, True, True, torch.float32, dtype, scale=1.0)
+    check_against_reference(rng, (hs, ws, bs, ht, wt, bt), torch.float32, chunk_size=3, tag_extra=dict(teacher=dtype))
+
+
 def test_teacher_hidden_converted_to_teacher_weight_dtype(rng):
     hs, ws = rng.randn(4, 5, dtype=F64), rng.randn(7, 5, dtype=F64)
     ht, wt = rng.randn(4, 3, dtype=torch.float32), rng.randn(7, 3, dtype=F64)
