@@ -93,15 +93,15 @@ double panel_cpu_typed(PanelArgs& a) {
   const SideKernel<T> ks = side<T>(a.kernel, a.ps), kt = side<T>(a.kernel, a.pt);
   const bool rbf = a.kernel == kRBF, cheb = a.kernel == kChebyshev, grad = a.grad;
   const bool stats = a.mode == kRowStats, normgrad = a.mode == kRowNormGrad;
+  const bool mmd = a.ai.defined();
   T* gs = a.gs.data_ptr<T>();
-  T* gt = a.gt.data_ptr<T>();
+  T* gt = mmd ? nullptr : a.gt.data_ptr<T>();
   T* g1s = cheb ? a.g1s.data_ptr<T>() : nullptr;
-  const T* g1t = cheb ? a.g1t.const_data_ptr<T>() : nullptr;
+  const T* g1t = cheb && !mmd ? a.g1t.const_data_ptr<T>() : nullptr;
   const T* nsi = rbf ? a.nsi.const_data_ptr<T>() : nullptr;
   const T* nsp = rbf ? a.nsp.const_data_ptr<T>() : nullptr;
   const T* nti = rbf ? a.nti.const_data_ptr<T>() : nullptr;
   const T* ntp = rbf ? a.ntp.const_data_ptr<T>() : nullptr;
-  const bool mmd = a.ai.defined();
   const T* wi = mmd ? a.ai.const_data_ptr<T>() : nullptr;
   const T* wp = mmd ? a.ap.const_data_ptr<T>() : nullptr;
   double* stats_i = stats ? a.ri.data_ptr<double>() : nullptr;
@@ -117,9 +117,9 @@ double panel_cpu_typed(PanelArgs& a) {
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* rs = gs + i * P;
-      T* rt = gt + i * P;
+      T* rt = mmd ? nullptr : gt + i * P;
       T* r1s = cheb ? g1s + i * P : nullptr;
-      const T* r1t = cheb ? g1t + i * P : nullptr;
+      const T* r1t = cheb && !mmd ? g1t + i * P : nullptr;
       Vec<T> acc_diag(0), acc_off(0), acc_ss(0), acc_tt(0), acc_st(0);
       // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
       auto trim = [&](Vec<T> v, int64_t count) {

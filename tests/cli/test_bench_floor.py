@@ -94,7 +94,7 @@ def test_ceilings_are_positive_and_finite():
     out = ceilings.measure({"float32": F32, "bfloat16": BF16}, torch.device("cpu"), mm_size=32, copy_mb=1,
                            repeats=1)
     assert out["threads"] == torch.get_num_threads() and out["mm_size"] == 32 and out["copy_mb"] == 1
-    assert set(out["mm_gflops"]) == {"float32", "bfloat16"}
+    assert set(out["mm_gflops"]) == set(out["mm_sizes"]) == {"float32", "bfloat16"}
     for value in (*out["mm_gflops"].values(), out["copy_gbps"]):
         assert value > 0 and math.isfinite(value)
 
@@ -124,6 +124,33 @@ def test_floor_is_the_larger_bound():
     assert ceilings.floor(None, ceiling, "float32") is None
     assert ceilings.floor({"flops": 1, "bytes": 1}, None, "float32") is None
     assert ceilings.floor({"flops": 1, "bytes": 1}, ceiling, "bfloat16") is None  # no rate for that dtype
+
+
+def test_half_floor_takes_the_better_gemm():
+    """bfloat16 inputs may be multiplied in float32: the floor uses the faster of the two rates; a
+    float64 run never borrows the float32 rate."""
+    ceiling = {"mm_gflops": {"float32": 100.0, "bfloat16": 2.0, "float64": 40.0}, "copy_gbps": 1000.0}
+    assert ceilings.floor({"flops": 1e9, "bytes": 1}, ceiling, "bfloat16")["compute_ms"] == pytest.approx(10.0)
+    assert ceilings.floor({"flops": 1e9, "bytes": 1}, ceiling, "float64")["compute_ms"] == pytest.approx(25.0)
+    ceiling["mm_gflops"]["bfloat16"] = 400.0  # native bfloat16 GEMMs (AMX): their rate
+    assert ceilings.floor({"flops": 1e9, "bytes": 1}, ceiling, "bfloat16")["compute_ms"] == pytest.approx(2.5)
+
+
+def test_a_slow_dtype_is_measured_at_a_smaller_size(monkeypatch):
+    """A probe predicting more than the budget shrinks n (a multiple of 64, at least the probe's 256)."""
+    calls = []
+
+    def fake(n, dtype, device, repeats=3):
+        calls.append(n)
+        return 1.0  # 1 GFLOP/s: 4096² takes 137 s a call
+    monkeypatch.setattr(ceilings, "mm_gflops", fake)
+    rate, n = ceilings.mm_rate(4096, BF16, torch.device("cpu"), repeats=3, budget_s=10.0)
+    assert calls[0] == 256 and n == calls[-1] and n % 64 == 0 and 256 <= n < 4096
+    assert 4 * 2 * n ** 3 / 1e9 <= 10.0 < 4 * 2 * (n + 64) ** 3 / 1e9
+    calls.clear()
+    monkeypatch.setattr(ceilings, "mm_gflops", lambda n, *a, **k: calls.append(n) or 1e6)
+    assert ceilings.mm_rate(4096, F32, torch.device("cpu"))[1] == 4096 and calls == [256, 4096]
+    assert ceilings.mm_rate(128, F32, torch.device("cpu"))[1] == 128 and calls[-1] == 128
 
 
 def _row(threads, impl, median):

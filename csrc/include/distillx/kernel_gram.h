@@ -52,7 +52,7 @@ struct PanelArgs {
   int64_t kernel;
   const std::vector<double>& ps;
   const std::vector<double>& pt;
-  at::Tensor gs, gt, g1s, g1t;        // (b, cols) contiguous
+  at::Tensor gs, gt, g1s, g1t;        // (b, cols) contiguous; gt, g1t undefined in MMD mode
   at::Tensor nsi, nsp, nti, ntp;      // rbf squared norms of the panel rows / columns
   int64_t diag;                       // b
   bool grad;
@@ -96,8 +96,10 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   const int64_t N = x.size(0);
   const int64_t G = grad_rows < 0 ? N : std::min(grad_rows, N);
   if (panel_rows <= 0) {
-    // Keep a panel near 1 MB so the elementwise sweep runs in cache.
-    panel_rows = std::max<int64_t>(16, std::min<int64_t>(256, (int64_t{1} << 18) / std::max<int64_t>(N, 1)));
+    // Keep the panel buffers near 2 MB in all so the elementwise sweep runs in cache: a buffer of
+    // 1 MB per side, or 2 MB for MMD's one side (twice the rows: a wider GEMM, the same memory).
+    const int64_t budget = mmd ? (int64_t{1} << 19) : (int64_t{1} << 18);
+    panel_rows = std::max<int64_t>(16, std::min<int64_t>(256, budget / std::max<int64_t>(N, 1)));
   }
   panel_rows = std::max<int64_t>(1, std::min(panel_rows, std::max<int64_t>(N, 1)));
   const bool rbf = kernel == kRBF;
@@ -107,8 +109,13 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
   at::Tensor grad, rowsum;
   // Panel buffers, allocated once and reused (fresh pages per panel cost more than the math).
   const int64_t cap = panel_rows * N;
-  at::Tensor bs = at::empty({cap}, x.options()), bt = at::empty({cap}, x.options());
-  at::Tensor b1s = cheb ? at::empty({cap}, x.options()) : at::Tensor(), b1t = cheb ? at::empty({cap}, x.options()) : at::Tensor();
+  // MMD has no teacher side: no buffers for it.
+  at::Tensor bs = at::empty({cap}, x.options()), bt = mmd ? at::Tensor() : at::empty({cap}, x.options());
+  at::Tensor b1s = cheb ? at::empty({cap}, x.options()) : at::Tensor();
+  at::Tensor b1t = cheb && !mmd ? at::empty({cap}, x.options()) : at::Tensor();
+  auto panel_view = [](const at::Tensor& buf, int64_t b, int64_t cols) {
+    return buf.defined() ? buf.narrow(0, 0, b * cols).view({b, cols}) : at::Tensor();
+  };
 
   // One sweep over the upper-triangle panels; `rows` holds the per-row tensor of the mode (stats or
   // coefficients). Returns the sum of the panels' loss terms; with grad, accumulates Σ_j M_ij ∂k.
@@ -123,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
       const at::Tensor xi = x.narrow(0, i0, b), xp = x.narrow(0, i0, cols);
       const at::Tensor yi = y.narrow(0, i0, b), yp = y.narrow(0, i0, cols);
       const bool panel_grad = with_grad && i0 < G;
-      PanelArgs a{kernel, ps, pt, bs.narrow(0, 0, b * cols).view({b, cols}), bt.narrow(0, 0, b * cols).view({b, cols}),
+      PanelArgs a{kernel, ps, pt, panel_view(bs, b, cols), panel_view(bt, b, cols),
                   at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), b, panel_grad,
                   mmd ? wts.narrow(0, i0, b) : at::Tensor(), mmd ? wts.narrow(0, i0, cols) : at::Tensor(), mode,
                   rows.defined() ? rows.narrow(0, i0, b) : at::Tensor(),
@@ -131,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor> gram_loss_panels(const at::Tensor& s, const a
       at::mm_out(a.gs, xi, xp.t());
       if (!mmd) at::mm_out(a.gt, yi, yp.t());
       if (cheb) {
-        a.g1s = b1s.narrow(0, 0, b * cols).view({b, cols});
-        a.g1t = b1t.narrow(0, 0, b * cols).view({b, cols});
+        a.g1s = panel_view(b1s, b, cols);
+        a.g1t = panel_view(b1t, b, cols);
         at::mm_out(a.g1s, xi.narrow(1, Ds1, Ds1), xp.narrow(1, Ds1, Ds1).t());
         if (!mmd) at::mm_out(a.g1t, yi.narrow(1, Dt1, Dt1), yp.narrow(1, Dt1, Dt1).t());
       }
