@@ -22,6 +22,7 @@
 
 #include "distillx/checks.h"
 #include "distillx/attention_relation.h"
+#include "distillx/cpu/vec_math.h"
 
 namespace distillx {
 namespace {
@@ -55,13 +56,6 @@ Tokens real_tokens(const at::Tensor& mask, int64_t B, int64_t A, int64_t L) {
 // Rows of x (L, d) at the real tokens: a view when there is no mask, a compact copy otherwise.
 inline at::Tensor gather(const at::Tensor& x, const at::Tensor& index) {
   return index.defined() ? x.index_select(0, index) : x;
-}
-
-// exp at the row kernel's accuracy: float uses the ~20-ulp Sleef variant (ample next to float32
-// accumulation, and twice as fast), double the accurate one.
-template <typename T>
-inline Vec<T> fast_exp(const Vec<T>& v) {
-  if constexpr (std::is_same_v<T, float>) return v.exp_u20(); else return v.exp();
 }
 
 template <typename T>
@@ -98,8 +92,8 @@ struct RowState {
     const Vec<T> ms_v(ms_new), mt_v(mt_new);
     for (j = 0; j + V <= n; j += V) {
       const Vec<T> s = Vec<T>::loadu(zs + j) - ms_v, t = Vec<T>::loadu(zt + j) - mt_v;
-      const Vec<T> et = fast_exp(t);
-      sum_s = sum_s + fast_exp(s);
+      const Vec<T> et = cpu::fast_exp(t);
+      sum_s = sum_s + cpu::fast_exp(s);
       sum_t = sum_t + et;
       sum_a = sum_a + et * (t - s);
     }
@@ -215,7 +209,7 @@ void relation_backward_typed(T scale, const at::Tensor& qs, const at::Tensor& ks
             const T ls = lse_p[2 * (i0 + r)], lt = lse_p[2 * (i0 + r) + 1];
             // ∂Z overwrites the student tile: scale·(e^(z_s − lse_s) − e^(z_t − lse_t)).
             at::vec::map2<T>([ls, lt, scale](const Vec<T>& s, const Vec<T>& t) {
-              return (fast_exp(s - Vec<T>(ls)) - fast_exp(t - Vec<T>(lt))) * Vec<T>(scale);
+              return (cpu::fast_exp(s - Vec<T>(ls)) - cpu::fast_exp(t - Vec<T>(lt))) * Vec<T>(scale);
             }, ps + r * stride, ps + r * stride, pt + r * stride, nk);
           }
           dq.narrow(0, i0, n).addmm_(zs, k_s.narrow(0, j0, nk), 1, ss);

@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "distillx/cpu/vec_math.h"
 #include "distillx/kernel_gram.h"
 
 namespace distillx {
@@ -32,7 +33,7 @@ struct SideKernel {
       }
       case kRBF: {
         const Vec<T> d2 = at::vec::maximum(nsum - g - g, Vec<T>(0));
-        const Vec<T> k = (d2 * Vec<T>(-p0)).exp();
+        const Vec<T> k = cpu::fast_exp(d2 * Vec<T>(-p0));
         if (dk) *dk = k * Vec<T>(2 * p0);
         return k;
       }

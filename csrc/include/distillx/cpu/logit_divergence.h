@@ -19,6 +19,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "distillx/cpu/vec_math.h"
 #include "distillx/logit_divergence.h"
 
 namespace distillx {
@@ -76,12 +77,7 @@ inline acc_t exp_sum(const acc_t* x, acc_t* e, int64_t padded, acc_t m) {
   const Vec vm(m);
   Vec acc(0);
   for (int64_t j = 0; j < padded; j += Vec::size()) {
-    Vec v = Vec::loadu(x + j) - vm;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      v = v.exp_u20();
-    } else {
-      v = v.exp();
-    }
+    const Vec v = fast_exp(Vec::loadu(x + j) - vm);
     v.store(e + j);
     acc = acc + v;
   }
