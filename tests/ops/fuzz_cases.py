@@ -141,11 +141,12 @@ def check_linear_kd_loss(case: dict) -> None:
     hs = v.tensor(rows + (hs_dim,), dtype, case["hs_layout"])
     ws = v.tensor((C, hs_dim), dtype, case["ws_layout"], 2.0 / math.sqrt(hs_dim))
     bs = v.tensor((C,), dtype, scale=0.5) if case["s_bias"] else None
-    # A teacher less precise than the student: its logits are defined only to its own rounding, which
-    # depends on the summation order (the kernel rounds once, a half-precision F.linear of width 1
-    # rounds product and sum apart: one bfloat16 ulp, amplified by 1/T). Values on a grid make every
-    # teacher logit exact in any order, so both sides see the same teacher logits.
-    draw = v.grid if torch.finfo(t_dtype).eps > torch.finfo(dtype).eps else v.tensor
+    # A half-precision teacher, or one less precise than the student: its logits are defined only to
+    # its own rounding, which depends on the summation order (the CPU kernel multiplies in float32 and
+    # rounds once, a half-precision F.linear of width 1 rounds product and sum apart: one bfloat16
+    # ulp, amplified by 1/T). Values on a grid make every teacher logit exact in any order, so both
+    # sides see the same teacher logits.
+    draw = v.grid if t_dtype in HALF or torch.finfo(t_dtype).eps > torch.finfo(dtype).eps else v.tensor
     ht = draw(rows + (ht_dim,), t_dtype, case["ht_layout"])
     wt = draw((C, ht_dim), t_dtype, case["wt_layout"], 2.0 / math.sqrt(ht_dim))
     bt = draw((C,), t_dtype, scale=0.5) if case["t_bias"] else None

@@ -14,6 +14,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -60,13 +61,26 @@ inline typename Vec::value_type hmax(const Vec& v) {
   return acc;
 }
 
+// dst = src·scale, padded with −inf; returns its maximum (NaN if any element is NaN). A float row
+// is scaled and reduced in the same sweep; other dtypes are converted first.
 template <typename scalar_t, typename acc_t>
 inline acc_t load_scaled(const scalar_t* src, acc_t* dst, int64_t C, int64_t padded, acc_t scale) {
   using Vec = at::vec::Vectorized<acc_t>;
-  for (int64_t j = 0; j < C; ++j) dst[j] = static_cast<acc_t>(src[j]) * scale;
-  for (int64_t j = C; j < padded; ++j) dst[j] = -std::numeric_limits<acc_t>::infinity();
-  Vec vmax(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = 0; j < padded; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(dst + j));
+  constexpr int64_t V = Vec::size();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  Vec vmax(ninf);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    const Vec vs(scale);
+    for (; j + V <= C; j += V) {
+      const Vec v = Vec::loadu(src + j) * vs;
+      v.store(dst + j);
+      vmax = at::vec::maximum(vmax, v);
+    }
+  }
+  for (int64_t k = j; k < C; ++k) dst[k] = static_cast<acc_t>(src[k]) * scale;
+  for (int64_t k = C; k < padded; ++k) dst[k] = ninf;
+  for (; j < padded; j += V) vmax = at::vec::maximum(vmax, Vec::loadu(dst + j));
   return hmax(vmax);
 }
 
@@ -136,15 +150,25 @@ inline acc_t divergence_row(const scalar_t* s_row, const scalar_t* t_row, scalar
 
   acc_t total;  // T²-free divergence of the row
   if (prm.divergence == kForwardKL) {
+    // The forward-KL gradient needs no row total: it is stored in the same sweep, straight into
+    // grad for float rows (s_row, which grad may alias, is already in scratch).
+    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+    constexpr int64_t V = Vec::size();
     Vec loss(0);
-    for (int64_t j = 0; j < P; j += Vec::size()) {
+    for (int64_t j = 0; j < P; j += V) {
       const Vec p = Vec::loadu(eb + j) * rzt, q = Vec::loadu(ea + j) * rzs;
       const Vec lp = Vec::loadu(b + j) - lse_t, lq = Vec::loadu(a + j) - lse_s;
       loss = loss + guarded(p, lp, lq);
-      // The forward-KL gradient needs no row total: store it in the same sweep.
-      if (grad != nullptr) ((q - p) * gscale).store(ea + j);
+      if (grad == nullptr) continue;
+      const Vec gj = (q - p) * gscale;
+      if constexpr (direct) {
+        gj.store(reinterpret_cast<acc_t*>(grad) + j, std::min<int64_t>(V, C - j));
+      } else {
+        gj.store(ea + j);
+      }
     }
     total = hsum(loss);
+    if constexpr (direct) return weight * T * T * total;
   } else {
     // ref = lp (reverse KL) or lm = log(βp+(1−β)q) (JSD). The gradient needs the row total
     // KL(q‖ref) first, so r = lq − ref and q are kept in scratch for a second, in-cache sweep.
