@@ -6,6 +6,7 @@
 // second time from L1; the tasks of one sample agree on m_b in a pass over the small (B, H, W) map.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "distillx/attention_map.h"
@@ -70,15 +72,29 @@ T max_abs(const T* row, int64_t n) {
   return m;
 }
 
+// Half-precision features are read as they are and converted a row block at a time into float
+// scratch (no float32 copy of the feature map); map, scales and math are float32.
+template <typename S, typename T>
+inline const T* as_math(const S* src, int64_t n, T* scratch) {
+  if constexpr (std::is_same_v<S, T>) {
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<T>(src[j]);
+    return scratch;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& feature, double p) {
-  check_attention_map(feature, p);
+  check_attention_map(feature, p, /*half=*/true);
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
-  at::Tensor out = at::empty({B, f.size(2), f.size(3)}, f.options());
-  at::Tensor scale = at::empty({B}, f.options());
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_cpu", [&] {
-    using T = scalar_t;
-    const T* x = f.const_data_ptr<T>();
+  const auto math = f.options().dtype(at::toOpMathType(f.scalar_type()));
+  at::Tensor out = at::empty({B, f.size(2), f.size(3)}, math);
+  at::Tensor scale = at::empty({B}, math);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "distillx_attention_map_cpu", [&] {
+    using S = scalar_t;
+    using T = at::opmath_type<S>;
+    const S* x = f.const_data_ptr<S>();
     T* a = out.mutable_data_ptr<T>();
     T* sc = scale.mutable_data_ptr<T>();
     // Columns per task: whole rows when they fit and there are samples enough for every thread (one
@@ -97,12 +113,13 @@ std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& feature, 
     std::vector<T> task_max(B * blocks);  // each task's m: its sum is of |f / m|^p
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
       alignas(64) T acc[kMaxBlock];
+      alignas(64) T conv[std::is_same_v<S, T> ? 1 : kMaxBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, j0 = (task % blocks) * block, n = std::min(block, HW - j0);
         std::fill(acc, acc + n, T(0));
         T m = T(0);
         for (int64_t c = 0; c < C && !std::isnan(m); ++c) {
-          const T* row = x + (b * C + c) * HW + j0;
+          const T* row = as_math<S, T>(x + (b * C + c) * HW + j0, n, conv);
           const T r = max_abs(row, n);
           if (std::isnan(r) || r > m) {
             if (m > T(0)) {  // the sum so far was of |f / m|^p; make it of |f / r|^p
@@ -150,25 +167,29 @@ std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& feature, 
 
 at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& feature,
                                       const at::Tensor& scale, double p) {
-  const at::Tensor m = attention_map_scale(grad_map, feature, scale, p);
+  const at::Tensor m = attention_map_scale(grad_map, feature, scale, p, /*half=*/true);
   const at::Tensor f = feature.contiguous();
   const int64_t B = f.size(0), C = f.size(1), HW = f.size(2) * f.size(3);
-  const at::Tensor g = grad_map.to(f.scalar_type()).contiguous();
+  const at::Tensor g = grad_map.to(m.scalar_type()).contiguous();
   at::Tensor out = cpu::empty_prefaulted(f.sizes(), f.options());
-  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "distillx_attention_map_backward_cpu", [&] {
-    using T = scalar_t;
-    const T* x = f.const_data_ptr<T>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "distillx_attention_map_backward_cpu", [&] {
+    using S = scalar_t;
+    using T = at::opmath_type<S>;
+    constexpr bool same = std::is_same_v<S, T>;
+    const S* x = f.const_data_ptr<S>();
     const T* gm = g.const_data_ptr<T>();
     const T* ms = m.const_data_ptr<T>();
-    T* dx = out.mutable_data_ptr<T>();
+    S* dx = out.mutable_data_ptr<S>();
     const T pp = static_cast<T>(p), p_over_c = pp / static_cast<T>(std::max<int64_t>(C, 1));
     // Whole rows per task (at least 32K elements), so each thread streams a contiguous range.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1));
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+      // Half rows: the row in float, and its gradient in float before it is rounded into dx.
+      std::vector<T> conv(same ? 0 : 2 * HW);
       for (int64_t row = begin; row < end; ++row) {
-        const T* src = x + row * HW;
+        const T* src = as_math<S, T>(x + row * HW, HW, conv.data());
         const T* grow = gm + (row / C) * HW;
-        T* dst = dx + row * HW;
+        T* dst = same ? reinterpret_cast<T*>(dx + row * HW) : conv.data() + HW;
         // ∂f = unscale(unscale(f)^(p−1)·g·p/C): the second 1/m last, as the reference's autograd has it,
         // so a subnormal m gives the (large, finite) gradient rather than 0·inf.
         with_unscale(ms[row / C], [&](const auto unscale) {
@@ -192,6 +213,10 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
             dst[j] = unscale(d * grow[j] * p_over_c);
           }
         });
+        if constexpr (!same) {
+          S* out_row = dx + row * HW;
+          for (int64_t j = 0; j < HW; ++j) out_row[j] = static_cast<S>(dst[j]);
+        }
       }
     });
   });

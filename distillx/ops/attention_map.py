@@ -22,8 +22,9 @@ OP = "attention_map"
 
 
 def _fake(feature, p):
-    return feature.new_empty((feature.shape[0], feature.shape[2], feature.shape[3])), feature.new_empty(
-        (feature.shape[0],))
+    math = acc_dtype(feature.dtype)  # half-precision features give float32 maps and scales
+    return (feature.new_empty((feature.shape[0], feature.shape[2], feature.shape[3]), dtype=math),
+            feature.new_empty((feature.shape[0],), dtype=math))
 
 
 def _backward_fake(grad_map, feature, scale, p):
@@ -39,7 +40,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad, _grad_scale):
     feature, scale = ctx.saved_tensors
     if building_graph():  # create_graph=True: the same gradient, built from differentiable operations
-        return differentiable_grads(lambda f: ref.unit_attention_map(f, ctx.p), [feature], [0], grad)[0], None
+        return differentiable_grads(lambda f: ref.unit_attention_map(f.to(acc_dtype(f.dtype)), ctx.p), [feature], [0],
+                                    grad)[0], None
     return torch.ops.distillx.attention_map_backward(grad, feature, scale, ctx.p), None
 
 
@@ -50,9 +52,10 @@ register("attention_map_backward", _backward_fake)
 def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
     """``mean_c |f / m|^p`` (B, H, W), ``m`` each sample's max ``|f|`` (detached): the fused op where it
     has a kernel, else the reference (:func:`distillx.ops.reference.unit_attention_map`)."""
-    f = f.to(acc_dtype(f.dtype))
     if not use_kernel(OP, f.device):
-        return ref.unit_attention_map(f, p)
+        return ref.unit_attention_map(f.to(acc_dtype(f.dtype)), p)
+    if f.device.type != "cpu":  # the CPU kernel reads half precision itself; the others take float32
+        f = f.to(acc_dtype(f.dtype))
     return torch.ops.distillx.attention_map(f, float(p))[0]
 
 

@@ -323,6 +323,27 @@ def test_opcheck_attention_map(rng):
 
 
 @requires_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_half_features_read_in_place(rng, dtype):
+    """The CPU kernel reads half-precision features itself (no float32 copy of the map): the maps and
+    scales are float32 and bitwise those of the float32 kernel on the same values; the gradient is in
+    the features' dtype and is the float32 kernel's, rounded. 70x70 > 4096 columns: several blocks."""
+    for shape, p in (((2, 3, 5, 7), 2.0), ((1, 4, 70, 70), 1.5), ((3, 1, 1, 1), 3.0)):
+        f = rng.randn(*shape, dtype=dtype)
+        tag = rng.tag(dtype=dtype, shape=shape, p=p)
+        a, scale = torch.ops.distillx.attention_map(f, p)
+        a32, scale32 = torch.ops.distillx.attention_map(f.float(), p)
+        assert a.dtype == scale.dtype == torch.float32, tag
+        assert torch.equal(a, a32) and torch.equal(scale, scale32), tag
+        g = rng.randn(shape[0], shape[2], shape[3])
+        grad = torch.ops.distillx.attention_map_backward(g, f, scale, p)
+        assert grad.dtype == dtype, tag
+        assert torch.equal(grad, torch.ops.distillx.attention_map_backward(g, f.float(), scale32, p).to(dtype)), tag
+        torch.library.opcheck(torch.ops.distillx.attention_map.default, (f.requires_grad_(True), p))
+        torch.library.opcheck(torch.ops.distillx.attention_map_backward.default, (g, f.detach(), scale, p))
+
+
+@requires_kernel
 def test_raw_op_argument_checks(rng):
     with pytest.raises(RuntimeError, match="p must be > 0"):
         torch.ops.distillx.attention_map(rng.randn(1, 2, 3, 3), 0.0)
