@@ -189,8 +189,8 @@ def test_student_weight_of_other_dtype(rng):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[-1])
 def test_half_inputs_over_several_weight_blocks(rng, dtype):
     """On the CPU, half-precision GEMMs run in float32 with the weights converted in blocks of rows
-    (~8 MB of float32 each: 64 rows at width 32768), so C = 150 spans three blocks; a teacher in
-    float32 beside a half student, and the other way round, both with biases."""
+    (~8 MB of float32 each: 64 rows at width 32768), so C = 150 spans three blocks; a half teacher
+    (converted and rounded block by block) and a float32 one, both with biases."""
     H = 1 << 15
     for teacher_dtype in (dtype, torch.float32):
         inputs = make_inputs(rng, (5,), H, H, 150, True, True, dtype, teacher_dtype, scale=1.0)
@@ -206,8 +206,6 @@ def test_half_inputs_over_several_weight_blocks(rng, dtype):
             for got, want in zip((loss, *grads), (want_loss, *want_grads)):
                 torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()),
                                            msg=rng.tag(dtype=dtype))
-    hs, ws, bs, ht, wt, bt = make_inputs(rng, (5,), 64, H, 150, True, True, torch.float32, dtype, scale=1.0)
-    check_against_reference(rng, (hs, ws, bs, ht, wt, bt), torch.float32, chunk_size=3, tag_extra=dict(teacher=dtype))
 
 
 def test_teacher_hidden_converted_to_teacher_weight_dtype(rng):
