@@ -35,4 +35,4 @@ bench: setup
 	$(BIN)/distillx bench --json bench.json
 
 clean:
-	rm -rf build $(VENV) distillx/_C*.so *.egg-info
+	rm -rf build $(VENV) distillx/_C*.so distillx/_cpu_*.so *.egg-info

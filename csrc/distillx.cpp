@@ -1,5 +1,6 @@
-// distillx._C: every operator schema in one place, plus build information for `distillx info`.
-// Kernels register per device and family in csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu.
+// distillx._C: every operator schema in one place, the CUDA kernels, and build information for
+// `distillx info`. Kernels register per device and family in csrc/cpu/<family>.cpp (built once per
+// vector ISA into distillx/_cpu_<isa>*.so, one of which distillx/_ext.py loads) and csrc/cuda/<family>.cu.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -7,8 +8,8 @@
 #include <cuda.h>  // CUDA_VERSION
 #endif
 
-#ifndef DISTILLX_CPU_CAPABILITY
-#define DISTILLX_CPU_CAPABILITY "default"
+#ifndef DISTILLX_CPU_ISAS
+#define DISTILLX_CPU_ISAS "default"
 #endif
 
 TORCH_LIBRARY(distillx, m) {
@@ -68,7 +69,7 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);
-  info["cpu_capability"] = DISTILLX_CPU_CAPABILITY;
+  info["cpu_isas"] = DISTILLX_CPU_ISAS;  // the ISA libraries this build compiled
 #ifdef DISTILLX_WITH_CUDA
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);

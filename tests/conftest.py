@@ -16,6 +16,8 @@ def pytest_sessionstart(session):
 
         if not _ext.available():
             raise pytest.UsageError(f"DISTILLX_REQUIRE_COMPILED=1 but distillx._C failed to load: {_ext._ERROR}")
+        if _ext.cpu_isa() is None:
+            raise pytest.UsageError(f"DISTILLX_REQUIRE_COMPILED=1 but no CPU kernels loaded: {_ext.cpu_error()}")
 
 
 @pytest.fixture
@@ -61,4 +63,6 @@ else:
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("fuzz", max_examples=1000, **_FUZZ)
     settings.register_profile("long", max_examples=10000, **_FUZZ)
+    # The ISAs other than the loaded one (tests/ops/test_cpu_isa.py runs the suite once per ISA).
+    settings.register_profile("isa", max_examples=200, **_FUZZ)
     settings.load_profile("fuzz")

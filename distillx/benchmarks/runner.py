@@ -260,6 +260,7 @@ def environment(device: torch.device) -> Dict:
                    gpu_memory_gb=props.total_memory / 1e9)
     env["distillx"] = __version__
     env["distillx_build_info"] = _jsonable(_ext.build_info())
+    env["distillx_cpu_isa"] = _ext.cpu_isa()
     env["distillx_compiled"] = _ext.available()
     if not _ext.available():
         env["distillx_missing_reason"] = getattr(_ext, "_ERROR", None)

@@ -22,6 +22,10 @@ def collect() -> dict:
         "compiled_core": _ext.available(),
         "build": _ext.build_info(),
         "cuda_kernels_built": bool(_ext.build_info().get("cuda", False)),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": _ext.cpu_isa(),
+        "cpu_isas_built": _ext.built_isas(),
+        "cpu_kernels_error": _ext.cpu_error(),
         "threads": torch.get_num_threads(),
         "ops": {op: {dev: backend(op, dev) for dev in devices} for op in library_ops()},
     }
@@ -39,9 +43,12 @@ def main(argv=None) -> int:
           f"python {info['python']}  threads {info['threads']}")
     if info["compiled_core"]:
         b = info["build"]
-        print(f"compiled core: built against torch {b.get('torch_version')}, CPU ISA {b.get('cpu_capability')}, "
+        print(f"compiled core: built against torch {b.get('torch_version')}, "
               f"OpenMP {'yes' if b.get('openmp') else 'no'}, "
               f"CUDA kernels {'built (CUDA ' + str(b.get('cuda_version')) + ')' if info['cuda_kernels_built'] else 'not built'}")
+        built = ", ".join(info["cpu_isas_built"]) or "none"
+        loaded = info["cpu_isa"] or f"none: {info['cpu_kernels_error']}"
+        print(f"CPU kernels: {loaded} (built: {built}; this CPU: {info['cpu_capability']})")
     else:
         print(f"compiled core: MISSING ({_ext._ERROR}); every op runs its pure-PyTorch reference")
     print("op backends:")

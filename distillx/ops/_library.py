@@ -74,7 +74,8 @@ def use_kernel(op: str, device: torch.device) -> bool:
         _ext.warn_missing_once()
     elif (op, device.type) not in _FALLBACK_WARNED:
         _FALLBACK_WARNED.add((op, device.type))
-        warnings.warn(f"distillx::{op} has no compiled kernel for {device.type}; running the reference",
+        why = f" ({_ext.cpu_error()})" if device.type == "cpu" and _ext.cpu_error() else ""
+        warnings.warn(f"distillx::{op} has no compiled kernel for {device.type}{why}; running the reference",
                       RuntimeWarning, stacklevel=4)
     return False
 
