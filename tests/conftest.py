@@ -64,5 +64,5 @@ else:
     settings.register_profile("fuzz", max_examples=1000, **_FUZZ)
     settings.register_profile("long", max_examples=10000, **_FUZZ)
     # The ISAs other than the loaded one (tests/ops/test_cpu_isa.py runs the suite once per ISA).
-    settings.register_profile("isa", max_examples=200, **_FUZZ)
+    settings.register_profile("isa", max_examples=100, **_FUZZ)
     settings.load_profile("fuzz")

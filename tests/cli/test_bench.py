@@ -34,7 +34,9 @@ def _assert_measured(row):
 
 def test_quick_eager_and_distillx_every_case(tmp_path, capsys):
     path = tmp_path / "b.json"
-    rc = bench.main(["--quick", "--impls", "eager,distillx", "--json", str(path), "-q"])
+    # In this process (--no-isolate): the fresh process per case x impl is covered by the
+    # single-case and thread-count tests, and 20 interpreter starts cost two minutes here.
+    rc = bench.main(["--quick", "--impls", "eager,distillx", "--no-isolate", "--json", str(path), "-q"])
     out = capsys.readouterr().out
     report = _load(path)
 
