@@ -357,7 +357,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = report["environment"]
     threads_label = ",".join(map(str, ns.threads)) if ns.threads else str(env["torch_threads"])
     print(f"distillx bench: torch {env['torch']}, {env['device']}"
-          + (f" ({env['gpu']})" if env.get("gpu") else f" ({env['cpu']}, {threads_label} threads)")
+          + (f" ({env['gpu']})" if env.get("gpu") else
+             f" ({env['cpu']}, {threads_label} threads, CPU kernels {env.get('distillx_cpu_isa') or 'none'})")
           + f", up to {repeats} timed repeats (n) after {warmup} warm-up"
           + (f", at most {ns.max_time:g} s of repeats after the first 3" if ns.max_time else ""))
     for ceiling in env.get("ceilings", []):

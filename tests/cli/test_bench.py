@@ -66,6 +66,9 @@ def test_quick_eager_and_distillx_every_case(tmp_path, capsys):
     for key in ("torch", "device", "cpu", "torch_threads", "distillx_build_info", "distillx_compiled"):
         assert key in env
     assert report["config"]["impls"] == ["eager", "distillx"] and report["config"]["quick"]
+    # which ISA's CPU kernels the numbers come from, in the JSON and the table's first line
+    assert env["distillx_cpu_isa"] == _ext.cpu_isa()
+    assert f"CPU kernels {_ext.cpu_isa() or 'none'})" in out.splitlines()[0]
     (ceiling,) = env["ceilings"]
     assert ceiling["copy_gbps"] > 0 and all(r["threads"] == ceiling["threads"] for r in report["results"])
     calib = report["memory_method"]["calibration"]
