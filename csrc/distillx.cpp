@@ -61,6 +61,12 @@ TORCH_LIBRARY(distillx, m) {
   m.def(
       "attention_relation_backward(Tensor grad, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, "
       "Tensor? key_padding_mask, Tensor stats) -> (Tensor, Tensor)");
+  // The same loss in one pass with, when compute_grad, its gradients for q_s and k_s at unit upstream
+  // gradient (empty tensors otherwise): a query block's score rows are held whole (rows × L, about
+  // 1 MB per side), so nothing is recomputed. CPU only; the Python wrapper picks it for L up to a limit.
+  m.def(
+      "attention_relation_fused(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor? key_padding_mask, "
+      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

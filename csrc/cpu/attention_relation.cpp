@@ -9,6 +9,8 @@
 //  * backward recomputes the tiles: ∂L/∂z_s,ij = g·(q_ij − p_ij)/#valid, ∂q_s = ∂Z k_s/√ds,
 //    ∂k_s = ∂Zᵀ q_s/√ds.
 // Padded tokens are dropped up front (their rows gathered out), so the inner loops carry no mask.
+// distillx::attention_relation_fused (CPU only) is the training path for sequences whose score rows
+// fit: loss and gradient in one pass, each query block's full score rows held (no recomputation).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -224,6 +226,104 @@ void relation_backward_typed(T scale, const at::Tensor& qs, const at::Tensor& ks
   });
 }
 
+// One query row against all n keys of the fused pass: KL(p ‖ q) of the row and, when grad, its
+// gradient with respect to the student's scaled scores, (q − p)·w, written over zs. Three sweeps over
+// the row (maxima; exps and sums; gradient), each in cache; two exps per key.
+template <typename T>
+T fused_row(T* zs, T* zt, int64_t n, bool grad, T w) {
+  constexpr int64_t V = Vec<T>::size();
+  const T inf = std::numeric_limits<T>::infinity();
+  Vec<T> vs(-inf), vt(-inf);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    vs = at::vec::maximum(vs, Vec<T>::loadu(zs + j));
+    vt = at::vec::maximum(vt, Vec<T>::loadu(zt + j));
+  }
+  T ms = hmax(vs), mt = hmax(vt);
+  for (int64_t r = j; r < n; ++r) ms = std::max(ms, zs[r]), mt = std::max(mt, zt[r]);
+  const Vec<T> ms_v(ms), mt_v(mt);
+  Vec<T> sum_s(0), sum_t(0), sum_a(0);
+  for (j = 0; j + V <= n; j += V) {
+    const Vec<T> s = Vec<T>::loadu(zs + j) - ms_v, t = Vec<T>::loadu(zt + j) - mt_v;
+    const Vec<T> es = cpu::fast_exp(s), et = cpu::fast_exp(t);
+    sum_s = sum_s + es;
+    sum_t = sum_t + et;
+    sum_a = sum_a + et * (t - s);
+    if (grad) es.store(zs + j), et.store(zt + j);
+  }
+  T ls = hsum(sum_s), lt = hsum(sum_t), acc = hsum(sum_a);
+  for (int64_t r = j; r < n; ++r) {
+    const T s = zs[r] - ms, t = zt[r] - mt, es = std::exp(s), et = std::exp(t);
+    ls += es, lt += et, acc += et * (t - s);
+    if (grad) zs[r] = es, zt[r] = et;
+  }
+  if (grad) {
+    const T a = w / ls, b = w / lt;
+    at::vec::map2<T>([a, b](const Vec<T>& es, const Vec<T>& et) { return es * Vec<T>(a) - et * Vec<T>(b); }, zs, zs,
+                     zt, n);
+  }
+  return acc / lt - std::log(lt) + std::log(ls);
+}
+
+// Rows of a query block in the fused pass: its scores against every key are held, rows × L per side,
+// within about 1 MB per side (and at least 16 rows).
+inline int64_t fused_rows(int64_t L) {
+  return std::max<int64_t>(16, std::min<int64_t>(kQueryBlock, (int64_t{1} << 18) / std::max<int64_t>(L, 1)));
+}
+
+// The fused pass: the loss and (grad) its gradient for q_s, k_s at unit upstream gradient, already
+// divided by the number of valid rows. A query block's score rows are complete before its softmax, so
+// no online rescaling and no recomputation in a backward.
+template <typename T>
+double relation_fused_typed(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt,
+                            const Tokens& tok, const at::Tensor& gq, const at::Tensor& gk) {
+  const int64_t B = qs.size(0), A = qs.size(1), L = qs.size(2);
+  const bool grad = gq.defined();
+  const T ss = T(1) / std::sqrt(static_cast<T>(qs.size(3))), st = T(1) / std::sqrt(static_cast<T>(qt.size(3)));
+  const T w = T(1) / static_cast<T>(tok.rows);
+  const int64_t R = fused_rows(L);
+  std::vector<double> partial(B * A, 0.0);
+  at::parallel_for(0, B * A, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor zs_buf = at::empty({R, L}, qs.options()), zt_buf = at::empty({R, L}, qs.options());
+    for (int64_t ba = begin; ba < end; ++ba) {
+      const int64_t b = ba / A, a = ba % A, n_tok = tok.count[b];
+      if (n_tok == 0) continue;
+      const at::Tensor& idx = tok.index[b];
+      const at::Tensor q_s = gather(qs[b][a], idx), k_s = gather(ks[b][a], idx);
+      const at::Tensor q_t = gather(qt[b][a], idx), k_t = gather(kt[b][a], idx);
+      at::Tensor dq, dk;
+      if (grad) {  // without padding written in place; with it, compactly and scattered after
+        dq = idx.defined() ? at::zeros_like(q_s) : gq[b][a];
+        dk = idx.defined() ? at::zeros_like(k_s) : gk[b][a];
+      }
+      double kl = 0;
+      for (int64_t i0 = 0; i0 < n_tok; i0 += R) {
+        const int64_t n = std::min(R, n_tok - i0);
+        at::Tensor zs = zs_buf.narrow(0, 0, n).narrow(1, 0, n_tok), zt = zt_buf.narrow(0, 0, n).narrow(1, 0, n_tok);
+        // β = 0: the buffers' old contents are ignored; α applies the 1/√d scale inside the GEMM.
+        at::addmm_out(zs, zs, q_s.narrow(0, i0, n), k_s.t(), 0, ss);
+        at::addmm_out(zt, zt, q_t.narrow(0, i0, n), k_t.t(), 0, st);
+        T* ps = zs.data_ptr<T>();
+        T* pt = zt.data_ptr<T>();
+        const int64_t stride = zs.stride(0);
+        for (int64_t r = 0; r < n; ++r) kl += fused_row<T>(ps + r * stride, pt + r * stride, n_tok, grad, w);
+        if (grad) {
+          dq.narrow(0, i0, n).addmm_(zs, k_s, 1, ss);
+          dk.addmm_(zs.t(), q_s.narrow(0, i0, n), 1, ss);
+        }
+      }
+      if (grad && idx.defined()) {
+        gq[b][a].index_copy_(0, idx, dq);
+        gk[b][a].index_copy_(0, idx, dk);
+      }
+      partial[ba] = kl;
+    }
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return total;
+}
+
 // Detached and contiguous: the GEMMs run on worker threads, which do not inherit the caller's
 // below-autograd dispatch state.
 inline at::Tensor plain(const at::Tensor& x) { return x.detach().contiguous(); }
@@ -268,11 +368,30 @@ std::tuple<at::Tensor, at::Tensor> attention_relation_backward_cpu(
   return {gq, gk};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_fused_cpu(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+    const std::optional<at::Tensor>& key_padding_mask, bool compute_grad) {
+  check_relation_inputs(q_s, k_s, q_t, k_t, key_padding_mask);
+  const Tokens tok = tokens_of(q_s, key_padding_mask);
+  at::Tensor gq = compute_grad ? at::zeros_like(q_s, at::MemoryFormat::Contiguous) : at::empty({0}, q_s.options());
+  at::Tensor gk = compute_grad ? at::zeros_like(k_s, at::MemoryFormat::Contiguous) : at::empty({0}, k_s.options());
+  double total = 0;
+  if (tok.rows > 0) {
+    const at::Tensor g_q = compute_grad ? gq : at::Tensor(), g_k = compute_grad ? gk : at::Tensor();
+    total = q_s.scalar_type() == at::kDouble
+                ? relation_fused_typed<double>(plain(q_s), plain(k_s), plain(q_t), plain(k_t), tok, g_q, g_k)
+                : relation_fused_typed<float>(plain(q_s), plain(k_s), plain(q_t), plain(k_t), tok, g_q, g_k);
+    total /= static_cast<double>(tok.rows);
+  }
+  return {at::scalar_tensor(total, q_s.options()), gq, gk};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(distillx, CPU, m) {
   m.impl("attention_relation", &attention_relation_cpu);
   m.impl("attention_relation_backward", &attention_relation_backward_cpu);
+  m.impl("attention_relation_fused", &attention_relation_fused_cpu);
 }
 
 }  // namespace distillx

@@ -146,6 +146,13 @@ def differentiable_grads(reference: Callable, inputs: Sequence, wrt: Sequence[in
     return [grads.get(i) for i in wrt]
 
 
+def graph_is_freed_after_this_backward() -> bool:
+    """Inside a backward: the autograd graph is freed once it finishes (no ``retain_graph``), so
+    tensors saved only for it may be reused in place."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
+
+
 def register_scalar_loss(op: str, fake: Callable, num_args: int, grad_args: Sequence[int],
                          compute_grad_arg: int, reference: Callable) -> bool:
     """Register an op that returns ``(loss, grad_for_args[grad_args[0]], …)`` when its
@@ -179,8 +186,11 @@ def register_scalar_loss(op: str, fake: Callable, num_args: int, grad_args: Sequ
         if not ctx.compute_grad:
             raise RuntimeError(f"distillx::{op} was called with compute_grad=False; call it with "
                                "compute_grad=True to differentiate it")
+        in_place = graph_is_freed_after_this_backward()
         for position, grad in zip(grad_args, saved[:ctx.grads]):
-            grads[position] = grad * grad_loss
+            # The saved gradient is the op's own and dies with the graph: scale it in place rather
+            # than hold a second copy at the peak (retain_graph, gradcheck and compile stay functional).
+            grads[position] = grad.mul_(grad_loss) if in_place and type(grad) is torch.Tensor else grad * grad_loss
         return tuple(grads)
 
     return register(op, fake, backward, setup)

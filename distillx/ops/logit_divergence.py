@@ -14,7 +14,8 @@ import torch
 
 from . import reference as ref
 from ._library import (DIVERGENCE_CODES, DIVERGENCE_NAMES, acc_dtype, building_graph, differentiable_grads,
-                       non_differentiable, reduce_total, register, use_kernel)
+                       graph_is_freed_after_this_backward, non_differentiable, reduce_total, register,
+                       use_kernel)
 
 OP = "logit_divergence"
 
@@ -59,17 +60,12 @@ def _backward(ctx, grad_rows, _grad_of_grad):
         _, grad = torch.ops.distillx.logit_divergence(student, teacher, weight, *ctx.params, True)
         return grad, None, None, None, None, None, None
     scale = grad_rows.unsqueeze(1).to(grad.dtype)
-    if _graph_is_freed_after_this_backward() and type(grad) is torch.Tensor:
+    if graph_is_freed_after_this_backward() and type(grad) is torch.Tensor:
         # The saved gradient is ours alone and dies with the graph: scale it in place rather than
         # allocate (and page-fault) another (N, C) tensor; that keeps peak memory at one gradient.
         return grad.mul_(scale), None, None, None, None, None, None
     # retain_graph (e.g. gradcheck), or traced by torch.compile: stay functional.
     return grad * scale, None, None, None, None, None, None
-
-
-def _graph_is_freed_after_this_backward() -> bool:
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return keep_graph is not None and not keep_graph()
 
 
 register(OP, _fake, _backward, _setup)

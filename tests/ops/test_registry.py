@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import distillx.functional as DF
 from distillx import _ext
 from distillx.ops import has_kernel, library_ops, missing_python_side
+from distillx.ops import attention_relation as relation_ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -53,6 +54,16 @@ def _relation(device):
     return DF.attention_relation_loss(q, k, torch.randn(2, 2, 5, 6, device=device), torch.randn(2, 2, 5, 6, device=device))
 
 
+def _relation_pair(device):
+    """The flash-style pair, which serves sequences longer than the fused op's limit (here: all)."""
+    limit = relation_ops.FUSED_MAX_L
+    relation_ops.FUSED_MAX_L = 0
+    try:
+        return _relation(device)
+    finally:
+        relation_ops.FUSED_MAX_L = limit
+
+
 SAMPLE_CALLS = {
     "logit_divergence": _kd,
     "linear_divergence": _linear_kd,
@@ -60,8 +71,9 @@ SAMPLE_CALLS = {
     "kernel_mmd": _mmd,
     "attention_map": _attention_map,
     "attention_map_backward": _attention_map,
-    "attention_relation": _relation,
-    "attention_relation_backward": _relation,
+    "attention_relation": _relation_pair,
+    "attention_relation_backward": _relation_pair,
+    "attention_relation_fused": _relation,
 }
 
 

@@ -10,8 +10,19 @@ import torch
 import distillx.functional as DF
 from distillx.ops import reference as ref
 
+from distillx.ops import attention_relation as relation_ops
+
 from .conftest import F64, close, requires_kernel
 from .feature_helpers import dtype_id, num_threads, oracle_relation_loss
+
+
+@pytest.fixture(autouse=True, params=["fused", "pair"])
+def relation_path(request, monkeypatch):
+    """Every test runs on both kernel paths: the fused op (the CPU's for sequences up to
+    FUSED_MAX_L) and the flash-style forward/backward pair (longer sequences, and CUDA)."""
+    if request.param == "pair":
+        monkeypatch.setattr(relation_ops, "FUSED_MAX_L", 0)
+    return request.param
 
 DTYPES = (torch.float32, F64)
 # (B, A, L, ds, dt)

@@ -59,9 +59,9 @@ def cases():
                            r(6, 5)),
         "attention_map": ("attention_map", lambda x: DF.attention_map_loss(x, f_t, 2.0),
                           lambda x: ref.attention_map_loss_reference(x, f_t, 2.0), r(2, 3, 4, 4)),
-        "relation-q-is-k": ("attention_relation", lambda x: DF.attention_relation_loss(x, x, q_t, k_t),
+        "relation-q-is-k": ("attention_relation_fused", lambda x: DF.attention_relation_loss(x, x, q_t, k_t),
                             lambda x: ref.attention_relation_loss_reference(x, x, q_t, k_t), r(2, 2, 5, 3)),
-        "relation-q-k": ("attention_relation", lambda x: DF.attention_relation_loss(x, k_s, q_t, k_t),
+        "relation-q-k": ("attention_relation_fused", lambda x: DF.attention_relation_loss(x, k_s, q_t, k_t),
                          lambda x: ref.attention_relation_loss_reference(x, k_s, q_t, k_t), r(2, 2, 5, 3)),
     }
     for kernel in ("polynomial", "rbf", "chebyshev"):
