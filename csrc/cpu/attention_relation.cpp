@@ -20,6 +20,7 @@
 #include <cmath>
 #include <type_traits>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "distillx/checks.h"
@@ -70,6 +71,22 @@ inline T hmax(const Vec<T>& v) {
   return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }, v);
 }
 
+// The maxima of two rows of n scores (−inf for n = 0).
+template <typename T>
+std::pair<T, T> row_maxima(const T* zs, const T* zt, int64_t n) {
+  constexpr int64_t V = Vec<T>::size();
+  const T inf = std::numeric_limits<T>::infinity();
+  Vec<T> vs(-inf), vt(-inf);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    vs = at::vec::maximum(vs, Vec<T>::loadu(zs + j));
+    vt = at::vec::maximum(vt, Vec<T>::loadu(zt + j));
+  }
+  T bs = hmax(vs), bt = hmax(vt);
+  for (int64_t r = j; r < n; ++r) bs = std::max(bs, zs[r]), bt = std::max(bt, zt[r]);
+  return {bs, bt};
+}
+
 // Online softmax state of one query row. acc = Σ_j e^(z_t,j − m_t)((z_t,j − m_t) − (z_s,j − m_s)), so
 // KL = acc/l_t − log l_t + log l_s carries no m terms that would cancel (a single key gives exactly 0).
 template <typename T>
@@ -80,19 +97,12 @@ struct RowState {
   // Fold in one key block of scaled scores zs, zt (n values each): two sweeps, two exps per key.
   void update(const T* zs, const T* zt, int64_t n) {
     constexpr int64_t V = Vec<T>::size();
-    const T inf = std::numeric_limits<T>::infinity();
-    Vec<T> vs(-inf), vt(-inf);
-    int64_t j = 0;
-    for (; j + V <= n; j += V) {
-      vs = at::vec::maximum(vs, Vec<T>::loadu(zs + j));
-      vt = at::vec::maximum(vt, Vec<T>::loadu(zt + j));
-    }
-    T bs = hmax(vs), bt = hmax(vt);
-    for (int64_t r = j; r < n; ++r) bs = std::max(bs, zs[r]), bt = std::max(bt, zt[r]);
+    const auto [bs, bt] = row_maxima(zs, zt, n);
     const T ms_new = std::max(ms, bs), mt_new = std::max(mt, bt);
     Vec<T> sum_s(0), sum_t(0), sum_a(0);
     const Vec<T> ms_v(ms_new), mt_v(mt_new);
-    for (j = 0; j + V <= n; j += V) {
+    int64_t j = 0;
+    for (; j + V <= n; j += V) {
       const Vec<T> s = Vec<T>::loadu(zs + j) - ms_v, t = Vec<T>::loadu(zt + j) - mt_v;
       const Vec<T> et = cpu::fast_exp(t);
       sum_s = sum_s + cpu::fast_exp(s);
@@ -232,18 +242,11 @@ void relation_backward_typed(T scale, const at::Tensor& qs, const at::Tensor& ks
 template <typename T>
 T fused_row(T* zs, T* zt, int64_t n, bool grad, T w) {
   constexpr int64_t V = Vec<T>::size();
-  const T inf = std::numeric_limits<T>::infinity();
-  Vec<T> vs(-inf), vt(-inf);
-  int64_t j = 0;
-  for (; j + V <= n; j += V) {
-    vs = at::vec::maximum(vs, Vec<T>::loadu(zs + j));
-    vt = at::vec::maximum(vt, Vec<T>::loadu(zt + j));
-  }
-  T ms = hmax(vs), mt = hmax(vt);
-  for (int64_t r = j; r < n; ++r) ms = std::max(ms, zs[r]), mt = std::max(mt, zt[r]);
+  const auto [ms, mt] = row_maxima(zs, zt, n);
   const Vec<T> ms_v(ms), mt_v(mt);
   Vec<T> sum_s(0), sum_t(0), sum_a(0);
-  for (j = 0; j + V <= n; j += V) {
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
     const Vec<T> s = Vec<T>::loadu(zs + j) - ms_v, t = Vec<T>::loadu(zt + j) - mt_v;
     const Vec<T> es = cpu::fast_exp(s), et = cpu::fast_exp(t);
     sum_s = sum_s + es;
