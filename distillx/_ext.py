@@ -52,15 +52,19 @@ def isa_library(isa: str) -> str | None:
 
 
 def built_isas() -> list[str]:
-    """The ISAs whose CPU kernel library is installed."""
-    return [isa for isa in ISAS if isa_library(isa)]
+    """The ISAs whose CPU kernel library this build made and installed. A library of an ISA that the
+    loaded ``_C`` was not built with (left over from an earlier build with another
+    ``DISTILLX_CPU_ISAS``) is stale: it is never listed, so never loaded."""
+    made = str(build_info().get("cpu_isas", "")).split(",")
+    return [isa for isa in ISAS if isa in made and isa_library(isa)]
 
 
 def _load_cpu() -> None:
     global _CPU_ISA, _CPU_ERROR
     capability = torch.backends.cpu.get_cpu_capability()
+    built = built_isas()
     for isa in isa_candidates(capability, os.environ.get(CAPABILITY_ENV)):
-        path = isa_library(isa)
+        path = isa_library(isa) if isa in built else None
         if path is None:
             continue
         try:
@@ -73,7 +77,7 @@ def _load_cpu() -> None:
     cap = os.environ.get(CAPABILITY_ENV)
     _CPU_ERROR = (f"no CPU kernel library for this CPU (capability {capability}"
                   + (f", {CAPABILITY_ENV}={cap}" if cap else "")
-                  + f"; built: {', '.join(built_isas()) or 'none'})")
+                  + f"; built: {', '.join(built) or 'none'})")
 
 
 def _load():
@@ -90,9 +94,6 @@ def _load():
             "reinstall distillx against this torch: pip install --no-build-isolation --force-reinstall ."
         )
     _load_cpu()
-
-
-_load()
 
 
 def available() -> bool:
@@ -126,3 +127,6 @@ def cpu_error() -> str | None:
 def build_info() -> dict:
     """Versions and backends the extension was built with (empty when it is missing)."""
     return dict(_C.build_info()) if _C is not None else {}
+
+
+_load()  # at the end: _load_cpu reads build_info

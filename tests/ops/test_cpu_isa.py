@@ -79,12 +79,31 @@ def test_without_a_library_for_this_cpu_the_reason_names_the_capability_and_the_
                                 "DISTILLX_CPU_CAPABILITY=default; built: none)")
 
 
+@requires_kernel
+def test_a_library_the_build_did_not_make_is_never_loaded(monkeypatch):
+    """A stale ISA library (from an earlier build with another DISTILLX_CPU_ISAS) next to the current
+    ones: the choice skips it, however good its ISA."""
+    loaded = _ext.cpu_isa()
+    others = [isa for isa in _ext.isa_candidates(CAPABILITY) if isa != loaded and _ext.isa_library(isa)]
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cpu_isas": ",".join(others)})
+    assert loaded not in _ext.built_isas() and _ext.isa_library(loaded) is not None
+    tried = []
+    monkeypatch.setattr(_ext.torch.ops, "load_library", lambda path: tried.append(path))
+    monkeypatch.setattr(_ext, "_CPU_ISA", None)
+    monkeypatch.setattr(_ext, "_CPU_ERROR", None)
+    monkeypatch.delenv(_ext.CAPABILITY_ENV, raising=False)
+    _ext._load_cpu()
+    assert _ext.isa_library(loaded) not in tried
+    assert _ext.cpu_isa() == (others[0] if others else None)
+
+
 def test_a_library_that_fails_to_load_is_named(monkeypatch, tmp_path):
     broken = tmp_path / "_cpu_avx2.so"
     broken.write_bytes(b"not an ELF file")
     monkeypatch.setattr(_ext, "_CPU_ISA", None)
     monkeypatch.setattr(_ext, "_CPU_ERROR", None)
     monkeypatch.setattr(_ext, "isa_library", lambda isa: str(broken))
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cpu_isas": "default,avx2,avx512"})
     monkeypatch.delenv(_ext.CAPABILITY_ENV, raising=False)
     _ext._load_cpu()
     assert _ext.cpu_isa() is None
