@@ -102,7 +102,6 @@ def extensions():
     # Loaded with torch.ops.load_library (a plain shared library registering the CPU kernels), not
     # imported: the module name only places the file next to distillx/_C.
     kernels = [CppExtension(f"distillx._cpu_{isa}", cpu_sources, include_dirs=include,
-                            define_macros=[("DISTILLX_CPU_ISA", f'"{isa}"')],
                             extra_compile_args={"cxx": cxx + ISA_FLAGS[isa]}, extra_link_args=["-fopenmp"])
                for isa in isas]
     return [core] + kernels

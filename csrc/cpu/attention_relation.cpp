@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <limits>
 #include <utility>
@@ -60,6 +61,28 @@ Tokens real_tokens(const at::Tensor& mask, int64_t B, int64_t A, int64_t L) {
 inline at::Tensor gather(const at::Tensor& x, const at::Tensor& index) {
   return index.defined() ? x.index_select(0, index) : x;
 }
+
+// One (b, a) head's inputs at its real tokens.
+struct Head {
+  at::Tensor idx, q_s, k_s, q_t, k_t;
+  Head(const at::Tensor& qs, const at::Tensor& ks, const at::Tensor& qt, const at::Tensor& kt, const Tokens& tok,
+       int64_t b, int64_t a)
+      : idx(tok.index[b]), q_s(gather(qs[b][a], idx)), k_s(gather(ks[b][a], idx)), q_t(gather(qt[b][a], idx)),
+        k_t(gather(kt[b][a], idx)) {}
+};
+
+// A head's gradient buffers: without padding the outputs' own rows (written in place); with it,
+// compact copies that scatter() puts into the outputs at the real tokens.
+struct HeadGrads {
+  at::Tensor dq, dk;
+  HeadGrads(const Head& h, const at::Tensor& gq, const at::Tensor& gk, int64_t b, int64_t a)
+      : dq(h.idx.defined() ? at::zeros_like(h.q_s) : gq[b][a]), dk(h.idx.defined() ? at::zeros_like(h.k_s) : gk[b][a]) {}
+  void scatter(const Head& h, const at::Tensor& gq, const at::Tensor& gk, int64_t b, int64_t a) const {
+    if (!h.idx.defined()) return;
+    gq[b][a].index_copy_(0, h.idx, dq);
+    gk[b][a].index_copy_(0, h.idx, dk);
+  }
+};
 
 template <typename T>
 inline T hsum(const Vec<T>& v) {
@@ -156,9 +179,7 @@ double relation_forward_typed(const at::Tensor& qs, const at::Tensor& ks, const 
     std::vector<RowState<T>> state(kQueryBlock);
     for (int64_t ba = begin; ba < end; ++ba) {
       const int64_t b = ba / A, a = ba % A, n_tok = tok.count[b];
-      const at::Tensor& idx = tok.index[b];
-      const at::Tensor q_s = gather(qs[b][a], idx), k_s = gather(ks[b][a], idx);
-      const at::Tensor q_t = gather(qt[b][a], idx), k_t = gather(kt[b][a], idx);
+      const Head h(qs, ks, qt, kt, tok, b, a);
       at::Tensor lse = at::empty({n_tok, 2}, qs.options());
       T* lse_p = lse.data_ptr<T>();
       double kl = 0;
@@ -168,7 +189,7 @@ double relation_forward_typed(const at::Tensor& qs, const at::Tensor& ks, const 
         for (int64_t j0 = 0; j0 < n_tok; j0 += kKeyBlock) {
           const int64_t nk = std::min(kKeyBlock, n_tok - j0);
           at::Tensor zs, zt;
-          tiles.compute(q_s, k_s, q_t, k_t, i0, n, j0, nk, ss, st, zs, zt);
+          tiles.compute(h.q_s, h.k_s, h.q_t, h.k_t, i0, n, j0, nk, ss, st, zs, zt);
           const T* ps = zs.const_data_ptr<T>();
           const T* pt = zt.const_data_ptr<T>();
           const int64_t stride = zs.stride(0);
@@ -181,7 +202,7 @@ double relation_forward_typed(const at::Tensor& qs, const at::Tensor& ks, const 
         }
       }
       at::Tensor out = stats[b][a];
-      if (idx.defined()) out.index_copy_(0, idx, lse); else out.copy_(lse);
+      if (h.idx.defined()) out.index_copy_(0, h.idx, lse); else out.copy_(lse);
       partial[ba] = kl;
     }
   });
@@ -200,20 +221,16 @@ void relation_backward_typed(T scale, const at::Tensor& qs, const at::Tensor& ks
     Tiles<T> tiles(kQueryBlock, kKeyBlock, qs.options());
     for (int64_t ba = begin; ba < end; ++ba) {
       const int64_t b = ba / A, a = ba % A, n_tok = tok.count[b];
-      const at::Tensor& idx = tok.index[b];
-      const at::Tensor q_s = gather(qs[b][a], idx), k_s = gather(ks[b][a], idx);
-      const at::Tensor q_t = gather(qt[b][a], idx), k_t = gather(kt[b][a], idx);
-      const at::Tensor lse = gather(stats[b][a], idx).contiguous();
+      const Head h(qs, ks, qt, kt, tok, b, a);
+      const at::Tensor lse = gather(stats[b][a], h.idx).contiguous();
       const T* lse_p = lse.const_data_ptr<T>();
-      // Without padding the gradients are written in place; with it, compactly and scattered after.
-      at::Tensor dq = idx.defined() ? at::zeros_like(q_s) : gq[b][a];
-      at::Tensor dk = idx.defined() ? at::zeros_like(k_s) : gk[b][a];
+      HeadGrads g(h, gq, gk, b, a);
       for (int64_t i0 = 0; i0 < n_tok; i0 += kQueryBlock) {
         const int64_t n = std::min(kQueryBlock, n_tok - i0);
         for (int64_t j0 = 0; j0 < n_tok; j0 += kKeyBlock) {
           const int64_t nk = std::min(kKeyBlock, n_tok - j0);
           at::Tensor zs, zt;
-          tiles.compute(q_s, k_s, q_t, k_t, i0, n, j0, nk, ss, st, zs, zt);
+          tiles.compute(h.q_s, h.k_s, h.q_t, h.k_t, i0, n, j0, nk, ss, st, zs, zt);
           T* ps = zs.data_ptr<T>();
           const T* pt = zt.const_data_ptr<T>();
           const int64_t stride = zs.stride(0);
@@ -224,14 +241,11 @@ void relation_backward_typed(T scale, const at::Tensor& qs, const at::Tensor& ks
               return (cpu::fast_exp(s - Vec<T>(ls)) - cpu::fast_exp(t - Vec<T>(lt))) * Vec<T>(scale);
             }, ps + r * stride, ps + r * stride, pt + r * stride, nk);
           }
-          dq.narrow(0, i0, n).addmm_(zs, k_s.narrow(0, j0, nk), 1, ss);
-          dk.narrow(0, j0, nk).addmm_(zs.t(), q_s.narrow(0, i0, n), 1, ss);
+          g.dq.narrow(0, i0, n).addmm_(zs, h.k_s.narrow(0, j0, nk), 1, ss);
+          g.dk.narrow(0, j0, nk).addmm_(zs.t(), h.q_s.narrow(0, i0, n), 1, ss);
         }
       }
-      if (idx.defined()) {
-        gq[b][a].index_copy_(0, idx, dq);
-        gk[b][a].index_copy_(0, idx, dk);
-      }
+      g.scatter(h, gq, gk, b, a);
     }
   });
 }
@@ -291,34 +305,25 @@ double relation_fused_typed(const at::Tensor& qs, const at::Tensor& ks, const at
     for (int64_t ba = begin; ba < end; ++ba) {
       const int64_t b = ba / A, a = ba % A, n_tok = tok.count[b];
       if (n_tok == 0) continue;
-      const at::Tensor& idx = tok.index[b];
-      const at::Tensor q_s = gather(qs[b][a], idx), k_s = gather(ks[b][a], idx);
-      const at::Tensor q_t = gather(qt[b][a], idx), k_t = gather(kt[b][a], idx);
-      at::Tensor dq, dk;
-      if (grad) {  // without padding written in place; with it, compactly and scattered after
-        dq = idx.defined() ? at::zeros_like(q_s) : gq[b][a];
-        dk = idx.defined() ? at::zeros_like(k_s) : gk[b][a];
-      }
+      const Head h(qs, ks, qt, kt, tok, b, a);
+      const std::optional<HeadGrads> g = grad ? std::optional<HeadGrads>(std::in_place, h, gq, gk, b, a) : std::nullopt;
       double kl = 0;
       for (int64_t i0 = 0; i0 < n_tok; i0 += R) {
         const int64_t n = std::min(R, n_tok - i0);
         at::Tensor zs = zs_buf.narrow(0, 0, n).narrow(1, 0, n_tok), zt = zt_buf.narrow(0, 0, n).narrow(1, 0, n_tok);
         // β = 0: the buffers' old contents are ignored; α applies the 1/√d scale inside the GEMM.
-        at::addmm_out(zs, zs, q_s.narrow(0, i0, n), k_s.t(), 0, ss);
-        at::addmm_out(zt, zt, q_t.narrow(0, i0, n), k_t.t(), 0, st);
+        at::addmm_out(zs, zs, h.q_s.narrow(0, i0, n), h.k_s.t(), 0, ss);
+        at::addmm_out(zt, zt, h.q_t.narrow(0, i0, n), h.k_t.t(), 0, st);
         T* ps = zs.data_ptr<T>();
         T* pt = zt.data_ptr<T>();
         const int64_t stride = zs.stride(0);
         for (int64_t r = 0; r < n; ++r) kl += fused_row<T>(ps + r * stride, pt + r * stride, n_tok, grad, w);
-        if (grad) {
-          dq.narrow(0, i0, n).addmm_(zs, k_s, 1, ss);
-          dk.addmm_(zs.t(), q_s.narrow(0, i0, n), 1, ss);
+        if (g) {
+          g->dq.narrow(0, i0, n).addmm_(zs, h.k_s, 1, ss);
+          g->dk.addmm_(zs.t(), h.q_s.narrow(0, i0, n), 1, ss);
         }
       }
-      if (grad && idx.defined()) {
-        gq[b][a].index_copy_(0, idx, dq);
-        gk[b][a].index_copy_(0, idx, dk);
-      }
+      if (g) g->scatter(h, gq, gk, b, a);
       partial[ba] = kl;
     }
   });
