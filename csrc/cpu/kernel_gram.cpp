@@ -63,34 +63,25 @@ SideKernel<T> side(int64_t kernel, const std::vector<double>& p) {
   return k;
 }
 
-// Row-normalised mode, sweep 1: with Ks, Kt stored into the panel buffers by the row pass, add the
-// column sums Σ_i Ks_ij², Σ_i Kt_ij², Σ_i Ks_ij Kt_ij of the columns right of the diagonal block
-// (their rows' statistics, by symmetry) into rp.
+// Horizontal sum of a vector's lanes, in double.
 template <typename T>
-void column_stats(const T* ks, const T* kt, int64_t B, int64_t P, int64_t diag, double* rp) {
-  constexpr int64_t V = Vec<T>::size();
-  const int64_t blocks = (P - diag + V - 1) / V;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t j = diag + blk * V, count = std::min(V, P - j);
-      Vec<T> ss(0), tt(0), st(0);
-      for (int64_t i = 0; i < B; ++i) {
-        const Vec<T> a = Vec<T>::loadu(ks + i * P + j, count), b = Vec<T>::loadu(kt + i * P + j, count);
-        ss = ss + a * a, tt = tt + b * b, st = st + a * b;
-      }
-      T l_ss[V], l_tt[V], l_st[V];
-      ss.store(l_ss), tt.store(l_tt), st.store(l_st);
-      for (int64_t l = 0; l < count; ++l) {
-        double* r = rp + 3 * (j + l);
-        r[0] += l_ss[l], r[1] += l_tt[l], r[2] += l_st[l];
-      }
-    }
-  });
+double hsum(const Vec<T>& v) {
+  T lanes[Vec<T>::size()];
+  v.store(lanes);
+  double sum = 0;
+  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
+  return sum;
 }
 
+// The panel's buffers are cols-major (kPanelColsMajor): buffer row j holds the b entries (·, j) of
+// column j, so the sweep runs down the columns with the panel rows i in the vector lanes; a column's
+// values (norm, weight, coefficients) are broadcasts. Columns are cut into fixed chunks of kChunk,
+// each summing its own partial loss and row statistics, and the partials are added in chunk order:
+// the result does not depend on the thread count.
 template <typename T>
 double panel_cpu_typed(PanelArgs& a) {
-  const int64_t B = a.gs.size(0), P = a.gs.size(1), diag = a.diag;
+  TORCH_CHECK(a.layout == kPanelColsMajor, "distillx: the CPU kernel_gram panel expects cols-major buffers");
+  const int64_t P = a.gs.size(0), B = a.gs.size(1), diag = a.diag;
   const SideKernel<T> ks = side<T>(a.kernel, a.ps), kt = side<T>(a.kernel, a.pt);
   const bool rbf = a.kernel == kRBF, cheb = a.kernel == kChebyshev, grad = a.grad;
   const bool stats = a.mode == kRowStats, normgrad = a.mode == kRowNormGrad;
@@ -105,93 +96,104 @@ double panel_cpu_typed(PanelArgs& a) {
   const T* ntp = rbf ? a.ntp.const_data_ptr<T>() : nullptr;
   const T* wi = mmd ? a.ai.const_data_ptr<T>() : nullptr;
   const T* wp = mmd ? a.ap.const_data_ptr<T>() : nullptr;
-  double* stats_i = stats ? a.ri.data_ptr<double>() : nullptr;
-  // Row-normalised gradient: the per-row coefficients {γ, α} of the panel's columns as two
-  // contiguous vectors for vector loads (O(N) per panel against O(B·N) work).
-  at::Tensor gamma_p, alpha_p;
-  if (normgrad) gamma_p = a.rp.select(1, 0).contiguous(), alpha_p = a.rp.select(1, 1).contiguous();
-  const T* coef_i = normgrad ? a.ri.const_data_ptr<T>() : nullptr;
-  const T* gam = normgrad ? gamma_p.const_data_ptr<T>() : nullptr;
-  const T* alp = normgrad ? alpha_p.const_data_ptr<T>() : nullptr;
+  // Row-normalised gradient: the panel rows' coefficients {γ, α} as two contiguous vectors for
+  // vector loads; the columns' are read as scalars from the (cols, 2) rows.
+  at::Tensor gamma_i, alpha_i;
+  if (normgrad) gamma_i = a.ri.select(1, 0).contiguous(), alpha_i = a.ri.select(1, 1).contiguous();
+  const T* gam = normgrad ? gamma_i.const_data_ptr<T>() : nullptr;
+  const T* alp = normgrad ? alpha_i.const_data_ptr<T>() : nullptr;
+  const T* coef_p = normgrad ? a.rp.const_data_ptr<T>() : nullptr;
+  double* stats_p = stats ? a.rp.data_ptr<double>() : nullptr;
   constexpr int64_t V = Vec<T>::size();
-  std::vector<double> partial(B, 0.0);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* rs = gs + i * P;
-      T* rt = mmd ? nullptr : gt + i * P;
-      T* r1s = cheb ? g1s + i * P : nullptr;
-      const T* r1t = cheb && !mmd ? g1t + i * P : nullptr;
-      Vec<T> acc_diag(0), acc_off(0), acc_ss(0), acc_tt(0), acc_st(0);
-      // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
-      auto trim = [&](Vec<T> v, int64_t count) {
-        if (count == V) return v;
-        T lanes[V] = {};
-        v.store(lanes, count);
-        return Vec<T>::loadu(lanes);
-      };
-      // One column block of V lanes; `count` < V only at the row's end.
-      auto block = [&](int64_t j, int64_t count, bool off) {
-        const Vec<T> g = Vec<T>::loadu(rs + j, count);
-        const Vec<T> h = mmd ? Vec<T>(0) : Vec<T>::loadu(rt + j, count);
-        const Vec<T> g1 = cheb ? Vec<T>::loadu(r1s + j, count) : Vec<T>(0);
-        const Vec<T> h1 = cheb && !mmd ? Vec<T>::loadu(r1t + j, count) : Vec<T>(0);
-        const Vec<T> ns = rbf ? Vec<T>::loadu(nsp + j, count) + Vec<T>(nsi[i]) : Vec<T>(0);
-        Vec<T> dk, dk1, d;
-        const Vec<T> k = ks.value(g, g1, ns, grad ? &dk : nullptr, grad && cheb ? &dk1 : nullptr);
-        if (mmd) {
-          // MMD: the "difference" is the weight a_i a_j, the summand a_i a_j k.
-          d = Vec<T>::loadu(wp + j, count) * Vec<T>(wi[i]);
-          const Vec<T> sq = trim(d * k, count);
-          if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
-        } else {
-          const Vec<T> nt = rbf ? Vec<T>::loadu(ntp + j, count) + Vec<T>(nti[i]) : Vec<T>(0);
-          const Vec<T> kv = kt.value(h, h1, nt, nullptr, nullptr);
-          if (stats) {
-            const Vec<T> k0 = trim(k, count), kv0 = trim(kv, count);
-            acc_ss = acc_ss + k0 * k0, acc_tt = acc_tt + kv0 * kv0, acc_st = acc_st + k0 * kv0;
-            k.store(rs + j, count);
-            kv.store(rt + j, count);
-            return;
-          }
-          if (normgrad) {
-            // D_ij = ½((γ_i + γ_j) Ks_ij − (α_i + α_j) Kt_ij), see kernel_gram.h.
-            const Vec<T> gsum = Vec<T>::loadu(gam + j, count) + Vec<T>(coef_i[2 * i]);
-            const Vec<T> asum = Vec<T>::loadu(alp + j, count) + Vec<T>(coef_i[2 * i + 1]);
-            d = (gsum * k - asum * kv) * Vec<T>(T(0.5));
-          } else {
-            d = k - kv;
-            const Vec<T> sq = trim(d * d, count);
+  constexpr int64_t kChunk = 64;
+  const int64_t nv = (B + V - 1) / V, chunks = (P + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks, 0.0), row_stats(stats ? chunks * 3 * nv * V : 0, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // Row statistics of this chunk, lanes = panel rows: {ss, tt, st} × nv vectors.
+    std::vector<T> acc_rows(stats ? 3 * nv * V : 0);
+    for (int64_t c = begin; c < end; ++c) {
+      std::fill(acc_rows.begin(), acc_rows.end(), T(0));
+      Vec<T> acc_diag(0), acc_off(0);
+      for (int64_t j = c * kChunk, j_end = std::min(P, j + kChunk); j < j_end; ++j) {
+        const bool off = j >= diag;
+        T* cs = gs + j * B;
+        T* ct = mmd ? nullptr : gt + j * B;
+        T* c1s = cheb ? g1s + j * B : nullptr;
+        const T* c1t = cheb && !mmd ? g1t + j * B : nullptr;
+        const Vec<T> nsj(rbf ? nsp[j] : T(0)), ntj(rbf ? ntp[j] : T(0));
+        Vec<T> col_ss(0), col_tt(0), col_st(0);
+        for (int64_t v = 0; v < nv; ++v) {
+          const int64_t i = v * V, count = std::min(V, B - i);
+          // Lanes past `count` were loaded as 0 and must not count: zero them through a partial store.
+          auto trim = [&](Vec<T> x) {
+            if (count == V) return x;
+            T lanes[V] = {};
+            x.store(lanes, count);
+            return Vec<T>::loadu(lanes);
+          };
+          const Vec<T> g = Vec<T>::loadu(cs + i, count);
+          const Vec<T> g1 = cheb ? Vec<T>::loadu(c1s + i, count) : Vec<T>(0);
+          const Vec<T> ns = rbf ? Vec<T>::loadu(nsi + i, count) + nsj : Vec<T>(0);
+          Vec<T> dk, dk1, d;
+          const Vec<T> k = ks.value(g, g1, ns, grad ? &dk : nullptr, grad && cheb ? &dk1 : nullptr);
+          if (mmd) {
+            // MMD: the "difference" is the weight a_i a_j, the summand a_i a_j k.
+            d = Vec<T>::loadu(wi + i, count) * Vec<T>(wp[j]);
+            const Vec<T> sq = trim(d * k);
             if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
+          } else {
+            const Vec<T> h = Vec<T>::loadu(ct + i, count);
+            const Vec<T> h1 = cheb ? Vec<T>::loadu(c1t + i, count) : Vec<T>(0);
+            const Vec<T> nt = rbf ? Vec<T>::loadu(nti + i, count) + ntj : Vec<T>(0);
+            const Vec<T> kv = kt.value(h, h1, nt, nullptr, nullptr);
+            if (stats) {
+              const Vec<T> k0 = trim(k), kv0 = trim(kv);
+              const Vec<T> ss = k0 * k0, tt = kv0 * kv0, st = k0 * kv0;
+              T* r = acc_rows.data() + i;
+              (Vec<T>::loadu(r) + ss).store(r);
+              (Vec<T>::loadu(r + nv * V) + tt).store(r + nv * V);
+              (Vec<T>::loadu(r + 2 * nv * V) + st).store(r + 2 * nv * V);
+              col_ss = col_ss + ss, col_tt = col_tt + tt, col_st = col_st + st;
+              k.store(cs + i, count);
+              kv.store(ct + i, count);
+              continue;
+            }
+            if (normgrad) {
+              // D_ij = ½((γ_i + γ_j) Ks_ij − (α_i + α_j) Kt_ij), see kernel_gram.h.
+              const Vec<T> gsum = Vec<T>::loadu(gam + i, count) + Vec<T>(coef_p[2 * j]);
+              const Vec<T> asum = Vec<T>::loadu(alp + i, count) + Vec<T>(coef_p[2 * j + 1]);
+              d = (gsum * k - asum * kv) * Vec<T>(T(0.5));
+            } else {
+              d = k - kv;
+              const Vec<T> sq = trim(d * d);
+              if (off) acc_off = acc_off + sq; else acc_diag = acc_diag + sq;
+            }
+          }
+          if (grad) {
+            (d * dk).store(cs + i, count);
+            if (cheb) (d * dk1).store(c1s + i, count);
           }
         }
-        if (grad) {
-          (d * dk).store(rs + j, count);
-          if (cheb) (d * dk1).store(r1s + j, count);
+        // A column right of the diagonal block is a row of the lower triangle: its statistics by
+        // symmetry. Each column belongs to one chunk, so no two tasks write the same entry.
+        if (stats && off) {
+          double* r = stats_p + 3 * j;
+          r[0] += hsum(col_ss), r[1] += hsum(col_tt), r[2] += hsum(col_st);
         }
-      };
-      auto sweep = [&](int64_t from, int64_t to, bool off) {
-        int64_t j = from;
-        for (; j + V <= to; j += V) block(j, V, off);
-        if (j < to) block(j, to - j, off);
-      };
-      sweep(0, diag, false);
-      sweep(diag, P, true);
-      auto hsum = [&](const Vec<T>& v) {
-        T lanes[V];
-        v.store(lanes);
-        double sum = 0;
-        for (int64_t l = 0; l < V; ++l) sum += lanes[l];
-        return sum;
-      };
-      if (stats) {
-        double* r = stats_i + 3 * i;
-        r[0] += hsum(acc_ss), r[1] += hsum(acc_tt), r[2] += hsum(acc_st);
-      } else {
-        partial[i] = hsum(acc_diag) + 2 * hsum(acc_off);
       }
+      partial[c] = hsum(acc_diag) + 2 * hsum(acc_off);
+      if (stats) std::copy(acc_rows.begin(), acc_rows.end(), row_stats.begin() + c * 3 * nv * V);
     }
   });
-  if (stats) column_stats<T>(gs, gt, B, P, diag, a.rp.data_ptr<double>());
+  if (stats) {
+    double* ri = a.ri.data_ptr<double>();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const double* part = row_stats.data() + c * 3 * nv * V;
+      for (int64_t i = 0; i < B; ++i) {
+        for (int64_t q = 0; q < 3; ++q) ri[3 * i + q] += part[q * nv * V + i];
+      }
+    }
+  }
   double total = 0;
   for (double v : partial) total += v;
   return total;
@@ -204,13 +206,14 @@ double panel_cpu(PanelArgs& a) {
 std::tuple<at::Tensor, at::Tensor> kernel_mmd_cpu(const at::Tensor& s, const at::Tensor& t, const at::Tensor& weights,
                                                   int64_t kernel, const at::Tensor& params, int64_t panel_rows,
                                                   bool compute_grad) {
-  return kernel_mmd_host(s, t, weights, kernel, params, panel_rows, compute_grad, panel_cpu);
+  return kernel_mmd_host(s, t, weights, kernel, params, panel_rows, compute_grad, panel_cpu, kPanelColsMajor);
 }
 
 std::tuple<at::Tensor, at::Tensor> kernel_gram_cpu(const at::Tensor& s, const at::Tensor& t, int64_t kernel,
                                                    const at::Tensor& s_params, const at::Tensor& t_params,
                                                    bool normalize_rows, int64_t panel_rows, bool compute_grad) {
-  return kernel_gram_host(s, t, kernel, s_params, t_params, normalize_rows, panel_rows, compute_grad, panel_cpu);
+  return kernel_gram_host(s, t, kernel, s_params, t_params, normalize_rows, panel_rows, compute_grad, panel_cpu,
+                          kPanelColsMajor);
 }
 
 }  // namespace

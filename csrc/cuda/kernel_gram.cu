@@ -29,6 +29,7 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 template <typename T>
 double panel_cuda_typed(PanelArgs& a) {
+  TORCH_CHECK(a.layout == kPanelRowsMajor, "distillx: the CUDA kernel_gram panel expects rows-major buffers");
   const bool stats = a.mode == kRowStats, normgrad = a.mode == kRowNormGrad;
   cuda::PanelPointers<T> ptr{};
   ptr.gs = a.gs.mutable_data_ptr<T>();
