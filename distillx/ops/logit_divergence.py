@@ -63,9 +63,19 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     if graph_is_freed_after_this_backward() and type(grad) is torch.Tensor:
         # The saved gradient is ours alone and dies with the graph: scale it in place rather than
         # allocate (and page-fault) another (N, C) tensor; that keeps peak memory at one gradient.
+        if _uniform_one(grad_rows):
+            return grad, None, None, None, None, None, None
         return grad.mul_(scale), None, None, None, None, None, None
     # retain_graph (e.g. gradcheck), or traced by torch.compile: stay functional.
     return grad * scale, None, None, None, None, None, None
+
+
+def _uniform_one(grad_rows: torch.Tensor) -> bool:
+    """True when every row's upstream gradient is exactly 1: ``loss.backward()`` on the sum of the
+    rows hands back one broadcast scalar (stride 0). Then the saved gradient already is the answer
+    and the (N, C) scaling pass is skipped. CPU only: reading the value on CUDA would synchronise."""
+    return (grad_rows.device.type == "cpu" and grad_rows.dim() == 1 and grad_rows.numel() > 0
+            and grad_rows.stride(0) == 0 and bool(grad_rows[0] == 1))
 
 
 register(OP, _fake, _backward, _setup)
@@ -79,10 +89,16 @@ def kd_loss(s, t, temperature, divergence, beta, reduction, mask):
     rows_shape, C = tuple(s.shape[:-1]), s.shape[-1]
     s2, t2 = s.reshape(-1, C), t.reshape(-1, C)
     weight = None if mask is None else mask.to(acc_dtype(s.dtype))
+    if reduction != "none":
+        # The reduction's 1/kept (or 1/(kept·C)) goes into the row weights, so the loss is the plain
+        # sum of the rows: its backward hands every row the same upstream gradient, 1 for
+        # loss.backward(), and the gradient the kernel already wrote needs no second (N, C) pass.
+        kept = float(s2.shape[0]) if mask is None else weight.sum()
+        norm = reduce_total(torch.ones((), dtype=acc_dtype(s.dtype), device=s.device), kept, reduction, C)
+        weight = norm.expand(s2.shape[0]) if weight is None else weight * norm
     compute_grad = torch.is_grad_enabled() and s.requires_grad
     rows, _ = torch.ops.distillx.logit_divergence(s2, t2, weight, float(temperature), DIVERGENCE_CODES[divergence],
                                                   float(beta), compute_grad)
     if reduction == "none":
         return rows.reshape(rows_shape).to(s.dtype)
-    kept = float(s2.shape[0]) if mask is None else weight.sum()
-    return reduce_total(rows.sum(), kept, reduction, C).to(s.dtype)
+    return rows.sum().to(s.dtype)

@@ -257,6 +257,35 @@ def test_single_backward_matches_finite_differences(rng, divergence, beta):
     assert grad.abs().max() > 1e-3, tag  # the check compares something
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+@pytest.mark.parametrize("with_mask,at_least_one", [(False, True), (True, True), (True, False)])
+def test_scalar_reductions_fold_into_the_row_weights(rng, reduction, upstream, with_mask, at_least_one):
+    """The reduction's normalisation is folded into the row weights, so ``loss.backward()`` hands the
+    op a uniform upstream gradient of 1 and the saved gradient is returned unscaled; any other upstream
+    still scales it. Both against the float64 reference, with a mask that may drop every row."""
+    s, t = rng.randn(5, 37, scale=2.0), rng.randn(5, 37, scale=2.0)
+    mask = rng.mask(5, at_least_one=at_least_one) if with_mask else None
+    kw = dict(temperature=1.5, divergence="kl", reduction=reduction, mask=mask)
+    up = torch.tensor(upstream)
+    loss, grad = run_kd(s, t, up, **kw)
+    want_loss, want_grad = reference_kd(s, t, up, **kw)
+    tag = rng.tag(upstream=upstream, **kw)
+    close(loss, want_loss, torch.float32, tag)
+    close(grad, want_grad, torch.float32, tag)
+    if mask is not None and not mask.any():
+        assert float(loss) == 0 and not grad.any(), tag
+
+
+def test_uniform_one_is_a_broadcast_exact_one():
+    from distillx.ops.logit_divergence import _uniform_one
+    assert _uniform_one(torch.ones(()).expand(4))
+    assert not _uniform_one(torch.full((), 2.0).expand(4))
+    assert not _uniform_one(torch.ones(4))  # per-row gradients that happen to be 1: not a broadcast
+    assert not _uniform_one(torch.ones(()).expand(0))
+    assert not _uniform_one(torch.full((), float("nan")).expand(3))
+
+
 def test_backward_twice_with_retain_graph(rng):
     """The gradient is produced in forward; backward only scales it. With retain_graph the scaling must
     not consume it: every backward through the same graph gives the same, correct gradient."""
