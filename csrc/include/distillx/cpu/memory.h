@@ -11,6 +11,10 @@
 
 #ifdef __linux__
 #include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels refuse it (EINVAL) and the memset serves
+#endif
 #endif
 
 namespace distillx {
@@ -36,12 +40,27 @@ inline at::Tensor empty_for_write(at::IntArrayRef sizes, const at::TensorOptions
   return t;
 }
 
-// Like empty_for_write, for outputs that a parallel loop then fills: the pages are faulted in on
-// this one thread first. Concurrent first-touch faults from several threads serialise badly on
-// virtual machines (measured 35 ms vs 8 ms for a 33 MB output on 2 threads); one memset is cheap.
+// Fault in every page of t on this thread without writing it from user space: the kernel's
+// MADV_POPULATE_WRITE, else a memset. The contents are unspecified (zero for fresh pages).
+inline void prefault(const at::Tensor& t) {
+  if (!t.is_cpu() || t.nbytes() == 0) return;
+#ifdef __linux__
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = page > 0 ? begin & ~(page - 1) : begin;
+  if (madvise(reinterpret_cast<void*>(first), begin + t.nbytes() - first, MADV_POPULATE_WRITE) == 0) return;
+#endif
+  std::memset(t.data_ptr(), 0, t.nbytes());
+}
+
+// Like empty_for_write, for outputs that a parallel loop then fills completely: the pages are
+// faulted in on this one thread first. Concurrent first-touch faults from several threads
+// serialise badly on virtual machines (measured 35 ms vs 8 ms for a 33 MB output on 2 threads).
+// The kernel's populate beat a memset by 15-35% (33 MB: 5.6 -> 4.2 ms; 262 MB: 46 -> 39-42 ms,
+// with the write that follows).
 inline at::Tensor empty_prefaulted(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = empty_for_write(sizes, options);
-  if (t.is_cpu() && t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
+  prefault(t);
   return t;
 }
 
