@@ -76,8 +76,8 @@ double hsum(const Vec<T>& v) {
 // The panel's buffers are cols-major (kPanelColsMajor): buffer row j holds the b entries (·, j) of
 // column j, so the sweep runs down the columns with the panel rows i in the vector lanes; a column's
 // values (norm, weight, coefficients) are broadcasts. Columns are cut into fixed chunks of kChunk,
-// each summing its own partial loss and row statistics, and the partials are added in chunk order:
-// the result does not depend on the thread count.
+// each summing its own partial loss and row statistics, and the partials are added in chunk order,
+// so these sums do not depend on the thread count.
 template <typename T>
 double panel_cpu_typed(PanelArgs& a) {
   TORCH_CHECK(a.layout == kPanelColsMajor, "distillx: the CPU kernel_gram panel expects cols-major buffers");

@@ -42,7 +42,8 @@ inline void check_gram_params(int64_t kernel, const std::vector<double>& p, cons
 }
 
 // The elementwise part of one panel, after the GEMMs: given the student and teacher Gram panels
-// gs, gt (b, cols) (and for chebyshev the T_1-block panels g1s, g1t), it returns Σ w_j D_ij² with
+// gs, gt of (b, cols) entries, laid out as PanelLayout says (and for chebyshev the T_1-block panels
+// g1s, g1t), it returns Σ w_j D_ij² with
 // w = 1 on the diagonal block (columns < b) and 2 elsewhere (the lower triangle by symmetry), and,
 // when grad, overwrites gs with M = D ∘ ∂k_s/∂g and g1s with D ∘ ∂k_s/∂g₁ (chebyshev).
 // MMD mode (ai/ap defined, one side only): D_ij is replaced by a_i a_j and the sum is Σ w_j a_i a_j k_ij.
