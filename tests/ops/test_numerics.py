@@ -303,9 +303,15 @@ def test_nonfinite_logit_in_a_kept_row_is_not_hidden(rng, backend, side, diverge
 def test_extreme_temperatures(rng, temperature):
     s = rng.randn(5, 13, dtype=torch.float32, scale=3.0)
     t = rng.randn(5, 13, dtype=torch.float32, scale=3.0)
+    # Below T = 1 float32 cannot hold the scaled logits x/T better than eps·|x|/T, and the gradient
+    # inherits that relative error (reverse KL's q·(log q − log p) most): at T = 1e-3 about 1e-3,
+    # past float32's usual rtol (a failure in ~0.3% of seeds before this bound).
+    cond = torch.finfo(torch.float32).eps * float(torch.maximum(s.abs().max(), t.abs().max())) / temperature
+    grad_tol = dict(rtol=max(TOL[torch.float32]["rtol"], 4 * cond)) if temperature < 1 else None
     for divergence, beta in DIVERGENCES:
         tag = rng.tag(temperature=temperature, divergence=divergence)
-        _check_rows(rng, s, t, torch.float32, temperature=temperature, divergence=divergence, beta=beta, tag=tag)
+        _check_rows(rng, s, t, torch.float32, temperature=temperature, divergence=divergence, beta=beta, tag=tag,
+                    grad_tol=grad_tol)
 
 
 def test_parallel_rows_match_reference(rng):
