@@ -85,11 +85,6 @@ struct HeadGrads {
 };
 
 template <typename T>
-inline T hsum(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
-}
-
-template <typename T>
 inline T hmax(const Vec<T>& v) {
   return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return at::vec::maximum(a, b); }, v);
 }
@@ -132,7 +127,7 @@ struct RowState {
       sum_t = sum_t + et;
       sum_a = sum_a + et * (t - s);
     }
-    T es = hsum(sum_s), et = hsum(sum_t), ea = hsum(sum_a);
+    T es = cpu::hsum(sum_s), et = cpu::hsum(sum_t), ea = cpu::hsum(sum_a);
     for (int64_t r = j; r < n; ++r) {
       const T s = zs[r] - ms_new, t = zt[r] - mt_new, e = std::exp(t);
       es += std::exp(s), et += e, ea += e * (t - s);
@@ -268,7 +263,7 @@ T fused_row(T* zs, T* zt, int64_t n, bool grad, T w) {
     sum_a = sum_a + et * (t - s);
     if (grad) es.store(zs + j), et.store(zt + j);
   }
-  T ls = hsum(sum_s), lt = hsum(sum_t), acc = hsum(sum_a);
+  T ls = cpu::hsum(sum_s), lt = cpu::hsum(sum_t), acc = cpu::hsum(sum_a);
   for (int64_t r = j; r < n; ++r) {
     const T s = zs[r] - ms, t = zt[r] - mt, es = std::exp(s), et = std::exp(t);
     ls += es, lt += et, acc += et * (t - s);

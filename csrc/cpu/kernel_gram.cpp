@@ -63,16 +63,6 @@ SideKernel<T> side(int64_t kernel, const std::vector<double>& p) {
   return k;
 }
 
-// Horizontal sum of a vector's lanes, in double.
-template <typename T>
-double hsum(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  double sum = 0;
-  for (int64_t l = 0; l < Vec<T>::size(); ++l) sum += lanes[l];
-  return sum;
-}
-
 // The panel's buffers are cols-major (kPanelColsMajor): buffer row j holds the b entries (·, j) of
 // column j, so the sweep runs down the columns with the panel rows i in the vector lanes; a column's
 // values (norm, weight, coefficients) are broadcasts. Columns are cut into fixed chunks of kChunk,
@@ -178,10 +168,10 @@ double panel_cpu_typed(PanelArgs& a) {
         // symmetry. Each column belongs to one chunk, so no two tasks write the same entry.
         if (stats && off) {
           double* r = stats_p + 3 * j;
-          r[0] += hsum(col_ss), r[1] += hsum(col_tt), r[2] += hsum(col_st);
+          r[0] += cpu::hsum(col_ss), r[1] += cpu::hsum(col_tt), r[2] += cpu::hsum(col_st);
         }
       }
-      partial[c] = hsum(acc_diag) + 2 * hsum(acc_off);
+      partial[c] = double(cpu::hsum(acc_diag)) + 2.0 * cpu::hsum(acc_off);
       if (stats) std::copy(acc_rows.begin(), acc_rows.end(), row_stats.begin() + c * 3 * nv * V);
     }
   });

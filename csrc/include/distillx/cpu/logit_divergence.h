@@ -42,16 +42,7 @@ inline int64_t padded_cols(int64_t C) {
   return (C + V - 1) / V * V;
 }
 
-// Horizontal reductions through memory: works for every Vectorized<T> specialisation.
-template <typename Vec>
-inline typename Vec::value_type hsum(const Vec& v) {
-  typename Vec::value_type lanes[Vec::size()];
-  v.store(lanes);
-  typename Vec::value_type acc = 0;
-  for (int k = 0; k < Vec::size(); ++k) acc += lanes[k];
-  return acc;
-}
-
+// Horizontal maximum through memory (hsum is in vec_math.h); NaN wins.
 template <typename Vec>
 inline typename Vec::value_type hmax(const Vec& v) {
   typename Vec::value_type lanes[Vec::size()];

@@ -20,5 +20,16 @@ inline Vec fast_exp(const Vec& v) {
   }
 }
 
+// Horizontal sum of a vector's lanes, in its element type, through memory (works for every
+// Vectorized<T> specialisation).
+template <typename Vec>
+inline typename Vec::value_type hsum(const Vec& v) {
+  typename Vec::value_type lanes[Vec::size()];
+  v.store(lanes);
+  typename Vec::value_type acc = 0;
+  for (int k = 0; k < Vec::size(); ++k) acc += lanes[k];
+  return acc;
+}
+
 }  // namespace cpu
 }  // namespace distillx
